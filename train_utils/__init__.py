@@ -1,0 +1,1 @@
+"""Training utilities: VOC transforms, aspect-ratio batching and COCO-style evaluation."""
