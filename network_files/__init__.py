@@ -1,0 +1,22 @@
+"""Faster R-CNN network: transform, RPN, RoI heads and the model that ties them together."""
+from .faster_rcnn_framework import FasterRCNN, FasterRCNNBase, FastRCNNPredictor, TwoMLPHead
+from .image_list import ImageList
+from .poolers import MultiScaleRoIAlign
+from .roi_head import RoIHeads, fastrcnn_loss
+from .rpn_function import AnchorsGenerator, RegionProposalNetwork, RPNHead
+from .transform import GeneralizedRCNNTransform
+
+__all__ = [
+    "AnchorsGenerator",
+    "FasterRCNN",
+    "FasterRCNNBase",
+    "FastRCNNPredictor",
+    "GeneralizedRCNNTransform",
+    "ImageList",
+    "MultiScaleRoIAlign",
+    "RegionProposalNetwork",
+    "RoIHeads",
+    "RPNHead",
+    "TwoMLPHead",
+    "fastrcnn_loss",
+]

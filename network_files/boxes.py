@@ -1,0 +1,32 @@
+"""Box helpers on ``[N, 4]`` tensors in ``(x1, y1, x2, y2)`` pixel format.
+
+The quadratic kernels (IoU matrix, NMS) are torchvision's compiled ops; the rest is plain
+tensor arithmetic.
+"""
+from typing import Tuple
+
+import torch
+from torch import Tensor
+from torchvision.ops import batched_nms, box_iou, nms
+
+__all__ = ["box_area", "box_iou", "batched_nms", "nms", "clip_boxes_to_image", "remove_small_boxes"]
+
+
+def box_area(boxes: Tensor) -> Tensor:
+    """Area of each box: ``[N, 4] -> [N]``."""
+    return (boxes[:, 2] - boxes[:, 0]) * (boxes[:, 3] - boxes[:, 1])
+
+
+def clip_boxes_to_image(boxes: Tensor, size: Tuple[int, int]) -> Tensor:
+    """Clamp boxes ``[..., 4]`` into an image of ``size = (height, width)``."""
+    height, width = size
+    xs = boxes[..., 0::2].clamp(min=0, max=width)
+    ys = boxes[..., 1::2].clamp(min=0, max=height)
+    return torch.stack((xs, ys), dim=-1).reshape(boxes.shape)
+
+
+def remove_small_boxes(boxes: Tensor, min_size: float) -> Tensor:
+    """Indices of the boxes ``[N, 4]`` whose width and height are both ``>= min_size``."""
+    widths = boxes[:, 2] - boxes[:, 0]
+    heights = boxes[:, 3] - boxes[:, 1]
+    return torch.where((widths >= min_size) & (heights >= min_size))[0]

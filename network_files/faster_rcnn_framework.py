@@ -1,0 +1,223 @@
+"""Faster R-CNN: backbone -> RPN -> RoI heads, wrapped by the resize/normalise transform."""
+from collections import OrderedDict
+from typing import Dict, List, Optional, Sequence, Tuple, Union
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from .poolers import MultiScaleRoIAlign
+from .roi_head import RoIHeads
+from .rpn_function import AnchorsGenerator, RegionProposalNetwork, RPNHead
+from .transform import GeneralizedRCNNTransform
+
+Targets = List[Dict[str, Tensor]]
+
+
+class FasterRCNNBase(nn.Module):
+    """Runs the four stages and checks the inputs on the way in.
+
+    Args:
+        backbone: image ``[B, 3, H, W]`` -> one feature map or an ordered dict of them.
+        rpn: proposes boxes from the features.
+        roi_heads: classifies and refines the proposals.
+        transform: normalises, resizes and batches the images; maps detections back.
+    """
+
+    def __init__(self, backbone: nn.Module, rpn: nn.Module, roi_heads: nn.Module, transform: nn.Module) -> None:
+        super().__init__()
+        self.transform = transform
+        self.backbone = backbone
+        self.rpn = rpn
+        self.roi_heads = roi_heads
+
+    def forward(
+        self, images: List[Tensor], targets: Optional[Targets] = None
+    ) -> Union[Dict[str, Tensor], List[Dict[str, Tensor]]]:
+        """
+        Args:
+            images: list of ``[3, H_i, W_i]`` float images in [0, 1] (sizes may differ).
+            targets: in training, one dict per image with ``boxes`` ``[N, 4]`` float
+                ``(x1, y1, x2, y2)`` pixels and ``labels`` ``[N]`` int64 (1..num_classes-1).
+        Returns:
+            training: ``{"loss_classifier", "loss_box_reg", "loss_objectness", "loss_rpn_box_reg"}``;
+            evaluation: one ``{"boxes" [D, 4], "labels" [D], "scores" [D]}`` per image, boxes in
+            the coordinates of the input images.
+        """
+        if self.training:
+            self._check_targets(targets)
+        original_sizes: List[Tuple[int, int]] = []
+        for index, image in enumerate(images):
+            if image.dim() != 3:
+                raise ValueError(f"image {index}: expected a [C, H, W] tensor, got shape {tuple(image.shape)}")
+            original_sizes.append((int(image.shape[-2]), int(image.shape[-1])))
+
+        image_list, targets = self.transform(images, targets)
+        features = self.backbone(image_list.tensors)
+        if isinstance(features, Tensor):
+            features = OrderedDict([("0", features)])
+        proposals, proposal_losses = self.rpn(image_list, features, targets)
+        detections, detector_losses = self.roi_heads(features, proposals, image_list.image_sizes, targets)
+
+        if self.training:
+            return {**detector_losses, **proposal_losses}
+        return self.transform.postprocess(detections, image_list.image_sizes, original_sizes)
+
+    @staticmethod
+    def _check_targets(targets: Optional[Targets]) -> None:
+        if targets is None:
+            raise ValueError("targets are required in training mode (call model.eval() for inference)")
+        for index, target in enumerate(targets):
+            boxes = target.get("boxes")
+            if not isinstance(boxes, Tensor):
+                raise ValueError(f"target {index}: 'boxes' must be a Tensor of shape [N, 4], got {type(boxes).__name__}")
+            if boxes.dim() != 2 or boxes.shape[-1] != 4:
+                raise ValueError(f"target {index}: 'boxes' must have shape [N, 4], got {list(boxes.shape)}")
+            if "labels" not in target:
+                raise ValueError(f"target {index}: 'labels' is missing")
+            degenerate = (boxes[:, 2:] <= boxes[:, :2]).any(dim=1)
+            if degenerate.any():
+                box_index = int(torch.where(degenerate)[0][0])
+                raise ValueError(
+                    f"target {index}: box {box_index} {boxes[box_index].tolist()} has no area "
+                    "(boxes must satisfy x2 > x1 and y2 > y1)"
+                )
+
+
+class TwoMLPHead(nn.Module):
+    """Flatten the pooled features and apply two fully connected layers with ReLU.
+
+    Args:
+        in_channels: ``C * P * P`` of the pooled features.
+        representation_size: width of both layers.
+    """
+
+    def __init__(self, in_channels: int, representation_size: int) -> None:
+        super().__init__()
+        self.fc6 = nn.Linear(in_channels, representation_size)
+        self.fc7 = nn.Linear(representation_size, representation_size)
+
+    def forward(self, x: Tensor) -> Tensor:
+        """``[R, C, P, P] -> [R, representation_size]``."""
+        x = F.relu(self.fc6(x.flatten(start_dim=1)))
+        return F.relu(self.fc7(x))
+
+
+class FastRCNNPredictor(nn.Module):
+    """Class scores ``[R, num_classes]`` and per-class box offsets ``[R, num_classes * 4]``.
+
+    Args:
+        in_channels: width of the box head's output.
+        num_classes: number of classes including background.
+    """
+
+    def __init__(self, in_channels: int, num_classes: int) -> None:
+        super().__init__()
+        self.cls_score = nn.Linear(in_channels, num_classes)
+        self.bbox_pred = nn.Linear(in_channels, num_classes * 4)
+
+    def forward(self, x: Tensor) -> Tuple[Tensor, Tensor]:
+        if x.dim() == 4 and list(x.shape[2:]) != [1, 1]:
+            raise ValueError(f"expected box features of shape [R, C, 1, 1] or [R, C], got {list(x.shape)}")
+        x = x.flatten(start_dim=1)
+        return self.cls_score(x), self.bbox_pred(x)
+
+
+class FasterRCNN(FasterRCNNBase):
+    """Faster R-CNN with torchvision's keywords, defaults and behaviour.
+
+    ``backbone`` must have an ``out_channels`` attribute. ``num_classes`` counts the background.
+    The defaults build the FPN configuration: anchors ``(32, 64, 128, 256, 512)`` x
+    ``(0.5, 1, 2)``, RoIAlign 7x7 over feature maps ``"0".."3"``, a 1024-wide two-layer head.
+    """
+
+    def __init__(
+        self,
+        backbone: nn.Module,
+        num_classes: Optional[int] = None,
+        # transform
+        min_size: Union[int, Sequence[int]] = 800,
+        max_size: int = 1333,
+        image_mean: Optional[Sequence[float]] = None,
+        image_std: Optional[Sequence[float]] = None,
+        # RPN
+        rpn_anchor_generator: Optional[AnchorsGenerator] = None,
+        rpn_head: Optional[nn.Module] = None,
+        rpn_pre_nms_top_n_train: int = 2000,
+        rpn_pre_nms_top_n_test: int = 1000,
+        rpn_post_nms_top_n_train: int = 2000,
+        rpn_post_nms_top_n_test: int = 1000,
+        rpn_nms_thresh: float = 0.7,
+        rpn_fg_iou_thresh: float = 0.7,
+        rpn_bg_iou_thresh: float = 0.3,
+        rpn_batch_size_per_image: int = 256,
+        rpn_positive_fraction: float = 0.5,
+        rpn_score_thresh: float = 0.0,
+        # box head
+        box_roi_pool: Optional[nn.Module] = None,
+        box_head: Optional[nn.Module] = None,
+        box_predictor: Optional[nn.Module] = None,
+        box_score_thresh: float = 0.05,
+        box_nms_thresh: float = 0.5,
+        box_detections_per_img: int = 100,
+        box_fg_iou_thresh: float = 0.5,
+        box_bg_iou_thresh: float = 0.5,
+        box_batch_size_per_image: int = 512,
+        box_positive_fraction: float = 0.25,
+        bbox_reg_weights: Optional[Tuple[float, float, float, float]] = None,
+        **transform_kwargs,
+    ) -> None:
+        if not hasattr(backbone, "out_channels"):
+            raise ValueError("the backbone needs an 'out_channels' attribute (channels of its feature maps)")
+        if num_classes is not None and box_predictor is not None:
+            raise ValueError("give either num_classes or box_predictor, not both")
+        if num_classes is None and box_predictor is None:
+            raise ValueError("num_classes is required when box_predictor is not given")
+
+        out_channels = backbone.out_channels
+        if rpn_anchor_generator is None:
+            rpn_anchor_generator = AnchorsGenerator(((32,), (64,), (128,), (256,), (512,)), ((0.5, 1.0, 2.0),) * 5)
+        if rpn_head is None:
+            rpn_head = RPNHead(out_channels, rpn_anchor_generator.num_anchors_per_location()[0])
+        rpn = RegionProposalNetwork(
+            rpn_anchor_generator,
+            rpn_head,
+            rpn_fg_iou_thresh,
+            rpn_bg_iou_thresh,
+            rpn_batch_size_per_image,
+            rpn_positive_fraction,
+            dict(training=rpn_pre_nms_top_n_train, testing=rpn_pre_nms_top_n_test),
+            dict(training=rpn_post_nms_top_n_train, testing=rpn_post_nms_top_n_test),
+            rpn_nms_thresh,
+            score_thresh=rpn_score_thresh,
+        )
+
+        if box_roi_pool is None:
+            box_roi_pool = MultiScaleRoIAlign(featmap_names=["0", "1", "2", "3"], output_size=7, sampling_ratio=2)
+        if box_head is None:
+            resolution = box_roi_pool.output_size[0]
+            box_head = TwoMLPHead(out_channels * resolution**2, 1024)
+        if box_predictor is None:
+            box_predictor = FastRCNNPredictor(1024, num_classes)
+        roi_heads = RoIHeads(
+            box_roi_pool,
+            box_head,
+            box_predictor,
+            box_fg_iou_thresh,
+            box_bg_iou_thresh,
+            box_batch_size_per_image,
+            box_positive_fraction,
+            bbox_reg_weights,
+            box_score_thresh,
+            box_nms_thresh,
+            box_detections_per_img,
+        )
+
+        transform = GeneralizedRCNNTransform(
+            min_size,
+            max_size,
+            image_mean if image_mean is not None else [0.485, 0.456, 0.406],
+            image_std if image_std is not None else [0.229, 0.224, 0.225],
+            **transform_kwargs,
+        )
+        super().__init__(backbone, rpn, roi_heads, transform)

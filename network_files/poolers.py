@@ -1,0 +1,105 @@
+"""Multi-scale RoI pooling for FPN heads, a drop-in for ``torchvision.ops.MultiScaleRoIAlign``.
+
+Each box is pooled from one pyramid level chosen by its size (Eq. 1 of the FPN paper):
+``k = floor(canonical_level + log2(sqrt(area) / canonical_scale) + eps)``, clamped to the
+available levels. Level scales are inferred from the feature-map height versus the largest image
+height, rounded to a power of two. All levels are pooled together by
+``network_files.roi_align.pyramid_roi_align``; results come back in box order.
+
+Unlike torchvision, scales are recomputed on every call instead of being cached on the first one;
+for a fixed backbone they are the same. The module has no parameters or buffers.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Union
+
+import torch
+from torch import Tensor, nn
+
+from .roi_align import boxes_to_rois, pyramid_roi_align
+
+_LEVEL_EPS = 1e-6
+
+
+def infer_scale(feature: Tensor, image_size: tuple[int, int]) -> float:
+    """Feature height / image height rounded to a power of two (log2 rounded in float32).
+
+    feature: Tensor[N, C, H, W]; image_size: (height, width) of the largest image.
+    """
+    ratio = float(feature.shape[-2]) / float(image_size[0])
+    exponent = float(torch.tensor(ratio, dtype=torch.float32).log2().round())
+    return 2.0**exponent
+
+
+def map_levels(
+    boxes: list[Tensor], level_min: int, level_max: int, canonical_scale: int, canonical_level: int
+) -> Tensor:
+    """Pyramid level of every box, counted from level_min.
+
+    boxes: list of Tensor[L_i, 4] (x1, y1, x2, y2). Returns Tensor[sum L_i] int64 in
+    [0, level_max - level_min].
+    """
+    concat = torch.cat(boxes, dim=0)
+    size = torch.sqrt((concat[:, 2] - concat[:, 0]) * (concat[:, 3] - concat[:, 1]))
+    eps = torch.tensor(_LEVEL_EPS, dtype=size.dtype, device=size.device)
+    level = torch.floor(canonical_level + torch.log2(size / canonical_scale) + eps)
+    level = level.clamp(min=level_min, max=level_max)
+    return level.to(torch.int64) - level_min
+
+
+class MultiScaleRoIAlign(nn.Module):
+    """RoIAlign over the feature maps named in featmap_names, one level per box.
+
+    featmap_names: keys of the feature dict to pool from (taken in the dict's order).
+    output_size: PH or (PH, PW) bins; sampling_ratio: RoIAlign samples per bin and axis.
+    canonical_scale, canonical_level: a box of side canonical_scale maps to canonical_level.
+    """
+
+    def __init__(
+        self,
+        featmap_names: list[str],
+        output_size: Union[int, tuple[int, int], list[int]],
+        sampling_ratio: int,
+        *,
+        canonical_scale: int = 224,
+        canonical_level: int = 4,
+    ):
+        super().__init__()
+        if isinstance(output_size, int):
+            output_size = (output_size, output_size)
+        self.featmap_names = list(featmap_names)
+        self.output_size = tuple(output_size)
+        self.sampling_ratio = sampling_ratio
+        self.canonical_scale = canonical_scale
+        self.canonical_level = canonical_level
+
+    def forward(self, x: dict[str, Tensor], boxes: list[Tensor], image_shapes: list[tuple[int, int]]) -> Tensor:
+        """Pool every box from its level.
+
+        x: feature maps Tensor[N, C, H_l, W_l] by name; boxes: one Tensor[L_i, 4] per image in image
+        coordinates; image_shapes: (height, width) of each image before the backbone.
+        Returns Tensor[sum L_i, C, PH, PW] in box order, in the dtype of the first pooled level.
+        """
+        features = [v for k, v in x.items() if k in self.featmap_names]
+        if not features:
+            raise ValueError(f"MultiScaleRoIAlign: none of {self.featmap_names} found in features {list(x)}")
+        if not image_shapes:
+            raise ValueError("MultiScaleRoIAlign: image_shapes is empty")
+        largest = (max(s[0] for s in image_shapes), max(s[1] for s in image_shapes))
+        scales = [infer_scale(f, largest) for f in features]
+        rois = boxes_to_rois(boxes)
+
+        levels = None
+        if len(features) > 1:
+            level_min = int(-math.log2(scales[0]))
+            level_max = int(-math.log2(scales[-1]))
+            levels = map_levels(boxes, level_min, level_max, self.canonical_scale, self.canonical_level)
+        return pyramid_roi_align(features, rois, levels, scales, self.output_size, self.sampling_ratio)
+
+    def extra_repr(self) -> str:
+        return (
+            f"featmap_names={self.featmap_names}, output_size={self.output_size}, "
+            f"sampling_ratio={self.sampling_ratio}"
+        )

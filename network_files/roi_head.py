@@ -1,0 +1,191 @@
+"""The Fast R-CNN stage: pool proposal features, classify and refine them, compute losses or detections."""
+from typing import Dict, List, Optional, Tuple
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from . import boxes as box_ops
+from . import det_utils
+
+
+def fastrcnn_loss(
+    class_logits: Tensor, box_regression: Tensor, labels: List[Tensor], regression_targets: List[Tensor]
+) -> Tuple[Tensor, Tensor]:
+    """Cross-entropy over all sampled RoIs and smooth L1 on the positives' class-specific offsets.
+
+    Args:
+        class_logits: ``[R, num_classes]``.
+        box_regression: ``[R, num_classes * 4]``.
+        labels: per image ``[R_i]`` int64 (0 = background).
+        regression_targets: per image ``[R_i, 4]``.
+    Returns:
+        ``(loss_classifier, loss_box_reg)``; the box loss is normalised by the number of RoIs.
+    """
+    labels_all = torch.cat(labels, dim=0)
+    targets_all = torch.cat(regression_targets, dim=0)
+    classification_loss = F.cross_entropy(class_logits, labels_all)
+
+    positive = torch.where(labels_all > 0)[0]
+    num_rois = class_logits.shape[0]
+    per_class = box_regression.reshape(num_rois, box_regression.size(-1) // 4, 4)
+    box_loss = det_utils.smooth_l1_loss(
+        per_class[positive, labels_all[positive]], targets_all[positive], beta=1 / 9
+    ) / labels_all.numel()
+    return classification_loss, box_loss
+
+
+class RoIHeads(nn.Module):
+    """Second stage of Faster R-CNN.
+
+    Args:
+        box_roi_pool: pools ``[R, C, P, P]`` features for boxes (e.g. ``MultiScaleRoIAlign``).
+        box_head: turns pooled features into ``[R, D]`` (e.g. ``TwoMLPHead``).
+        box_predictor: ``[R, D] -> (class_logits [R, K], box_regression [R, K*4])``.
+        fg_iou_thresh / bg_iou_thresh: proposals with IoU >= fg are positives, < bg background.
+        batch_size_per_image / positive_fraction: RoIs sampled per image in training.
+        bbox_reg_weights: BoxCoder weights, default ``(10, 10, 5, 5)``.
+        score_thresh / nms_thresh / detections_per_img: post-processing in evaluation.
+    """
+
+    def __init__(
+        self,
+        box_roi_pool: nn.Module,
+        box_head: nn.Module,
+        box_predictor: nn.Module,
+        fg_iou_thresh: float,
+        bg_iou_thresh: float,
+        batch_size_per_image: int,
+        positive_fraction: float,
+        bbox_reg_weights: Optional[Tuple[float, float, float, float]],
+        score_thresh: float,
+        nms_thresh: float,
+        detections_per_img: int,
+    ) -> None:
+        super().__init__()
+        self.box_similarity = box_ops.box_iou
+        self.proposal_matcher = det_utils.Matcher(fg_iou_thresh, bg_iou_thresh, allow_low_quality_matches=False)
+        self.fg_bg_sampler = det_utils.BalancedPositiveNegativeSampler(batch_size_per_image, positive_fraction)
+        self.box_coder = det_utils.BoxCoder(bbox_reg_weights if bbox_reg_weights is not None else (10.0, 10.0, 5.0, 5.0))
+        self.box_roi_pool = box_roi_pool
+        self.box_head = box_head
+        self.box_predictor = box_predictor
+        self.score_thresh = score_thresh
+        self.nms_thresh = nms_thresh
+        self.detections_per_img = detections_per_img
+
+    def assign_targets_to_proposals(
+        self, proposals: List[Tensor], gt_boxes: List[Tensor], gt_labels: List[Tensor]
+    ) -> Tuple[List[Tensor], List[Tensor]]:
+        """Per image: index of the matched gt ``[R_i]`` and the RoI label ``[R_i]`` (-1 = ignored)."""
+        matched_idxs, labels = [], []
+        for proposals_in_image, boxes, classes in zip(proposals, gt_boxes, gt_labels):
+            if boxes.numel() == 0:
+                # No objects: every proposal is background.
+                count = proposals_in_image.shape[0]
+                matched = torch.zeros((count,), dtype=torch.int64, device=proposals_in_image.device)
+                image_labels = torch.zeros((count,), dtype=torch.int64, device=proposals_in_image.device)
+            else:
+                matches = self.proposal_matcher(self.box_similarity(boxes, proposals_in_image))
+                matched = matches.clamp(min=0)
+                image_labels = classes[matched].to(dtype=torch.int64)
+                image_labels[matches == det_utils.Matcher.BELOW_LOW_THRESHOLD] = 0
+                image_labels[matches == det_utils.Matcher.BETWEEN_THRESHOLDS] = -1
+            matched_idxs.append(matched)
+            labels.append(image_labels)
+        return matched_idxs, labels
+
+    def subsample(self, labels: List[Tensor]) -> List[Tensor]:
+        """Indices of the sampled RoIs of each image (positives and negatives, in index order)."""
+        pos_masks, neg_masks = self.fg_bg_sampler(labels)
+        return [torch.where(pos | neg)[0] for pos, neg in zip(pos_masks, neg_masks)]
+
+    def select_training_samples(
+        self, proposals: List[Tensor], targets: List[Dict[str, Tensor]]
+    ) -> Tuple[List[Tensor], List[Tensor], List[Tensor], List[Tensor]]:
+        """Adds the gt boxes to the proposals, matches, samples; returns the sampled RoIs with their
+        matched gt index, label and regression target."""
+        dtype, device = proposals[0].dtype, proposals[0].device
+        gt_boxes = [t["boxes"].to(dtype) for t in targets]
+        gt_labels = [t["labels"] for t in targets]
+        # Ground truth joins the proposals so every object has at least one perfect RoI.
+        proposals = [torch.cat((p, g)) for p, g in zip(proposals, gt_boxes)]
+        matched_idxs, labels = self.assign_targets_to_proposals(proposals, gt_boxes, gt_labels)
+        sampled = self.subsample(labels)
+
+        matched_gt_boxes = []
+        for i, keep in enumerate(sampled):
+            proposals[i] = proposals[i][keep]
+            labels[i] = labels[i][keep]
+            matched_idxs[i] = matched_idxs[i][keep]
+            boxes = gt_boxes[i]
+            if boxes.numel() == 0:
+                boxes = torch.zeros((1, 4), dtype=dtype, device=device)
+            matched_gt_boxes.append(boxes[matched_idxs[i]])
+        regression_targets = self.box_coder.encode(matched_gt_boxes, proposals)
+        return proposals, matched_idxs, labels, regression_targets
+
+    def postprocess_detections(
+        self,
+        class_logits: Tensor,
+        box_regression: Tensor,
+        proposals: List[Tensor],
+        image_shapes: List[Tuple[int, int]],
+    ) -> Tuple[List[Tensor], List[Tensor], List[Tensor]]:
+        """Softmax, decode, clip, drop background / low scores / tiny boxes, per-class NMS, top-k."""
+        device = class_logits.device
+        num_classes = class_logits.shape[-1]
+        counts = [p.shape[0] for p in proposals]
+        pred_boxes = self.box_coder.decode(box_regression, proposals).split(counts, 0)
+        pred_scores = F.softmax(class_logits, -1).split(counts, 0)
+
+        all_boxes, all_scores, all_labels = [], [], []
+        for boxes, scores, image_shape in zip(pred_boxes, pred_scores, image_shapes):
+            boxes = box_ops.clip_boxes_to_image(boxes, image_shape)
+            labels = torch.arange(num_classes, device=device).view(1, -1).expand_as(scores)
+            # Column 0 is the background class: never a detection.
+            boxes = boxes[:, 1:].reshape(-1, 4)
+            scores = scores[:, 1:].reshape(-1)
+            labels = labels[:, 1:].reshape(-1)
+
+            keep = torch.where(scores > self.score_thresh)[0]
+            boxes, scores, labels = boxes[keep], scores[keep], labels[keep]
+            keep = box_ops.remove_small_boxes(boxes, min_size=1e-2)
+            boxes, scores, labels = boxes[keep], scores[keep], labels[keep]
+            keep = box_ops.batched_nms(boxes, scores, labels, self.nms_thresh)[: self.detections_per_img]
+            all_boxes.append(boxes[keep])
+            all_scores.append(scores[keep])
+            all_labels.append(labels[keep])
+        return all_boxes, all_scores, all_labels
+
+    def forward(
+        self,
+        features: Dict[str, Tensor],
+        proposals: List[Tensor],
+        image_shapes: List[Tuple[int, int]],
+        targets: Optional[List[Dict[str, Tensor]]] = None,
+    ) -> Tuple[List[Dict[str, Tensor]], Dict[str, Tensor]]:
+        """Training: ``([], {loss_classifier, loss_box_reg})``. Evaluation: per image
+        ``{"boxes" [D, 4], "labels" [D], "scores" [D]}`` in resized-image coordinates."""
+        if targets is not None:
+            for index, target in enumerate(targets):
+                if not target["boxes"].is_floating_point():
+                    raise TypeError(f"target {index}: boxes must be a float tensor, got {target['boxes'].dtype}")
+                if target["labels"].dtype != torch.int64:
+                    raise TypeError(f"target {index}: labels must be int64, got {target['labels'].dtype}")
+
+        if self.training:
+            if targets is None:
+                raise ValueError("RoIHeads needs targets in training mode")
+            proposals, _, labels, regression_targets = self.select_training_samples(proposals, targets)
+
+        box_features = self.box_head(self.box_roi_pool(features, proposals, image_shapes))
+        class_logits, box_regression = self.box_predictor(box_features)
+
+        if self.training:
+            loss_classifier, loss_box_reg = fastrcnn_loss(class_logits, box_regression, labels, regression_targets)
+            return [], {"loss_classifier": loss_classifier, "loss_box_reg": loss_box_reg}
+
+        boxes, scores, labels = self.postprocess_detections(class_logits, box_regression, proposals, image_shapes)
+        detections = [{"boxes": b, "labels": l, "scores": s} for b, l, s in zip(boxes, labels, scores)]
+        return detections, {}

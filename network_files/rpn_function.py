@@ -1,0 +1,320 @@
+"""Region Proposal Network: anchors, the objectness/regression head, proposal selection, losses."""
+from typing import Dict, List, Optional, Sequence, Tuple
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from . import boxes as box_ops
+from . import det_utils
+from .image_list import ImageList
+
+
+class AnchorsGenerator(nn.Module):
+    """Tiles a set of reference boxes over every position of every feature map.
+
+    Args:
+        sizes: one tuple of anchor sizes (sqrt of area, in input pixels) per feature map.
+        aspect_ratios: one tuple of height/width ratios per feature map (or one shared tuple).
+
+    Each location of feature map ``i`` gets ``len(sizes[i]) * len(aspect_ratios[i])`` anchors,
+    ordered ratio-major: ``(r0, s0), (r0, s1), ..., (r1, s0), ...``.
+    """
+
+    def __init__(
+        self,
+        sizes: Sequence = ((128, 256, 512),),
+        aspect_ratios: Sequence = ((0.5, 1.0, 2.0),),
+    ) -> None:
+        super().__init__()
+        if not isinstance(sizes[0], (list, tuple)):
+            sizes = tuple((s,) for s in sizes)
+        if not isinstance(aspect_ratios[0], (list, tuple)):
+            aspect_ratios = (aspect_ratios,) * len(sizes)
+        if len(sizes) != len(aspect_ratios):
+            raise ValueError(f"got {len(sizes)} anchor size groups but {len(aspect_ratios)} aspect ratio groups")
+        self.sizes = tuple(tuple(s) for s in sizes)
+        self.aspect_ratios = tuple(tuple(r) for r in aspect_ratios)
+        self.cell_anchors = [self.generate_anchors(s, r) for s, r in zip(self.sizes, self.aspect_ratios)]
+        self._cache: Dict[Tuple, List[Tensor]] = {}
+
+    @staticmethod
+    def generate_anchors(
+        scales: Sequence[float],
+        aspect_ratios: Sequence[float],
+        dtype: torch.dtype = torch.float32,
+        device: torch.device = torch.device("cpu"),
+    ) -> Tensor:
+        """Zero-centred anchors ``[len(ratios) * len(scales), 4]`` rounded to whole pixels."""
+        scales_t = torch.as_tensor(scales, dtype=dtype, device=device)
+        ratios_t = torch.as_tensor(aspect_ratios, dtype=dtype, device=device)
+        h_ratios = torch.sqrt(ratios_t)
+        w_ratios = 1 / h_ratios
+        widths = (w_ratios[:, None] * scales_t[None, :]).reshape(-1)
+        heights = (h_ratios[:, None] * scales_t[None, :]).reshape(-1)
+        return (torch.stack([-widths, -heights, widths, heights], dim=1) / 2).round()
+
+    def num_anchors_per_location(self) -> List[int]:
+        return [len(s) * len(r) for s, r in zip(self.sizes, self.aspect_ratios)]
+
+    def grid_anchors(self, grid_sizes: List[Tuple[int, int]], strides: List[Tuple[int, int]], dtype, device) -> List[Tensor]:
+        """Anchors of each feature map, ``[H_i * W_i * A_i, 4]``, row-major over positions."""
+        if len(grid_sizes) != len(self.cell_anchors):
+            raise ValueError(
+                f"the anchor generator has {len(self.cell_anchors)} size groups but the backbone returned "
+                f"{len(grid_sizes)} feature maps; give one anchor size tuple per feature map"
+            )
+        per_level = []
+        for (grid_h, grid_w), (stride_h, stride_w), base in zip(grid_sizes, strides, self.cell_anchors):
+            base = base.to(dtype=dtype, device=device)
+            shifts_x = torch.arange(grid_w, dtype=torch.int32, device=device) * stride_w
+            shifts_y = torch.arange(grid_h, dtype=torch.int32, device=device) * stride_h
+            shift_y, shift_x = torch.meshgrid(shifts_y, shifts_x, indexing="ij")
+            shift_x, shift_y = shift_x.reshape(-1), shift_y.reshape(-1)
+            shifts = torch.stack((shift_x, shift_y, shift_x, shift_y), dim=1)
+            per_level.append((shifts[:, None, :] + base[None, :, :]).reshape(-1, 4))
+        return per_level
+
+    def forward(self, image_list: ImageList, feature_maps: List[Tensor]) -> List[Tensor]:
+        """Returns one ``[sum_i H_i * W_i * A_i, 4]`` anchor tensor per image (all equal)."""
+        padded_h, padded_w = image_list.tensors.shape[-2:]
+        grid_sizes = [(int(f.shape[-2]), int(f.shape[-1])) for f in feature_maps]
+        strides = [(int(padded_h) // gh, int(padded_w) // gw) for gh, gw in grid_sizes]
+        dtype, device = feature_maps[0].dtype, feature_maps[0].device
+        key = (tuple(grid_sizes), tuple(strides), dtype, device)
+        anchors = self._cache.get(key)
+        if anchors is None:
+            # The same padded size recurs constantly (batches are grouped by aspect ratio).
+            anchors = [torch.cat(self.grid_anchors(grid_sizes, strides, dtype, device))]
+            if len(self._cache) >= 16:
+                self._cache.clear()
+            self._cache[key] = anchors
+        return anchors * len(image_list.image_sizes)
+
+
+class RPNHead(nn.Module):
+    """A 3x3 conv + ReLU shared over levels, then 1x1 convs for objectness and box offsets.
+
+    Args:
+        in_channels: channels of every feature map.
+        num_anchors: anchors per location.
+        conv_depth: number of 3x3 conv + ReLU blocks.
+    """
+
+    _version = 2
+
+    def __init__(self, in_channels: int, num_anchors: int, conv_depth: int = 1) -> None:
+        super().__init__()
+        # Nested Sequential so the parameter names match torchvision's (conv.0.0.weight).
+        self.conv = nn.Sequential(
+            *[
+                nn.Sequential(nn.Conv2d(in_channels, in_channels, kernel_size=3, padding=1), nn.ReLU(inplace=True))
+                for _ in range(conv_depth)
+            ]
+        )
+        self.cls_logits = nn.Conv2d(in_channels, num_anchors, kernel_size=1)
+        self.bbox_pred = nn.Conv2d(in_channels, num_anchors * 4, kernel_size=1)
+        for layer in self.modules():
+            if isinstance(layer, nn.Conv2d):
+                nn.init.normal_(layer.weight, std=0.01)
+                nn.init.constant_(layer.bias, 0)
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs):
+        # Checkpoints saved before version 2 (e.g. the official COCO weights) name the conv "conv.weight".
+        if local_metadata.get("version", None) is None or local_metadata["version"] < 2:
+            for name in ("weight", "bias"):
+                old_key = f"{prefix}conv.{name}"
+                if old_key in state_dict:
+                    state_dict[f"{prefix}conv.0.0.{name}"] = state_dict.pop(old_key)
+        super()._load_from_state_dict(
+            state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
+        )
+
+    def forward(self, features: List[Tensor]) -> Tuple[List[Tensor], List[Tensor]]:
+        """Per level: objectness ``[B, A, H, W]`` and box offsets ``[B, A*4, H, W]``."""
+        logits, deltas = [], []
+        for feature in features:
+            hidden = self.conv(feature)
+            logits.append(self.cls_logits(hidden))
+            deltas.append(self.bbox_pred(hidden))
+        return logits, deltas
+
+
+def permute_and_flatten(layer: Tensor, num_images: int, channels: int, height: int, width: int) -> Tensor:
+    """``[B, A*C, H, W] -> [B, H*W*A, C]`` in the same order as the anchors."""
+    layer = layer.view(num_images, -1, channels, height, width)
+    return layer.permute(0, 3, 4, 1, 2).reshape(num_images, -1, channels)
+
+
+def concat_box_prediction_layers(box_cls: List[Tensor], box_regression: List[Tensor]) -> Tuple[Tensor, Tensor]:
+    """Flatten per-level head outputs into ``[B * total_anchors, 1]`` and ``[B * total_anchors, 4]``."""
+    flat_cls, flat_reg = [], []
+    for cls_level, reg_level in zip(box_cls, box_regression):
+        num_images, anchors_x_c, height, width = cls_level.shape
+        num_anchors = reg_level.shape[1] // 4
+        flat_cls.append(permute_and_flatten(cls_level, num_images, anchors_x_c // num_anchors, height, width))
+        flat_reg.append(permute_and_flatten(reg_level, num_images, 4, height, width))
+    return torch.cat(flat_cls, dim=1).flatten(0, -2), torch.cat(flat_reg, dim=1).reshape(-1, 4)
+
+
+class RegionProposalNetwork(nn.Module):
+    """Proposes object boxes: scores every anchor, decodes offsets, keeps the best after NMS.
+
+    Args:
+        anchor_generator: an :class:`AnchorsGenerator`.
+        head: module returning per-level objectness and box offsets (e.g. :class:`RPNHead`).
+        fg_iou_thresh / bg_iou_thresh: anchors with IoU >= fg are positives, < bg negatives.
+        batch_size_per_image / positive_fraction: anchors sampled per image for the loss.
+        pre_nms_top_n / post_nms_top_n: ``{"training": n, "testing": n}``; pre is per level.
+        nms_thresh: IoU threshold of the per-level NMS.
+        score_thresh: proposals with objectness probability below this are dropped.
+    """
+
+    def __init__(
+        self,
+        anchor_generator: AnchorsGenerator,
+        head: nn.Module,
+        fg_iou_thresh: float,
+        bg_iou_thresh: float,
+        batch_size_per_image: int,
+        positive_fraction: float,
+        pre_nms_top_n: Dict[str, int],
+        post_nms_top_n: Dict[str, int],
+        nms_thresh: float,
+        score_thresh: float = 0.0,
+    ) -> None:
+        super().__init__()
+        self.anchor_generator = anchor_generator
+        self.head = head
+        self.box_coder = det_utils.BoxCoder(weights=(1.0, 1.0, 1.0, 1.0))
+        self.box_similarity = box_ops.box_iou
+        self.proposal_matcher = det_utils.Matcher(fg_iou_thresh, bg_iou_thresh, allow_low_quality_matches=True)
+        self.fg_bg_sampler = det_utils.BalancedPositiveNegativeSampler(batch_size_per_image, positive_fraction)
+        self._pre_nms_top_n = pre_nms_top_n
+        self._post_nms_top_n = post_nms_top_n
+        self.nms_thresh = nms_thresh
+        self.score_thresh = score_thresh
+        self.min_size = 1e-3
+
+    def pre_nms_top_n(self) -> int:
+        return self._pre_nms_top_n["training" if self.training else "testing"]
+
+    def post_nms_top_n(self) -> int:
+        return self._post_nms_top_n["training" if self.training else "testing"]
+
+    def assign_targets_to_anchors(
+        self, anchors: List[Tensor], targets: List[Dict[str, Tensor]]
+    ) -> Tuple[List[Tensor], List[Tensor]]:
+        """Per image: anchor labels ``[A]`` (1 object, 0 background, -1 ignored) and matched boxes ``[A, 4]``."""
+        labels, matched_boxes = [], []
+        for anchors_in_image, target in zip(anchors, targets):
+            gt_boxes = target["boxes"]
+            if gt_boxes.numel() == 0:
+                # An image with no objects: every anchor is background.
+                matched = torch.zeros(anchors_in_image.shape, dtype=torch.float32, device=anchors_in_image.device)
+                image_labels = torch.zeros((anchors_in_image.shape[0],), dtype=torch.float32, device=anchors_in_image.device)
+            else:
+                matches = self.proposal_matcher(self.box_similarity(gt_boxes, anchors_in_image))
+                matched = gt_boxes[matches.clamp(min=0)]
+                image_labels = (matches >= 0).to(dtype=torch.float32)
+                image_labels[matches == det_utils.Matcher.BELOW_LOW_THRESHOLD] = 0.0
+                image_labels[matches == det_utils.Matcher.BETWEEN_THRESHOLDS] = -1.0
+            labels.append(image_labels)
+            matched_boxes.append(matched)
+        return labels, matched_boxes
+
+    def _top_n_per_level(self, objectness: Tensor, num_anchors_per_level: List[int]) -> Tensor:
+        """Indices ``[B, K]`` of the best ``pre_nms_top_n`` anchors of every level, concatenated."""
+        indices, offset = [], 0
+        for level_scores in objectness.split(num_anchors_per_level, 1):
+            count = level_scores.shape[1]
+            k = min(self.pre_nms_top_n(), count)
+            indices.append(level_scores.topk(k, dim=1).indices + offset)
+            offset += count
+        return torch.cat(indices, dim=1)
+
+    def filter_proposals(
+        self,
+        proposals: Tensor,
+        objectness: Tensor,
+        image_shapes: List[Tuple[int, int]],
+        num_anchors_per_level: List[int],
+    ) -> Tuple[List[Tensor], List[Tensor]]:
+        """``proposals [B, A, 4]``, ``objectness [B*A, 1]`` -> per image boxes ``[P, 4]`` and scores ``[P]``."""
+        num_images = proposals.shape[0]
+        device = proposals.device
+        objectness = objectness.detach().reshape(num_images, -1)
+        levels = torch.cat(
+            [torch.full((n,), level, dtype=torch.int64, device=device) for level, n in enumerate(num_anchors_per_level)]
+        )
+        levels = levels.reshape(1, -1).expand_as(objectness)
+
+        top_idx = self._top_n_per_level(objectness, num_anchors_per_level)
+        batch_idx = torch.arange(num_images, device=device)[:, None]
+        objectness = objectness[batch_idx, top_idx]
+        levels = levels[batch_idx, top_idx]
+        proposals = proposals[batch_idx, top_idx]
+        probabilities = torch.sigmoid(objectness)
+
+        final_boxes, final_scores = [], []
+        for boxes, scores, lvl, image_shape in zip(proposals, probabilities, levels, image_shapes):
+            boxes = box_ops.clip_boxes_to_image(boxes, image_shape)
+            keep = box_ops.remove_small_boxes(boxes, self.min_size)
+            boxes, scores, lvl = boxes[keep], scores[keep], lvl[keep]
+            keep = torch.where(scores >= self.score_thresh)[0]
+            boxes, scores, lvl = boxes[keep], scores[keep], lvl[keep]
+            # NMS runs independently per feature level.
+            keep = box_ops.batched_nms(boxes, scores, lvl, self.nms_thresh)[: self.post_nms_top_n()]
+            final_boxes.append(boxes[keep])
+            final_scores.append(scores[keep])
+        return final_boxes, final_scores
+
+    def compute_loss(
+        self, objectness: Tensor, pred_bbox_deltas: Tensor, labels: List[Tensor], regression_targets: List[Tensor]
+    ) -> Tuple[Tensor, Tensor]:
+        """Binary cross-entropy over sampled anchors; smooth L1 over sampled positives,
+        normalised by the number of sampled anchors."""
+        pos_masks, neg_masks = self.fg_bg_sampler(labels)
+        sampled_pos = torch.where(torch.cat(pos_masks, dim=0))[0]
+        sampled_neg = torch.where(torch.cat(neg_masks, dim=0))[0]
+        sampled = torch.cat([sampled_pos, sampled_neg], dim=0)
+
+        objectness = objectness.flatten()
+        labels_all = torch.cat(labels, dim=0)
+        targets_all = torch.cat(regression_targets, dim=0)
+        box_loss = det_utils.smooth_l1_loss(
+            pred_bbox_deltas[sampled_pos], targets_all[sampled_pos], beta=1 / 9
+        ) / sampled.numel()
+        objectness_loss = F.binary_cross_entropy_with_logits(objectness[sampled], labels_all[sampled])
+        return objectness_loss, box_loss
+
+    def forward(
+        self,
+        images: ImageList,
+        features: Dict[str, Tensor],
+        targets: Optional[List[Dict[str, Tensor]]] = None,
+    ) -> Tuple[List[Tensor], Dict[str, Tensor]]:
+        """Returns per-image proposals ``[P_i, 4]`` (resized-image coordinates) and, in training,
+        ``loss_objectness`` and ``loss_rpn_box_reg``."""
+        feature_list = list(features.values())
+        objectness, pred_bbox_deltas = self.head(feature_list)
+        anchors = self.anchor_generator(images, feature_list)
+        num_images = len(anchors)
+        num_anchors_per_level = [o.shape[1] * o.shape[2] * o.shape[3] for o in objectness]
+        objectness, pred_bbox_deltas = concat_box_prediction_layers(objectness, pred_bbox_deltas)
+
+        # Proposals are not differentiated through (as in the paper's approximate joint training).
+        proposals = self.box_coder.decode(pred_bbox_deltas.detach(), anchors).view(num_images, -1, 4)
+        boxes, _ = self.filter_proposals(proposals, objectness, images.image_sizes, num_anchors_per_level)
+
+        losses: Dict[str, Tensor] = {}
+        if self.training:
+            if targets is None:
+                raise ValueError("the RPN needs targets in training mode")
+            labels, matched_gt_boxes = self.assign_targets_to_anchors(anchors, targets)
+            regression_targets = self.box_coder.encode(matched_gt_boxes, anchors)
+            loss_objectness, loss_rpn_box_reg = self.compute_loss(
+                objectness, pred_bbox_deltas, labels, regression_targets
+            )
+            losses = {"loss_objectness": loss_objectness, "loss_rpn_box_reg": loss_rpn_box_reg}
+        return boxes, losses

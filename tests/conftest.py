@@ -1,0 +1,87 @@
+"""Shared test fixtures: the repository root on ``sys.path`` and a tiny, fast detector."""
+import sys
+from pathlib import Path
+from typing import Callable
+
+import pytest
+from torch import Tensor, nn
+
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+
+class TinyBackbone(nn.Module):
+    """One 8x8 conv with stride 8 and a ReLU: ``[B, 3, H, W] -> [B, 8, H/8, W/8]``."""
+
+    out_channels = 8
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, self.out_channels, kernel_size=8, stride=8)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.conv(x).relu()
+
+
+@pytest.fixture
+def tiny_detector() -> Callable[..., nn.Module]:
+    """Factory for a Faster R-CNN small enough to train a step in well under a second.
+
+    Keyword arguments override the ``FasterRCNN`` defaults chosen here (64..96 pixel images,
+    anchors 16/32/64 on the single stride-8 map, 3 classes including background).
+    """
+    from network_files import AnchorsGenerator, FasterRCNN, MultiScaleRoIAlign
+
+    def build(**overrides) -> nn.Module:
+        options = dict(
+            num_classes=3,
+            min_size=64,
+            max_size=96,
+            rpn_anchor_generator=AnchorsGenerator(((16, 32, 64),), ((0.5, 1.0, 2.0),)),
+            box_roi_pool=MultiScaleRoIAlign(["0"], 7, 2),
+            rpn_batch_size_per_image=32,
+            box_batch_size_per_image=32,
+        )
+        options.update(overrides)
+        return FasterRCNN(TinyBackbone(), **options)
+
+    return build
+
+
+TINY_TRAIN_FLAGS = [
+    "--backbone-weights", "none", "--feature-stride", "16", "--width-mult", "0.5",
+    "--representation-size", "64", "--min-size", "128", "--max-size", "128", "-b", "4",
+    "--workers", "0", "--anchor-sizes", "32,64,128", "--box-batch-size-per-image", "32",
+    "--rpn-pre-nms-top-n-train", "300", "--rpn-post-nms-top-n-train", "100",
+    "--rpn-pre-nms-top-n-test", "200", "--rpn-post-nms-top-n-test", "50", "--print-freq", "2",
+]
+
+
+@pytest.fixture(scope="session")
+def demo_voc(tmp_path_factory) -> Path:
+    """A small generated VOC2012 folder of coloured shapes (24 images, 128 px; 19 train / 5 val)
+    with its classes json at ``<root>/classes.json``."""
+    from tools.make_demo_voc import make_demo_voc
+
+    root = tmp_path_factory.mktemp("demo_voc")
+    make_demo_voc(root, num_images=24, seed=0, size=128)
+    return root
+
+
+@pytest.fixture(scope="session")
+def trained_run(demo_voc, tmp_path_factory) -> Path:
+    """Output folder of a real one-epoch ``train_mobilenet.py`` run on ``demo_voc`` (tiny model).
+
+    Holds model-0.pth, last.pth, best.pth, results*.txt, metrics.jsonl and the curves.
+    """
+    import subprocess
+
+    out = tmp_path_factory.mktemp("trained_run")
+    cmd = [sys.executable, str(ROOT / "train_mobilenet.py"), "--data-path", str(demo_voc),
+           "--classes-json", str(demo_voc / "classes.json"), "--epochs", "1", "--output-dir", str(out),
+           *TINY_TRAIN_FLAGS]
+    done = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600)
+    if done.returncode != 0:
+        pytest.fail(f"training failed ({done.returncode}):\n{done.stdout[-2000:]}\n{done.stderr[-3000:]}")
+    return out
