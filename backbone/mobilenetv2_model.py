@@ -130,12 +130,26 @@ class MobileNetV2(nn.Module):
 
 
 def mobilenet_v2_backbone(
-    weights_path: Optional[str] = None, norm_layer: Optional[NormLayer] = None
+    weights_path: Optional[str] = None,
+    norm_layer: Optional[NormLayer] = None,
+    alpha: float = 1.0,
+    output_stride: int = 32,
 ) -> nn.Module:
-    """MobileNetV2 conv features (stride 32) for a single-level detector; `out_channels` is 1280.
+    """MobileNetV2 conv features for a single-level detector, with an ``out_channels`` attribute.
 
-    x: [N, 3, H, W] -> [N, 1280, H/32, W/32].
+    ``output_stride=32`` (default) keeps every layer: x [N, 3, H, W] -> [N, 1280, H/32, W/32].
+    ``output_stride=16`` stops after the last stride-16 stage (the 96-channel blocks, scaled by
+    ``alpha``): a lighter trunk with a finer feature map, useful for small images and CPUs.
     """
-    features = MobileNetV2(weights_path=weights_path, norm_layer=norm_layer).features
-    features.out_channels = 1280
+    if output_stride not in (16, 32):
+        raise ValueError(f"mobilenet_v2_backbone: output_stride must be 16 or 32, got {output_stride}")
+    model = MobileNetV2(alpha=alpha, weights_path=weights_path, norm_layer=norm_layer)
+    features = model.features
+    if output_stride == 16:
+        # Stem + the blocks of the first five stages (16, 24, 32, 64, 96 channels).
+        stride16_blocks = 1 + sum(n for _, _, n, _ in _STAGES[:5])
+        features = features[:stride16_blocks]
+        features.out_channels = _make_divisible(_STAGES[4][1] * alpha, 8)
+    else:
+        features.out_channels = model.last_channel
     return features

@@ -1,0 +1,127 @@
+"""End-to-end runs of the training scripts on a tiny generated VOC folder: outputs, exact resume,
+and recovery after the process is killed mid-epoch."""
+import json
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from conftest import ROOT, TINY_TRAIN_FLAGS
+
+# 19 training images, batch 4 -> 4 iterations per epoch. The warmup (7 iterations) and the LR
+# step (epoch 1) both straddle the epoch boundary where the resumed run restarts.
+SCHEDULE = ["--lr", "0.01", "--warmup-iters", "7", "--lr-scheduler", "multistep", "--lr-steps", "1",
+            "--lr-gamma", "0.5"]
+
+
+def train(script: str, demo_voc: Path, out: Path, *extra: str, timeout: int = 600) -> subprocess.CompletedProcess:
+    cmd = [sys.executable, str(ROOT / script), "--data-path", str(demo_voc),
+           "--classes-json", str(demo_voc / "classes.json"), "--output-dir", str(out),
+           *TINY_TRAIN_FLAGS, *SCHEDULE, *extra]
+    done = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=timeout)
+    assert done.returncode == 0, f"{script} failed:\n{done.stdout[-2000:]}\n{done.stderr[-3000:]}"
+    return done
+
+
+def load(path: Path) -> dict:
+    return torch.load(path, map_location="cpu", weights_only=True)
+
+
+def metrics(out: Path) -> list:
+    return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(demo_voc, tmp_path_factory) -> Path:
+    """train_mobilenet.py for 2 epochs in one go: the reference for resumed runs."""
+    out = tmp_path_factory.mktemp("uninterrupted")
+    train("train_mobilenet.py", demo_voc, out, "--epochs", "2")
+    return out
+
+
+def test_outputs_of_a_run(uninterrupted):
+    out = uninterrupted
+    for name in ("model-0.pth", "model-1.pth", "last.pth", "best.pth", "metrics.jsonl", "loss_and_lr.png", "mAP.png"):
+        assert (out / name).is_file(), name
+    assert not list(out.glob("*.tmp")), "atomic writes leave no temporary files"
+
+    ckpt = load(out / "last.pth")
+    assert ckpt["epoch"] == 1
+    assert ckpt["class_names"] == ["circle", "square", "triangle"]
+    assert ckpt["model_config"]["backbone"] == "mobilenet_v2"
+    assert ckpt["model_config"]["num_classes"] == 4
+    assert ckpt["model_config"]["min_size"] == 128 and ckpt["model_config"]["max_size"] == 128
+    assert ckpt["args"]["epochs"] == 2 and ckpt["args"]["lr"] == 0.01
+    assert len(ckpt["coco_stats"]) == 12
+    assert ckpt["lr_scheduler"]["last_epoch"] == 8  # 2 epochs x 4 iterations
+
+    records = metrics(out)
+    assert [r["epoch"] for r in records] == [0, 1]
+    assert all(len(r["coco"]) == 12 for r in records)
+    # LR of the last step of each epoch: warmup factor at iteration 3 is 1e-3 (1 - 3/7) + 3/7; epoch 1
+    # is past the warmup and halved by the step.
+    assert records[0]["lr"] == pytest.approx(0.01 * (1e-3 * (1 - 3 / 7) + 3 / 7), rel=1e-9)
+    assert records[1]["lr"] == pytest.approx(0.005, rel=1e-9)
+
+    results = list(out.glob("results*.txt"))
+    assert len(results) == 1
+    lines = results[0].read_text().splitlines()
+    assert [line.split()[0] for line in lines] == ["epoch:0", "epoch:1"]
+    values = [float(v) for v in lines[1].split()[1:]]
+    assert len(values) == 14  # 12 COCO numbers, mean loss, lr
+    assert values[:12] == pytest.approx(records[1]["coco"], abs=1e-4)
+    assert values[13] == pytest.approx(0.005)
+
+    best = load(out / "best.pth")
+    assert best["coco_stats"][1] == max(r["coco"][1] for r in records)
+
+
+@pytest.mark.parametrize("script", ["train_mobilenet.py", "train_resnet50_fpn.py", "train_multi_GPU.py"])
+def test_resume_continues_exactly(script, demo_voc, uninterrupted, tmp_path):
+    backbone = {"train_multi_GPU.py": ["--backbone", "mobilenet_v2"],
+                "train_resnet50_fpn.py": ["--anchor-sizes", "16,32,64,128,256"]}.get(script, [])
+    train(script, demo_voc, tmp_path, "--epochs", "1", *backbone)
+    assert load(tmp_path / "last.pth")["epoch"] == 0
+    train(script, demo_voc, tmp_path, "--epochs", "2", "--resume", "auto", *backbone)
+
+    resumed, reference = load(tmp_path / "model-1.pth"), load(uninterrupted / "model-1.pth")
+    assert resumed["epoch"] == 1
+    assert resumed["lr_scheduler"]["last_epoch"] == reference["lr_scheduler"]["last_epoch"] == 8
+    assert resumed["lr_scheduler"]["_last_lr"] == reference["lr_scheduler"]["_last_lr"]
+    assert [r["lr"] for r in metrics(tmp_path)] == [r["lr"] for r in metrics(uninterrupted)]
+    assert [r["epoch"] for r in metrics(tmp_path)] == [0, 1]
+    assert len(list(tmp_path.glob("results*.txt"))) >= 1
+    if script != "train_resnet50_fpn.py":
+        # Same model, data order and random state: the resumed weights are the uninterrupted ones.
+        for key, value in reference["model"].items():
+            assert torch.allclose(resumed["model"][key].float(), value.float(), atol=1e-6), key
+    else:
+        assert resumed["model_config"]["backbone"] == "resnet50_fpn"
+
+
+def test_killed_mid_epoch_resumes_from_last_checkpoint(demo_voc, tmp_path):
+    cmd = [sys.executable, str(ROOT / "train_mobilenet.py"), "--data-path", str(demo_voc),
+           "--classes-json", str(demo_voc / "classes.json"), "--output-dir", str(tmp_path),
+           *TINY_TRAIN_FLAGS, *SCHEDULE, "--epochs", "3", "--print-freq", "1"]
+    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    seen = []
+    try:
+        for line in proc.stdout:
+            seen.append(line)
+            if line.startswith("Epoch 1 [2/"):
+                proc.send_signal(signal.SIGKILL)  # no chance to clean up
+                break
+    finally:
+        proc.wait(timeout=120)
+    assert proc.returncode == -signal.SIGKILL, "".join(seen[-20:])
+
+    ckpt = load(tmp_path / "last.pth")
+    assert ckpt["epoch"] == 0
+    assert not list(tmp_path.glob("*.tmp"))
+
+    train("train_mobilenet.py", demo_voc, tmp_path, "--epochs", "3", "--resume", "auto")
+    assert load(tmp_path / "last.pth")["epoch"] == 2
+    assert [r["epoch"] for r in metrics(tmp_path)] == [0, 1, 2]

@@ -1,0 +1,16 @@
+"""Train a MobileNetV2 Faster R-CNN on a Pascal-VOC folder (single device: CPU or one GPU).
+
+    python train_mobilenet.py --data-path /data/VOCdevkit --epochs 20
+
+See `--help` for every flag; the engine lives in train_utils/trainer.py.
+"""
+from pathlib import Path
+
+from train_utils.train_args import build_parser, parse
+from train_utils.trainer import main
+
+DEFAULTS = dict(backbone="mobilenet_v2", lr=0.005, batch_size=8, epochs=20, lr_steps=[14, 18], min_size=[800])
+
+if __name__ == "__main__":
+    parser = build_parser("Faster R-CNN with a MobileNetV2 backbone", DEFAULTS)
+    main(parse(parser), default_backbone_weights=str(Path(__file__).parent / "backbone" / "mobilenet_v2.pth"))

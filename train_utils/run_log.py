@@ -1,0 +1,60 @@
+"""What a training run writes besides checkpoints: WZ's results file, metrics.jsonl and curves."""
+import json
+import time
+from pathlib import Path
+from typing import Any, Dict, List, Optional, Sequence
+
+from .plot_curve import plot_loss_and_lr, plot_map
+
+
+class RunLog:
+    """Appends one record per epoch and redraws the curves from the whole history.
+
+    ``metrics.jsonl`` survives resumes, so curves cover every epoch of the run; entries at or
+    after the resume epoch (left by an interrupted run) are dropped first.
+    """
+
+    def __init__(self, output_dir: str, start_epoch: int = 0) -> None:
+        self.dir = Path(output_dir)
+        self.dir.mkdir(parents=True, exist_ok=True)
+        self.metrics_path = self.dir / "metrics.jsonl"
+        self.results_path = self.dir / f"results{time.strftime('%Y%m%d-%H%M%S')}.txt"
+        self.history: List[Dict[str, Any]] = [r for r in self._read() if r["epoch"] < start_epoch]
+        self._rewrite()
+
+    def _read(self) -> List[Dict[str, Any]]:
+        if not self.metrics_path.is_file():
+            return []
+        records = []
+        for line in self.metrics_path.read_text().splitlines():
+            try:
+                records.append(json.loads(line))
+            except json.JSONDecodeError:
+                continue  # a line cut by a crash
+        return records
+
+    def _rewrite(self) -> None:
+        tmp = self.metrics_path.with_suffix(".jsonl.tmp")
+        tmp.write_text("".join(json.dumps(r) + "\n" for r in self.history))
+        tmp.replace(self.metrics_path)
+
+    def add(self, epoch: int, train: Dict[str, float], coco_stats: Optional[Sequence[float]]) -> None:
+        record: Dict[str, Any] = {"epoch": epoch, **{k: float(v) for k, v in train.items()}}
+        if coco_stats is not None:
+            record["coco"] = [float(v) for v in coco_stats]
+            # WZ's results line: epoch, the 12 COCO numbers, mean loss, learning rate.
+            values = [f"{v:.4f}" for v in list(coco_stats) + [train["loss"]]] + [f"{train['lr']:.6f}"]
+            with open(self.results_path, "a") as handle:
+                handle.write(f"epoch:{epoch}  {'  '.join(values)}\n")
+        self.history.append(record)
+        with open(self.metrics_path, "a") as handle:
+            handle.write(json.dumps(record) + "\n")
+        self.plot()
+
+    def plot(self) -> None:
+        epochs = [r["epoch"] for r in self.history]
+        plot_loss_and_lr(epochs, [r["loss"] for r in self.history], [r["lr"] for r in self.history],
+                         str(self.dir / "loss_and_lr.png"))
+        evaluated = [r for r in self.history if "coco" in r]
+        if evaluated:
+            plot_map([r["epoch"] for r in evaluated], [r["coco"][1] for r in evaluated], str(self.dir / "mAP.png"))
