@@ -1,0 +1,221 @@
+"""Detect objects in images, folders or globs and draw the results.
+
+    python predict.py --weights save_weights/best.pth photo.jpg holiday/ "scans/*.png"
+
+Each readable image is written to ``--output-dir`` with its boxes drawn, under its own name
+(``.jpg``/``.jpeg`` keep their extension, everything else becomes ``.png``); ``--save-json`` also
+writes every detection in COCO results format. Unreadable and non-image files are reported and
+skipped; the exit code is non-zero only when no image could be processed.
+
+Images are read upright (EXIF orientation applied) and converted to RGB (alpha is dropped as in
+training), so boxes refer to the image a viewer shows. Decoding runs in DataLoader workers while
+the model works on the previous image.
+"""
+from __future__ import annotations
+
+import argparse
+import glob
+import json
+import sys
+import time
+from pathlib import Path
+from typing import Any, Optional, Sequence
+
+import numpy as np
+import torch
+from PIL import Image, ImageOps
+from torch.utils.data import DataLoader, Dataset
+
+from train_utils.draw_box_utils import draw_detections
+from validation import add_model_arguments, load_detector
+
+JPEG_SUFFIXES = (".jpg", ".jpeg")
+# What PIL raises on files it cannot identify or decode (UnidentifiedImageError is an OSError).
+_DECODE_ERRORS = (OSError, SyntaxError, ValueError, Image.DecompressionBombError)
+
+
+# ------------------------------------------------------------------------------ inputs and outputs
+def find_inputs(patterns: Sequence[str]) -> tuple[list[Path], list[str]]:
+    """Files named by ``patterns`` (a file, a folder = its non-hidden files, or a glob), in the
+    given order without repeats; plus one message per pattern that matched nothing."""
+    files: list[Path] = []
+    problems: list[str] = []
+    for pattern in patterns:
+        path = Path(pattern).expanduser()
+        if path.is_dir():
+            found = sorted(p for p in path.iterdir() if p.is_file() and not p.name.startswith("."))
+        elif path.is_file():
+            found = [path]
+        else:
+            matches = sorted(Path(p) for p in glob.glob(str(path), recursive=True))
+            found = [p for p in matches if p.is_file()]
+        if not found:
+            problems.append(f"{pattern}: no such file, or no file in it")
+        files.extend(found)
+    unique, seen = [], set()
+    for file in files:
+        key = file.resolve()
+        if key not in seen:
+            seen.add(key)
+            unique.append(file)
+    return unique, problems
+
+
+def output_names(inputs: Sequence[Path], output_dir: Path) -> dict[Path, Path]:
+    """Output path per input: same stem, ``.jpg``/``.jpeg`` kept, else ``.png``. A name already
+    given to an earlier input, or the path of any input, gets a ``_1``, ``_2``... suffix."""
+    taken = {p.resolve() for p in inputs}
+    names: dict[Path, Path] = {}
+    for file in inputs:
+        suffix = file.suffix if file.suffix.lower() in JPEG_SUFFIXES else ".png"
+        candidate, number = output_dir / f"{file.stem}{suffix}", 0
+        while candidate.resolve() in taken:
+            number += 1
+            candidate = output_dir / f"{file.stem}_{number}{suffix}"
+        taken.add(candidate.resolve())
+        names[file] = candidate
+    return names
+
+
+def read_image(path: Path) -> Image.Image:
+    """The upright RGB image a viewer shows (EXIF orientation applied, alpha dropped)."""
+    with Image.open(path) as image:
+        image.load()
+        upright = ImageOps.exif_transpose(image)
+        if upright.mode in ("P", "PA"):  # palette transparency is only handled via RGBA
+            upright = upright.convert("RGBA")
+        return upright.convert("RGB")
+
+
+class ImageFiles(Dataset):
+    """``files[i] -> (i, uint8 [3, H, W] tensor or None, error message or None)``; never raises on a
+    bad file, so one unreadable file does not stop a DataLoader."""
+
+    def __init__(self, files: Sequence[Path]) -> None:
+        self.files = list(files)
+
+    def __len__(self) -> int:
+        return len(self.files)
+
+    def __getitem__(self, index: int) -> tuple[int, Optional[torch.Tensor], Optional[str]]:
+        try:
+            array = np.asarray(read_image(self.files[index]))
+        except _DECODE_ERRORS as exc:
+            return index, None, f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else 'unreadable'}"
+        return index, torch.from_numpy(array.copy()).permute(2, 0, 1), None
+
+
+def _single(item):
+    """DataLoader collate for batch_size=None: hand the sample over unchanged."""
+    return item
+
+
+# ------------------------------------------------------------------------------ script
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0],
+                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser.add_argument("inputs", nargs="+", metavar="INPUT", help="image file, folder or glob pattern")
+    parser.add_argument("--weights", "--weights-path", dest="weights", required=True,
+                        help="checkpoint written by a training script, or a bare state dict")
+    parser.add_argument("--output-dir", default="predict_results", help="where drawn images (and JSON) go")
+    parser.add_argument("--score-thresh", type=float, default=0.5, help="keep detections scoring at least this")
+    parser.add_argument("--line-thickness", type=int, default=None, help="box outline pixels (default: by image size)")
+    parser.add_argument("--font-size", type=int, default=None, help="label font pixels (default: by image size)")
+    parser.add_argument("--save-json", nargs="?", const="", default=None, metavar="PATH",
+                        help="write detections in COCO results format (default PATH: OUTPUT_DIR/predictions.json)")
+    parser.add_argument("--no-draw", action="store_true", help="do not write drawn images")
+    parser.add_argument("--workers", type=int, default=2, help="image decoding worker processes (at least 1)")
+    add_model_arguments(parser)
+    return parser
+
+
+def coco_records(image: str, boxes: torch.Tensor, labels: torch.Tensor, scores: torch.Tensor,
+                 class_names: Sequence[str]) -> list[dict[str, Any]]:
+    """COCO results entries (bbox [x, y, w, h]) for one image's kept detections."""
+    records = []
+    for (x1, y1, x2, y2), label, score in zip(boxes.tolist(), labels.tolist(), scores.tolist()):
+        records.append({
+            "image": image,
+            "category_id": int(label),
+            "category_name": class_names[label - 1] if 1 <= label <= len(class_names) else f"class {label}",
+            "score": round(float(score), 5),
+            "bbox": [round(x1, 3), round(y1, 3), round(x2 - x1, 3), round(y2 - y1, 3)],
+        })
+    return records
+
+
+def run(args: argparse.Namespace) -> int:
+    """Predict as the flags say; returns the number of images processed."""
+    files, problems = find_inputs(args.inputs)
+    for problem in problems:
+        print(f"skipped {problem}", file=sys.stderr)
+    if not files:
+        return 0
+    detector = load_detector(args, args.weights)
+    model, class_names = detector.model, detector.class_names
+    model.roi_heads.score_thresh = min(model.roi_heads.score_thresh, args.score_thresh)
+    device = next(model.parameters()).device
+    output_dir = Path(args.output_dir)
+    if not args.no_draw:
+        output_dir.mkdir(parents=True, exist_ok=True)
+    targets = output_names(files, output_dir)
+
+    loader = DataLoader(ImageFiles(files), batch_size=None, shuffle=False, num_workers=max(int(args.workers), 1),
+                        collate_fn=_single)
+    results: list[dict[str, Any]] = []
+    done = skipped = detections = 0
+    start = time.perf_counter()
+    for index, pixels, error in loader:
+        file = files[index]
+        if pixels is None:
+            skipped += 1
+            print(f"skipped {file}: not a readable image ({error})", file=sys.stderr)
+            continue
+        tick = time.perf_counter()
+        with torch.inference_mode():
+            output = model([pixels.to(device).float().div_(255)])[0]
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        took = time.perf_counter() - tick
+        keep = output["scores"] >= args.score_thresh
+        boxes, labels, scores = (output[k][keep].cpu() for k in ("boxes", "labels", "scores"))
+        results.extend(coco_records(str(file), boxes, labels, scores, class_names))
+        done += 1
+        detections += len(scores)
+        written = ""
+        if not args.no_draw:
+            image = Image.fromarray(pixels.permute(1, 2, 0).numpy())
+            drawn = draw_detections(image, boxes.tolist(), labels.tolist(), scores.tolist(), class_names,
+                                    args.line_thickness, args.font_size)
+            options = {"quality": 95} if targets[file].suffix.lower() in JPEG_SUFFIXES else {}
+            drawn.save(targets[file], **options)
+            written = f" -> {targets[file]}"
+        print(f"[{done + skipped}/{len(files)}] {file}: {len(scores)} detections, {took * 1000:.0f} ms{written}")
+    elapsed = time.perf_counter() - start
+
+    if args.save_json is not None:
+        json_path = Path(args.save_json) if args.save_json else output_dir / "predictions.json"
+        json_path.parent.mkdir(parents=True, exist_ok=True)
+        json_path.write_text(json.dumps(results, indent=1) + "\n")
+        print(f"wrote {len(results)} detections to {json_path}")
+    print(f"{done} images processed, {skipped} skipped, {detections} detections "
+          f"(score >= {args.score_thresh}); {done / max(elapsed, 1e-9):.2f} images/s")
+    return done
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    """Script entry: exit code 1 when nothing could be processed or on a setup error."""
+    args = build_parser().parse_args(argv)
+    try:
+        processed = run(args)
+    except (FileNotFoundError, ValueError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    if processed == 0:
+        print("error: no image could be processed", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,357 @@
+"""Evaluate a trained detector on a VOC split: COCO metrics, per-class AP and VOC AP.
+
+    python validation.py --weights-path save_weights/best.pth
+    python validation.py --weights-path fasterrcnn.pth --backbone resnet50_fpn \\
+        --classes-json pascal_voc_classes.json --data-path /data/VOCdevkit
+
+A checkpoint written by the training scripts carries everything needed (model configuration,
+class names, the data folder it was trained on). A bare state dict (or a checkpoint holding only
+``model``) needs ``--backbone`` and ``--classes-json`` plus the architecture flags it was built with.
+
+Prints pycocotools' summary and a per-class table, then writes ``record_mAP.txt`` (WZ's layout)
+and the same numbers as JSON beside it (``record_mAP.json``).
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import io
+import json
+import sys
+import tempfile
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any, Optional, Sequence
+
+import numpy as np
+import torch
+from pycocotools.coco import COCO
+from pycocotools.cocoeval import COCOeval
+from torch.utils.data import DataLoader
+
+from my_dataset import VOCDataSet, load_class_dict
+from network_files import FasterRCNN
+from train_utils.checkpoint import load_checkpoint
+from train_utils.coco_utils import get_coco_api_from_dataset
+from train_utils.model_builder import BACKBONES, build_model
+from train_utils.train_eval_utils import evaluate
+from train_utils.trainer import resolve_device
+from train_utils.transforms import get_transforms
+from train_utils.voc_eval import RULES, mean_ap, voc_ap_per_class
+
+COCO_STAT_NAMES = (
+    "AP@[.5:.95]", "AP@.5", "AP@.75", "AP small", "AP medium", "AP large",
+    "AR@1", "AR@10", "AR@100", "AR small", "AR medium", "AR large",
+)
+_PREDICTOR_KEY = "roi_heads.box_predictor.cls_score.weight"
+# Model config keys a bare state dict takes from the command line (with --backbone).
+ARCHITECTURE_KEYS = ("width_mult", "feature_stride", "representation_size", "anchor_sizes")
+_ARCHITECTURE_FLAGS = ", ".join(["--backbone"] + [f"--{key.replace('_', '-')}" for key in ARCHITECTURE_KEYS])
+
+
+# ------------------------------------------------------------------------------ model loading
+def _sizes(text: str) -> list[int]:
+    """'32,64,128' or '32 64 128' -> [32, 64, 128]."""
+    return [int(part) for part in text.replace(",", " ").split()]
+
+
+def add_model_arguments(parser: argparse.ArgumentParser) -> None:
+    """Flags shared by validation.py and predict.py for rebuilding a detector from a weights file."""
+    group = parser.add_argument_group("model (architecture flags are only needed for a bare state dict)")
+    group.add_argument("--classes-json", default=None,
+                       help="{class name: id 1..K} file; default: the class names stored in the checkpoint")
+    group.add_argument("--device", default="auto", help="'auto' (cuda when available), 'cuda', 'cuda:1' or 'cpu'")
+    group.add_argument("--min-size", type=int, default=None, help="shorter image side; default: the checkpoint's")
+    group.add_argument("--max-size", type=int, default=None, help="longer side bound; default: the checkpoint's")
+    group.add_argument("--backbone", choices=sorted(BACKBONES), default=None, help="backbone of a bare state dict")
+    group.add_argument("--width-mult", type=float, default=None, help="MobileNetV2 width multiplier")
+    group.add_argument("--feature-stride", type=int, choices=[16, 32], default=None, help="MobileNetV2 output stride")
+    group.add_argument("--representation-size", type=int, default=None, help="width of the box head")
+    group.add_argument("--anchor-sizes", type=_sizes, default=None, help="anchor sizes, e.g. '32,64,128,256,512'")
+
+
+@dataclass
+class LoadedDetector:
+    """A detector in eval mode on its device, its class names (label i is ``class_names[i - 1]``),
+    the configuration it was built from and the training flags stored with it ({} if none)."""
+
+    model: FasterRCNN
+    class_names: list[str]
+    config: dict[str, Any]
+    train_args: dict[str, Any]
+
+
+def _split_weights_file(raw: Any, path: str) -> tuple[dict, Optional[dict], Optional[list], dict]:
+    """(state dict, model config or None, class names or None, training flags) of a loaded file."""
+    if not isinstance(raw, dict):
+        raise ValueError(f"{path} holds a {type(raw).__name__}, not a checkpoint or a state dict")
+    if "model_config" in raw:
+        return raw["model"], dict(raw["model_config"]), raw.get("class_names"), dict(raw.get("args") or {})
+    if isinstance(raw.get("model"), dict):  # WZ-style checkpoint: model, optimizer, lr_scheduler, epoch
+        return raw["model"], None, None, {}
+    if raw and all(isinstance(value, torch.Tensor) for value in raw.values()):
+        return raw, None, None, {}
+    raise ValueError(f"{path} is neither a training checkpoint nor a state dict of tensors")
+
+
+def _check_fit(model: torch.nn.Module, state: dict, path: str, config: dict) -> None:
+    """Raise one clear line when ``state`` does not match ``model`` key for key and shape for shape."""
+    own = model.state_dict()
+    missing = [k for k in own if k not in state]
+    unexpected = [k for k in state if k not in own]
+    reshaped = [f"{k} {list(state[k].shape)} vs {list(own[k].shape)}"
+                for k in own if k in state and state[k].shape != own[k].shape]
+    if missing or unexpected or reshaped:
+        raise ValueError(
+            f"{path} does not fit a '{config['backbone']}' detector built with {_describe(config)}: "
+            f"{len(missing)} missing keys (e.g. {missing[:2]}), {len(unexpected)} unexpected "
+            f"(e.g. {unexpected[:2]}), {len(reshaped)} of another shape (e.g. {reshaped[:2]}); "
+            f"check {_ARCHITECTURE_FLAGS}"
+        )
+
+
+def _describe(config: dict) -> str:
+    """The architecture settings of ``config`` that differ from the defaults, for error messages."""
+    described = [f"{key}={config[key]}" for key in ARCHITECTURE_KEYS if config.get(key) is not None]
+    return ", ".join(described) or "default settings"
+
+
+def load_detector(args: argparse.Namespace, weights_path: str) -> LoadedDetector:
+    """Rebuild the detector of ``weights_path`` as the flags of :func:`add_model_arguments` say."""
+    state, config, names, train_args = _split_weights_file(load_checkpoint(weights_path), weights_path)
+    if args.classes_json:
+        class_dict = load_class_dict(args.classes_json)
+        names = sorted(class_dict, key=class_dict.__getitem__)
+    if config is None:
+        if not args.backbone or not args.classes_json:
+            raise ValueError(f"{weights_path} is a bare state dict without model configuration or class names: "
+                             "pass --backbone and --classes-json")
+        config = {"backbone": args.backbone, "num_classes": len(names) + 1}
+        config.update({key: getattr(args, key) for key in ARCHITECTURE_KEYS if getattr(args, key) is not None})
+        predictor = state.get(_PREDICTOR_KEY)
+        if predictor is not None and predictor.shape[0] != len(names) + 1:
+            raise ValueError(f"{weights_path} predicts {predictor.shape[0] - 1} classes but "
+                             f"{args.classes_json} lists {len(names)}")
+    elif names is None:
+        raise ValueError(f"{weights_path} stores no class names: pass --classes-json")
+    elif len(names) != int(config["num_classes"]) - 1:
+        raise ValueError(f"{weights_path} predicts {int(config['num_classes']) - 1} classes but "
+                         f"{args.classes_json or 'its class list'} holds {len(names)}")
+    if args.min_size is not None:
+        config["min_size"] = args.min_size
+    if args.max_size is not None:
+        config["max_size"] = args.max_size
+    model = build_model(config)
+    _check_fit(model, state, weights_path, config)
+    model.load_state_dict(state)
+    model.to(resolve_device(args.device)).eval()
+    return LoadedDetector(model, list(names), config, train_args)
+
+
+# ------------------------------------------------------------------------------ per-class metrics
+@dataclass
+class ClassResult:
+    """Metrics of one class; an AP is None when the class has no (non-difficult) ground truth."""
+
+    category_id: int
+    name: str
+    num_objects: int  # non-difficult ground-truth objects in the evaluated images
+    num_difficult: int
+    coco_ap50: Optional[float]
+    coco_ap: Optional[float]
+    voc_ap: Optional[float]
+
+
+def coco_ap_per_class(coco_eval: COCOeval) -> dict[int, tuple[Optional[float], Optional[float]]]:
+    """category id -> (AP@0.5, AP@[.5:.95]) from an accumulated COCOeval (area 'all', most detections).
+
+    Categories are located through ``params.catIds`` (the K axis of ``eval["precision"]``
+    [T, R, K, A, M]), so a category missing from the ground truth never takes another's row.
+    A category whose precision is all -1 (no non-crowd ground truth) gets None.
+    """
+    params = coco_eval.params
+    precision = coco_eval.eval["precision"]
+    area = list(params.areaRngLbl).index("all")
+    max_dets = int(np.argmax(params.maxDets))
+    iou50 = int(np.flatnonzero(np.isclose(params.iouThrs, 0.5))[0])
+
+    def mean_valid(values: np.ndarray) -> Optional[float]:
+        valid = values[values > -1]
+        return float(np.mean(valid)) if valid.size else None
+
+    return {
+        int(category_id): (mean_valid(precision[iou50, :, k, area, max_dets]),
+                           mean_valid(precision[:, :, k, area, max_dets]))
+        for k, category_id in enumerate(params.catIds)
+    }
+
+
+def count_objects(coco_gt: COCO, image_ids: Sequence[int]) -> dict[int, tuple[int, int]]:
+    """category id -> (non-difficult objects, difficult objects) in ``image_ids``."""
+    counts = {int(c): [0, 0] for c in coco_gt.getCatIds()}
+    for image_id in image_ids:
+        for ann in coco_gt.imgToAnns.get(image_id, []):
+            counts.setdefault(int(ann["category_id"]), [0, 0])[1 if ann.get("iscrowd", 0) else 0] += 1
+    return {c: (n[0], n[1]) for c, n in counts.items()}
+
+
+def per_class_results(coco_eval: COCOeval, coco_gt: COCO, class_names: Sequence[str],
+                      voc_ap: Optional[dict[int, Optional[float]]]) -> list[ClassResult]:
+    """One row per class in label order (label i is ``class_names[i - 1]``)."""
+    coco = coco_ap_per_class(coco_eval)
+    counts = count_objects(coco_gt, list(coco_eval.params.imgIds))
+    return [
+        ClassResult(label, name, *counts.get(label, (0, 0)), *coco.get(label, (None, None)),
+                    (voc_ap or {}).get(label))
+        for label, name in enumerate(class_names, start=1)
+    ]
+
+
+def format_table(rows: Sequence[ClassResult], voc_metric: str) -> str:
+    """The per-class table printed after pycocotools' summary."""
+    width = max([len("class")] + [len(r.name) for r in rows])
+    voc_title = f"VOC{voc_metric} AP50" if voc_metric != "none" else ""
+    lines = [f"{'class':<{width}}  {'AP50':>8}  {'AP[.5:.95]':>10}  {voc_title:>11}  {'objects':>7}  {'difficult':>9}"]
+
+    def number(value: Optional[float], size: int) -> str:
+        return f"{value:>{size}.4f}" if value is not None else f"{'-':>{size}}"
+
+    for row in rows:
+        if row.num_objects == 0:
+            body = f"{'no ground truth':<35}"
+        else:
+            voc = number(row.voc_ap, 11) if voc_metric != "none" else " " * 11
+            body = f"{number(row.coco_ap50, 8)}  {number(row.coco_ap, 10)}  {voc}"
+        lines.append(f"{row.name:<{width}}  {body}  {row.num_objects:>7}  {row.num_difficult:>9}")
+    return "\n".join(lines)
+
+
+# ------------------------------------------------------------------------------ script
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0],
+                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser.add_argument("--weights-path", "--weights", dest="weights_path", required=True,
+                        help="checkpoint written by a training script, or a bare state dict")
+    parser.add_argument("--data-path", default=None,
+                        help="folder holding VOCdevkit; default: the data folder the checkpoint was trained on")
+    parser.add_argument("--year", default=None, help="VOC year folder (found automatically when only one exists)")
+    parser.add_argument("--split", default="val.txt", help="id list in ImageSets/Main to evaluate")
+    parser.add_argument("--batch-size", type=int, default=1, help="images per forward pass")
+    parser.add_argument("--workers", "-j", type=int, default=2, help="data loading worker processes")
+    parser.add_argument("--output", default="record_mAP.txt", help="summary file; the JSON goes beside it")
+    parser.add_argument("--voc-metric", choices=[*RULES, "none"], default="12",
+                        help="VOC AP@0.5 rule: 07 = 11-point, 12 = area (VOC2010+), none = skip")
+    add_model_arguments(parser)
+    return parser
+
+
+@contextlib.contextmanager
+def classes_json_for(names: Sequence[str], suggested: Optional[str]):
+    """A classes json path listing ``names`` (ids 1..K): ``suggested`` if it says exactly that,
+    else a temporary file."""
+    if suggested:
+        try:
+            stored = load_class_dict(suggested)
+        except (FileNotFoundError, ValueError):
+            stored = None
+        if stored is not None and sorted(stored, key=stored.__getitem__) == list(names):
+            yield suggested
+            return
+    with tempfile.TemporaryDirectory(prefix="validation_") as folder:
+        path = Path(folder) / "classes_from_checkpoint.json"
+        path.write_text(json.dumps({name: i for i, name in enumerate(names, start=1)}, indent=2))
+        yield str(path)
+
+
+def coco_summary_lines(coco_eval: COCOeval) -> list[str]:
+    """pycocotools' own 12 summary lines, captured from ``summarize()``."""
+    buffer = io.StringIO()
+    with contextlib.redirect_stdout(buffer):
+        coco_eval.summarize()
+    return [line for line in buffer.getvalue().splitlines() if line.strip()]
+
+
+def write_record(path: Path, summary: Sequence[str], rows: Sequence[ClassResult]) -> None:
+    """WZ's record_mAP.txt: the COCO summary, a blank line, then AP@0.5 per category."""
+    lines = list(summary) + ["", "mAP(IoU=0.5) for each category:"]
+    for row in rows:
+        lines.append(f" {row.name}: {row.coco_ap50:.6f}" if row.coco_ap50 is not None
+                     else f" {row.name}: no ground truth")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("\n".join(lines) + "\n")
+
+
+def run(args: argparse.Namespace) -> dict[str, Any]:
+    """Evaluate as the flags say, print and write the results; returns the JSON record."""
+    detector = load_detector(args, args.weights_path)
+    data_path, year = args.data_path, args.year
+    if data_path is None:
+        data_path = detector.train_args.get("data_path")
+        year = year or detector.train_args.get("year")
+        if data_path is None:
+            raise ValueError(f"{args.weights_path} records no data folder: pass --data-path")
+    suggested = args.classes_json or detector.train_args.get("classes_json")
+    with classes_json_for(detector.class_names, suggested) as classes_json:
+        dataset = VOCDataSet(data_path, year, get_transforms(train=False), args.split, classes_json)
+    device = next(detector.model.parameters()).device
+    workers = max(int(args.workers), 0)
+    loader = DataLoader(dataset, batch_size=max(int(args.batch_size), 1), shuffle=False, num_workers=workers,
+                        collate_fn=VOCDataSet.collate_fn, pin_memory=device.type == "cuda")
+    coco_gt = get_coco_api_from_dataset(dataset)
+    print(f"evaluating {args.weights_path} on {dataset.split_file} ({len(dataset)} images, "
+          f"{len(detector.class_names)} classes) on {device}")
+
+    start = time.perf_counter()
+    evaluator = evaluate(detector.model, loader, device, coco_gt)
+    elapsed = time.perf_counter() - start
+    coco_eval = evaluator.coco_eval["bbox"]
+    voc_ap = None if args.voc_metric == "none" else \
+        voc_ap_per_class(evaluator.coco_gt, evaluator.detections, args.voc_metric)
+    rows = per_class_results(coco_eval, evaluator.coco_gt, detector.class_names, voc_ap)
+    images_per_second = len(dataset) / max(elapsed, 1e-9)
+
+    print("\nper-class AP (COCOeval: area all, 100 detections; objects: non-difficult ground truth):")
+    print(format_table(rows, args.voc_metric))
+    voc_map = mean_ap(voc_ap) if voc_ap is not None else None
+    if voc_map is not None:
+        print(f"VOC{args.voc_metric} mAP@0.5 over {sum(v is not None for v in voc_ap.values())} classes "
+              f"with ground truth: {voc_map:.4f}")
+    print(f"{len(dataset)} images in {elapsed:.1f}s: {images_per_second:.2f} images/s")
+
+    stats = evaluator.stats
+    record = {
+        "weights": str(args.weights_path),
+        "data_path": str(data_path),
+        "split": args.split,
+        "num_images": len(dataset),
+        "coco_stats": stats,
+        "coco_stat_names": list(COCO_STAT_NAMES),
+        "coco_map": stats[0],
+        "coco_map50": stats[1],
+        "voc_metric": args.voc_metric,
+        "voc_map": voc_map,
+        "per_class": [asdict(row) for row in rows],
+        "images_per_second": images_per_second,
+    }
+    output = Path(args.output)
+    json_path = output.with_suffix(".json") if output.suffix != ".json" else output.with_name(output.name + ".json")
+    write_record(output, coco_summary_lines(coco_eval), rows)
+    json_path.write_text(json.dumps(record, indent=2) + "\n")
+    print(f"wrote {output} and {json_path}")
+    return record
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    """Script entry; known problems are one ``error: ...`` line and exit code 1."""
+    args = build_parser().parse_args(argv)
+    try:
+        run(args)
+    except (FileNotFoundError, ValueError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
