@@ -4,7 +4,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: install demo test benchmark clean-demo
+.PHONY: install demo test benchmark
 
 $(STAMP): requirements.txt
 	test -x $(PY) || $(PYTHON_SYS) -m venv $(VENV)
@@ -18,3 +18,24 @@ test: $(STAMP)
 
 benchmark: $(STAMP)
 	$(PY) tools/benchmark.py
+
+# The demo: generated shapes dataset, a light MobileNetV2 detector trained from scratch on the CPU.
+DEMO_DIR := data/demo
+DEMO_OUT := save_weights/demo
+DEMO_FLAGS := --backbone-weights none --feature-stride 16 --representation-size 256 \
+	--min-size 192 --max-size 192 -b 8 --workers 2 --epochs 8 --lr 0.02 --lr-steps 6 \
+	--anchor-sizes 32,64,128 --box-batch-size-per-image 64 \
+	--rpn-pre-nms-top-n-train 600 --rpn-post-nms-top-n-train 300 \
+	--rpn-pre-nms-top-n-test 300 --rpn-post-nms-top-n-test 100 --print-freq 10
+
+demo: $(STAMP)
+	$(PY) tools/make_demo_voc.py --out $(DEMO_DIR)
+	$(PY) train_mobilenet.py --data-path $(DEMO_DIR) --classes-json $(DEMO_DIR)/classes.json \
+		--output-dir $(DEMO_OUT) $(DEMO_FLAGS)
+	$(PY) validation.py --weights-path $(DEMO_OUT)/best.pth --data-path $(DEMO_DIR) \
+		--output $(DEMO_OUT)/record_mAP.txt
+	$(PY) predict.py --weights $(DEMO_OUT)/best.pth --output-dir $(DEMO_OUT)/predictions \
+		$(DEMO_DIR)/VOCdevkit/VOC2012/JPEGImages/$$(head -n 1 $(DEMO_DIR)/VOCdevkit/VOC2012/ImageSets/Main/val.txt).jpg
+	@echo
+	@echo "Demo finished. Curves: $(DEMO_OUT)/loss_and_lr.png, $(DEMO_OUT)/mAP.png;" \
+		"metrics: $(DEMO_OUT)/record_mAP.txt; annotated image: $(DEMO_OUT)/predictions/"

@@ -81,6 +81,19 @@ def reduce_dict(values: Dict[str, torch.Tensor], average: bool = True) -> Dict[s
         return dict(zip(names, stacked))
 
 
+def broadcast_buffers(model: torch.nn.Module) -> None:
+    """Copy rank 0's buffers (BatchNorm running statistics) to every rank.
+
+    DDP broadcasts buffers at the start of each forward, so after the last training step every
+    rank holds its own statistics; evaluating with them would make each shard use a different
+    model from the one rank 0 saves.
+    """
+    if get_world_size() < 2:
+        return
+    for buffer in model.buffers():
+        dist.broadcast(buffer.data, src=0)
+
+
 def cleanup() -> None:
     if is_dist_avail_and_initialized():
         dist.destroy_process_group()

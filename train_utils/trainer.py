@@ -177,8 +177,9 @@ def run_training(args: argparse.Namespace, default_backbone_weights: Optional[st
         train_stats["epoch_time"] = time.time() - start
         coco_stats = None
         if (epoch + 1) % max(args.eval_interval, 1) == 0 or epoch + 1 == args.epochs:
+            dist_utils.broadcast_buffers(model_without_ddp)
             evaluator = evaluate(model_without_ddp, val_loader, device, coco_gt, args.amp, args.print_freq)
-            coco_stats = [float(v) for v in evaluator.stats]
+            coco_stats = evaluator.stats if main else None  # gathered and scored on rank 0
         if main:
             log.add(epoch, train_stats, coco_stats)
             ap50 = coco_stats[1] if coco_stats is not None else None
