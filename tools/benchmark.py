@@ -1,0 +1,243 @@
+"""Side-by-side speed and memory of our Faster R-CNN vs torchvision's, same weights, same inputs.
+
+    python tools/benchmark.py                 # every case, 5 alternating repeats each
+    python tools/benchmark.py --cases infer_r50 train_mbv2 --repeats 3
+    python tools/benchmark.py --cases data    # data loading vs training throughput
+
+Each case builds torchvision's model with random weights, copies its state dict into ours, then
+times the two alternately (ours, theirs, ours, ...) and reports medians and the ratio
+ours / torchvision (< 1 means we are faster). ``--memory`` also measures each model's peak
+resident memory for one step in a fresh subprocess (Linux only).
+"""
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Callable, Dict, List, Tuple
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+import torch  # noqa: E402
+import torchvision  # noqa: E402
+from torchvision.models.detection import FasterRCNN as TVFasterRCNN  # noqa: E402
+from torchvision.models.detection import fasterrcnn_resnet50_fpn  # noqa: E402
+from torchvision.models.detection.anchor_utils import AnchorGenerator as TVAnchorGenerator  # noqa: E402
+
+from backbone import mobilenet_v2_backbone, resnet50_fpn_backbone  # noqa: E402
+from network_files import AnchorsGenerator, FasterRCNN, MultiScaleRoIAlign  # noqa: E402
+
+VOC_SIZE = (375, 500)  # a typical Pascal VOC image (height, width)
+
+
+def randomize_frozen_bn(model: torch.nn.Module) -> None:
+    """Non-trivial frozen statistics so folding or skipping them would show."""
+    for module in model.modules():
+        if isinstance(module, torchvision.ops.FrozenBatchNorm2d):
+            module.weight.uniform_(0.5, 1.5)
+            module.bias.normal_(0, 0.1)
+            module.running_mean.normal_(0, 0.1)
+            module.running_var.uniform_(0.5, 1.5)
+
+
+@torch.no_grad()
+def build_pair(arch: str) -> Tuple[torch.nn.Module, torch.nn.Module]:
+    """(ours, torchvision's) with identical weights."""
+    torch.manual_seed(0)
+    if arch == "r50":
+        theirs = fasterrcnn_resnet50_fpn(weights=None, weights_backbone=None, num_classes=91)
+        randomize_frozen_bn(theirs)
+        ours = FasterRCNN(resnet50_fpn_backbone(), num_classes=91)
+    else:
+        features = torchvision.models.mobilenet_v2().features
+        features.out_channels = 1280
+        theirs = TVFasterRCNN(
+            features, num_classes=21,
+            rpn_anchor_generator=TVAnchorGenerator(((32, 64, 128, 256, 512),), ((0.5, 1.0, 2.0),)),
+            box_roi_pool=torchvision.ops.MultiScaleRoIAlign(["0"], 7, 2),
+        )
+        ours = FasterRCNN(
+            mobilenet_v2_backbone(), num_classes=21,
+            rpn_anchor_generator=AnchorsGenerator(((32, 64, 128, 256, 512),), ((0.5, 1.0, 2.0),)),
+            box_roi_pool=MultiScaleRoIAlign(["0"], 7, 2),
+        )
+    ours.load_state_dict(theirs.state_dict(), strict=True)
+    return ours, theirs
+
+
+def make_inputs(batch: int, size: Tuple[int, int], seed: int = 0):
+    generator = torch.Generator().manual_seed(seed)
+    images = [torch.rand(3, *size, generator=generator) for _ in range(batch)]
+    targets = []
+    for _ in range(batch):
+        xy = torch.rand(4, 2, generator=generator) * torch.tensor([size[1] * 0.6, size[0] * 0.6])
+        wh = torch.rand(4, 2, generator=generator) * torch.tensor([size[1] * 0.35, size[0] * 0.35]) + 16
+        targets.append({"boxes": torch.cat([xy, xy + wh], dim=1),
+                        "labels": torch.randint(1, 20, (4,), generator=generator)})
+    return images, targets
+
+
+def infer_step(model, images, targets) -> Callable[[], None]:
+    model.eval()
+
+    def run():
+        with torch.inference_mode():
+            model(images)
+    return run
+
+
+def train_step(model, images, targets) -> Callable[[], None]:
+    model.train()
+
+    def run():
+        torch.manual_seed(0)
+        losses = model(images, targets)
+        sum(losses.values()).backward()
+        model.zero_grad(set_to_none=True)
+    return run
+
+
+# name -> (architecture, step kind, batch size, image size, description)
+CASES: Dict[str, Tuple[str, str, int, Tuple[int, int], str]] = {
+    "infer_r50": ("r50", "infer", 1, VOC_SIZE, "inference, ResNet50-FPN, 1 VOC image (800x1066 inside)"),
+    "infer_mbv2": ("mbv2", "infer", 1, VOC_SIZE, "inference, MobileNetV2, 1 VOC image"),
+    "train_r50": ("r50", "train", 2, VOC_SIZE, "training step, ResNet50-FPN, batch 2 VOC images"),
+    "train_mbv2": ("mbv2", "train", 4, (600, 600), "training step, MobileNetV2, batch 4 600x600, 512 RoIs/img"),
+}
+
+
+def time_case(name: str, repeats: int) -> Dict[str, float]:
+    arch, kind, batch, size, _ = CASES[name]
+    ours, theirs = build_pair(arch)
+    images, targets = make_inputs(batch, size)
+    make = infer_step if kind == "infer" else train_step
+    steps = {"ours": make(ours, images, targets), "torchvision": make(theirs, images, targets)}
+    for step in steps.values():  # warm-up (allocator, kernels, anchor caches)
+        step()
+    times: Dict[str, List[float]] = {k: [] for k in steps}
+    for _ in range(repeats):
+        for key, step in steps.items():
+            start = time.perf_counter()
+            step()
+            times[key].append(time.perf_counter() - start)
+    ours_s, theirs_s = statistics.median(times["ours"]), statistics.median(times["torchvision"])
+    return {"ours_s": ours_s, "torchvision_s": theirs_s, "ratio": ours_s / theirs_s}
+
+
+def _peak_rss_kib() -> int:
+    with open("/proc/self/status") as handle:
+        for line in handle:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1])
+    raise RuntimeError("VmHWM not found")
+
+
+def _current_rss_kib() -> int:
+    with open("/proc/self/status") as handle:
+        for line in handle:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1])
+    raise RuntimeError("VmRSS not found")
+
+
+def memory_child(name: str, which: str) -> None:
+    """In a fresh process: peak RSS growth (MiB) over one warm step of one model."""
+    arch, kind, batch, size, _ = CASES[name]
+    ours, theirs = build_pair(arch)
+    model = ours if which == "ours" else theirs
+    del theirs, ours
+    images, targets = make_inputs(batch, size)
+    step = (infer_step if kind == "infer" else train_step)(model, images, targets)
+    step()
+    with open("/proc/self/clear_refs", "w") as handle:  # reset the high-water mark
+        handle.write("5")
+    baseline = _current_rss_kib()
+    step()
+    print(json.dumps({"peak_mib": (_peak_rss_kib() - baseline) / 1024}))
+
+
+def memory_case(name: str) -> Dict[str, float]:
+    result = {}
+    for which in ("ours", "torchvision"):
+        out = subprocess.run([sys.executable, __file__, "--memory-child", name, which],
+                             capture_output=True, text=True, check=True)
+        result[f"{which}_peak_mib"] = json.loads(out.stdout.strip().splitlines()[-1])["peak_mib"]
+    result["memory_ratio"] = result["ours_peak_mib"] / max(result["torchvision_peak_mib"], 1e-9)
+    return result
+
+
+def data_case(repeats: int) -> Dict[str, float]:
+    """Images/s of VOC loading (decode + transforms, like the DataLoader) vs images/s of training
+    steps of the demo detector on the same images."""
+    from my_dataset import VOCDataSet
+    from tools.make_demo_voc import make_demo_voc
+    from train_utils.model_builder import build_model
+    from train_utils.transforms import get_transforms
+
+    with tempfile.TemporaryDirectory() as tmp:
+        make_demo_voc(Path(tmp), num_images=64, seed=0, size=192)
+        dataset = VOCDataSet(tmp, transforms=get_transforms(True, "hflip"), txt_name="train.txt",
+                             classes_json=Path(tmp) / "classes.json")
+        start = time.perf_counter()
+        loaded = 0
+        for _ in range(repeats):
+            for idx in range(len(dataset)):
+                dataset[idx]
+                loaded += 1
+        load_rate = loaded / (time.perf_counter() - start)
+
+        model = build_model(dict(backbone="mobilenet_v2", num_classes=dataset.num_classes + 1, min_size=192,
+                                 max_size=192, feature_stride=16, representation_size=256,
+                                 box_batch_size_per_image=64, anchor_sizes=[32, 64, 128]))
+        batch = [dataset[i] for i in range(8)]
+        step = train_step(model, [b[0] for b in batch], [b[1] for b in batch])
+        step()
+        start = time.perf_counter()
+        for _ in range(repeats):
+            step()
+        train_rate = 8 * repeats / (time.perf_counter() - start)
+    return {"load_img_s": load_rate, "train_img_s": train_rate, "load_over_train": load_rate / train_rate}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--cases", nargs="+", default=list(CASES) + ["data"], choices=list(CASES) + ["data"])
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--memory", action="store_true", help="also measure peak memory (subprocess per model)")
+    parser.add_argument("--json", default=None, help="write the figures to this file")
+    parser.add_argument("--memory-child", nargs=2, metavar=("CASE", "WHICH"), help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.memory_child:
+        memory_child(*args.memory_child)
+        return
+
+    print(f"torch {torch.__version__}, torchvision {torchvision.__version__}, "
+          f"{torch.get_num_threads()} threads, {os.cpu_count()} CPUs")
+    results = {}
+    for name in args.cases:
+        if name == "data":
+            r = data_case(args.repeats)
+            print(f"data      loading {r['load_img_s']:.1f} img/s vs training {r['train_img_s']:.1f} img/s "
+                  f"-> {r['load_over_train']:.1f}x")
+        else:
+            r = time_case(name, args.repeats)
+            if args.memory:
+                r.update(memory_case(name))
+            line = (f"{name:<10} ours {r['ours_s']:.3f}s  torchvision {r['torchvision_s']:.3f}s  "
+                    f"ratio {r['ratio']:.2f}   ({CASES[name][4]})")
+            if args.memory:
+                line += (f"\n{'':<10} peak memory ours {r['ours_peak_mib']:.0f} MiB  torchvision "
+                         f"{r['torchvision_peak_mib']:.0f} MiB  ratio {r['memory_ratio']:.2f}")
+            print(line, flush=True)
+        results[name] = r
+    if args.json:
+        Path(args.json).write_text(json.dumps(results, indent=2))
+
+
+if __name__ == "__main__":
+    main()
