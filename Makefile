@@ -22,6 +22,7 @@ benchmark: $(STAMP)
 # The demo: generated shapes dataset, a light MobileNetV2 detector trained from scratch on the CPU.
 DEMO_DIR := data/demo
 DEMO_OUT := save_weights/demo
+DEMO_VOC := $(DEMO_DIR)/VOCdevkit/VOC2012
 DEMO_FLAGS := --backbone-weights none --feature-stride 16 --representation-size 256 \
 	--min-size 192 --max-size 192 -b 8 --workers 2 --epochs 8 --lr 0.02 --lr-steps 6 \
 	--anchor-sizes 32,64,128 --box-batch-size-per-image 64 \
@@ -35,7 +36,7 @@ demo: $(STAMP)
 	$(PY) validation.py --weights-path $(DEMO_OUT)/best.pth --data-path $(DEMO_DIR) \
 		--output $(DEMO_OUT)/record_mAP.txt
 	$(PY) predict.py --weights $(DEMO_OUT)/best.pth --output-dir $(DEMO_OUT)/predictions \
-		$(DEMO_DIR)/VOCdevkit/VOC2012/JPEGImages/$$(head -n 1 $(DEMO_DIR)/VOCdevkit/VOC2012/ImageSets/Main/val.txt).jpg
+		$$(head -n 4 $(DEMO_DIR)/VOCdevkit/VOC2012/ImageSets/Main/val.txt | sed 's|.*|$(DEMO_VOC)/JPEGImages/&.jpg|')
 	@echo
 	@echo "Demo finished. Curves: $(DEMO_OUT)/loss_and_lr.png, $(DEMO_OUT)/mAP.png;" \
 		"metrics: $(DEMO_OUT)/record_mAP.txt; annotated image: $(DEMO_OUT)/predictions/"
