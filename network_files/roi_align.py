@@ -32,10 +32,10 @@ BoxesArg = Union[Tensor, list[Tensor]]
 SizeArg = Union[int, tuple[int, int], list[int]]
 
 _SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
-# Values per chunk of output bins: bounds the reusable [bins, C] buffer (16 MB in float32).
-_CHUNK_ELEMENTS = 1 << 22
-# Largest dense tap array [K, bins, taps] we build (~400 MB with its index); beyond it (adaptive
-# sampling of huge boxes on a fine map) torchvision's kernel, which needs no such array, is used.
+# Values per chunk of output bins: bounds the reusable [bins, C] buffer (32 MB in float32).
+_CHUNK_ELEMENTS = 1 << 23
+# Largest dense tap array [K, bins, taps] we build (256 MB of index and float32 weight); beyond it
+# (adaptive sampling of huge boxes on a fine map) torchvision's kernel, which needs no such array, is used.
 _MAX_DENSE_TAPS = 1 << 25
 
 
