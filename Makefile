@@ -13,6 +13,10 @@ $(STAMP): requirements.txt
 
 install: $(STAMP)
 
+# Several processes share the cores in tests and the demo (loader workers, subprocess runs):
+# idle OpenMP threads should sleep, not spin.
+export OMP_WAIT_POLICY ?= PASSIVE
+
 test: $(STAMP)
 	$(PY) -m pytest -q tests
 
