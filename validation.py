@@ -34,6 +34,7 @@ from my_dataset import VOCDataSet, load_class_dict
 from network_files import FasterRCNN
 from train_utils.checkpoint import load_checkpoint
 from train_utils.coco_utils import get_coco_api_from_dataset
+from train_utils.dataset_factory import FORMATS, LAYOUT_HELP, build_dataset
 from train_utils.model_builder import BACKBONES, build_model
 from train_utils.train_eval_utils import evaluate
 from train_utils.trainer import resolve_device
@@ -237,6 +238,8 @@ def build_parser() -> argparse.ArgumentParser:
                         help="folder holding VOCdevkit; default: the data folder the checkpoint was trained on")
     parser.add_argument("--year", default=None, help="VOC year folder (found automatically when only one exists)")
     parser.add_argument("--split", default="val.txt", help="id list in ImageSets/Main to evaluate")
+    parser.add_argument("--dataset-format", choices=FORMATS, default=None,
+                        help=f"annotation format of --data-path (default: the checkpoint's, else voc). {LAYOUT_HELP}")
     parser.add_argument("--batch-size", type=int, default=1, help="images per forward pass")
     parser.add_argument("--workers", "-j", type=int, default=2, help="data loading worker processes")
     parser.add_argument("--output", default="record_mAP.txt", help="summary file; the JSON goes beside it")
@@ -293,7 +296,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             raise ValueError(f"{args.weights_path} records no data folder: pass --data-path")
     suggested = args.classes_json or detector.train_args.get("classes_json")
     with classes_json_for(detector.class_names, suggested) as classes_json:
-        dataset = VOCDataSet(data_path, year, get_transforms(train=False), args.split, classes_json)
+        dataset = build_dataset(args.dataset_format or detector.train_args.get("dataset_format", "voc"), data_path,
+                                args.split, get_transforms(train=False), classes_json, year)
     device = next(detector.model.parameters()).device
     workers = max(int(args.workers), 0)
     loader = DataLoader(dataset, batch_size=max(int(args.batch_size), 1), shuffle=False, num_workers=workers,

@@ -12,8 +12,13 @@ _DOWNLOAD_ROOT = "https://download.pytorch.org/models/"
 
 # Short model key -> official file name on download.pytorch.org.
 WEIGHT_FILE_NAMES: dict[str, str] = {
+    "resnet18": "resnet18-f37072fd.pth",
+    "resnet34": "resnet34-b627a593.pth",
     "resnet50": "resnet50-0676ba61.pth",
+    "resnet101": "resnet101-63fe2227.pth",
     "mobilenet_v2": "mobilenet_v2-b0353104.pth",
+    "mobilenet_v3_large": "mobilenet_v3_large-8738ca79.pth",
+    "efficientnet_b0": "efficientnet_b0_rwightman-7f5810bc.pth",
     "vgg11": "vgg11-8a719046.pth",
     "vgg13": "vgg13-19584684.pth",
     "vgg16": "vgg16-397923af.pth",

@@ -1,7 +1,7 @@
 """Faster R-CNN network: transform, RPN, RoI heads and the model that ties them together."""
 from .faster_rcnn_framework import FasterRCNN, FasterRCNNBase, FastRCNNPredictor, TwoMLPHead
 from .image_list import ImageList
-from .poolers import MultiScaleRoIAlign
+from .poolers import MultiScaleRoIAlign, MultiScaleRoIPool
 from .roi_head import RoIHeads, fastrcnn_loss
 from .rpn_function import AnchorsGenerator, RegionProposalNetwork, RPNHead
 from .transform import GeneralizedRCNNTransform
@@ -14,6 +14,7 @@ __all__ = [
     "GeneralizedRCNNTransform",
     "ImageList",
     "MultiScaleRoIAlign",
+    "MultiScaleRoIPool",
     "RegionProposalNetwork",
     "RoIHeads",
     "RPNHead",

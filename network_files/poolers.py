@@ -5,6 +5,7 @@ Each box is pooled from one pyramid level chosen by its size (Eq. 1 of the FPN p
 available levels. Level scales are inferred from the feature-map height versus the largest image
 height, rounded to a power of two. All levels are pooled together by
 ``network_files.roi_align.pyramid_roi_align``; results come back in box order.
+``MultiScaleRoIPool`` maps boxes to levels the same way and max-pools them with RoIPool.
 
 Unlike torchvision, scales are recomputed on every call instead of being cached on the first one;
 for a fixed backbone they are the same. The module has no parameters or buffers.
@@ -13,10 +14,11 @@ for a fixed backbone they are the same. The module has no parameters or buffers.
 from __future__ import annotations
 
 import math
-from typing import Union
+from typing import Optional, Union
 
 import torch
 from torch import Tensor, nn
+from torchvision.ops import roi_pool
 
 from .roi_align import boxes_to_rois, pyramid_roi_align
 
@@ -49,12 +51,55 @@ def map_levels(
     return level.to(torch.int64) - level_min
 
 
-class MultiScaleRoIAlign(nn.Module):
-    """RoIAlign over the feature maps named in featmap_names, one level per box.
+class _PyramidPooler(nn.Module):
+    """What both poolers share: which maps to pool, the output size, and the box-to-level rule.
 
     featmap_names: keys of the feature dict to pool from (taken in the dict's order).
-    output_size: PH or (PH, PW) bins; sampling_ratio: RoIAlign samples per bin and axis.
+    output_size: PH or (PH, PW) bins.
     canonical_scale, canonical_level: a box of side canonical_scale maps to canonical_level.
+    """
+
+    def __init__(
+        self,
+        featmap_names: list[str],
+        output_size: Union[int, tuple[int, int], list[int]],
+        canonical_scale: int,
+        canonical_level: int,
+    ):
+        super().__init__()
+        if isinstance(output_size, int):
+            output_size = (output_size, output_size)
+        self.featmap_names = list(featmap_names)
+        self.output_size = tuple(output_size)
+        self.canonical_scale = canonical_scale
+        self.canonical_level = canonical_level
+
+    def select_levels(
+        self, x: dict[str, Tensor], boxes: list[Tensor], image_shapes: list[tuple[int, int]]
+    ) -> tuple[list[Tensor], list[float], Optional[Tensor]]:
+        """(pooled maps finest first, the scale of each, the level of every box or None for one map).
+
+        Levels are Tensor[sum L_i] int64 counted from the finest map.
+        """
+        name = type(self).__name__
+        features = [v for k, v in x.items() if k in self.featmap_names]
+        if not features:
+            raise ValueError(f"{name}: none of {self.featmap_names} found in features {list(x)}")
+        if not image_shapes:
+            raise ValueError(f"{name}: image_shapes is empty")
+        largest = (max(s[0] for s in image_shapes), max(s[1] for s in image_shapes))
+        scales = [infer_scale(f, largest) for f in features]
+        if len(features) == 1:
+            return features, scales, None
+        level_min = int(-math.log2(scales[0]))
+        level_max = int(-math.log2(scales[-1]))
+        return features, scales, map_levels(boxes, level_min, level_max, self.canonical_scale, self.canonical_level)
+
+
+class MultiScaleRoIAlign(_PyramidPooler):
+    """RoIAlign over the feature maps named in featmap_names, one level per box.
+
+    sampling_ratio: RoIAlign samples per bin and axis; the other arguments as _PyramidPooler.
     """
 
     def __init__(
@@ -66,14 +111,8 @@ class MultiScaleRoIAlign(nn.Module):
         canonical_scale: int = 224,
         canonical_level: int = 4,
     ):
-        super().__init__()
-        if isinstance(output_size, int):
-            output_size = (output_size, output_size)
-        self.featmap_names = list(featmap_names)
-        self.output_size = tuple(output_size)
+        super().__init__(featmap_names, output_size, canonical_scale, canonical_level)
         self.sampling_ratio = sampling_ratio
-        self.canonical_scale = canonical_scale
-        self.canonical_level = canonical_level
 
     def forward(self, x: dict[str, Tensor], boxes: list[Tensor], image_shapes: list[tuple[int, int]]) -> Tensor:
         """Pool every box from its level.
@@ -82,20 +121,8 @@ class MultiScaleRoIAlign(nn.Module):
         coordinates; image_shapes: (height, width) of each image before the backbone.
         Returns Tensor[sum L_i, C, PH, PW] in box order, in the dtype of the first pooled level.
         """
-        features = [v for k, v in x.items() if k in self.featmap_names]
-        if not features:
-            raise ValueError(f"MultiScaleRoIAlign: none of {self.featmap_names} found in features {list(x)}")
-        if not image_shapes:
-            raise ValueError("MultiScaleRoIAlign: image_shapes is empty")
-        largest = (max(s[0] for s in image_shapes), max(s[1] for s in image_shapes))
-        scales = [infer_scale(f, largest) for f in features]
+        features, scales, levels = self.select_levels(x, boxes, image_shapes)
         rois = boxes_to_rois(boxes)
-
-        levels = None
-        if len(features) > 1:
-            level_min = int(-math.log2(scales[0]))
-            level_max = int(-math.log2(scales[-1]))
-            levels = map_levels(boxes, level_min, level_max, self.canonical_scale, self.canonical_level)
         return pyramid_roi_align(features, rois, levels, scales, self.output_size, self.sampling_ratio)
 
     def extra_repr(self) -> str:
@@ -103,3 +130,37 @@ class MultiScaleRoIAlign(nn.Module):
             f"featmap_names={self.featmap_names}, output_size={self.output_size}, "
             f"sampling_ratio={self.sampling_ratio}"
         )
+
+
+class MultiScaleRoIPool(_PyramidPooler):
+    """RoIPool (max over quantised bins, as in Fast R-CNN) with MultiScaleRoIAlign's level mapping.
+
+    Pooling is ``torchvision.ops.roi_pool`` on each level. No parameters or buffers.
+    """
+
+    def __init__(
+        self,
+        featmap_names: list[str],
+        output_size: Union[int, tuple[int, int], list[int]],
+        *,
+        canonical_scale: int = 224,
+        canonical_level: int = 4,
+    ):
+        super().__init__(featmap_names, output_size, canonical_scale, canonical_level)
+
+    def forward(self, x: dict[str, Tensor], boxes: list[Tensor], image_shapes: list[tuple[int, int]]) -> Tensor:
+        """x: maps Tensor[N, C, H_l, W_l] by name; boxes: one Tensor[L_i, 4] per image (image
+        coordinates); image_shapes: (height, width) per image. Returns Tensor[sum L_i, C, PH, PW]."""
+        features, scales, levels = self.select_levels(x, boxes, image_shapes)
+        rois = boxes_to_rois(boxes)
+        if levels is None:
+            return roi_pool(features[0], rois, self.output_size, scales[0])
+        first = features[0]
+        result = first.new_zeros((rois.shape[0], first.shape[1]) + self.output_size)
+        for level, (feature, scale) in enumerate(zip(features, scales)):
+            index = torch.where(levels == level)[0]
+            result[index] = roi_pool(feature, rois[index], self.output_size, scale).to(result.dtype)
+        return result
+
+    def extra_repr(self) -> str:
+        return f"featmap_names={self.featmap_names}, output_size={self.output_size}"

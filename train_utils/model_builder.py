@@ -1,22 +1,35 @@
 """Builds a detector from a plain config dict, so checkpoints can rebuild the exact model.
 
 The config holds only plain types (it is stored in every checkpoint under ``"model_config"``):
-``backbone``, ``num_classes`` (background included), ``min_size``, ``max_size`` and the optional
+``backbone``, ``num_classes`` (background included), ``min_size``, ``max_size``, ``roi_op``
+("align" or "pool"), for ``tv:<name>`` backbones ``return_nodes`` and ``fpn``, and the optional
 detector hyper-parameters listed in ``DETECTOR_KEYS``.
 """
-from typing import Any, Callable, Dict, Optional, Tuple
+from typing import Any, Callable, Dict, List, NamedTuple, Optional, Tuple
 
 import torch
 from torch import nn
 
 from backbone import (
+    DEFAULT_RETURN_NODES,
+    WEIGHT_FILE_NAMES,
     FrozenBatchNorm2d,
+    classifier_names,
     load_weight_file,
     mobilenet_v2_backbone,
     resnet50_fpn_backbone,
+    resnet_c4,
+    torchvision_backbone,
     vgg_backbone,
 )
-from network_files import AnchorsGenerator, FasterRCNN, FastRCNNPredictor, MultiScaleRoIAlign, TwoMLPHead
+from network_files import (
+    AnchorsGenerator,
+    FasterRCNN,
+    FastRCNNPredictor,
+    MultiScaleRoIAlign,
+    MultiScaleRoIPool,
+    TwoMLPHead,
+)
 from train_utils.checkpoint import load_checkpoint
 
 # FasterRCNN keywords that may be set from the command line and are stored in checkpoints.
@@ -34,66 +47,146 @@ DETECTOR_KEYS = (
 SINGLE_LEVEL_ANCHORS = ((32, 64, 128, 256, 512),)
 FPN_ANCHORS = ((32,), (64,), (128,), (256,), (512,))
 DEFAULT_RATIOS = (0.5, 1.0, 2.0)
+# "tv:<name>" names any torchvision classification model as the backbone.
+TORCHVISION_PREFIX = "tv:"
+ROI_OPS = ("align", "pool")
 
 
-def _resnet50_fpn(config: Dict[str, Any], weights: Optional[str]) -> Tuple[nn.Module, tuple, list]:
+class DetectorParts(NamedTuple):
+    """What a backbone builder hands to build_model.
+
+    backbone: image -> feature map(s), with ``out_channels``; anchor_sizes: default sizes, one tuple
+    per feature map; featmap_names: the maps the RoI pooler reads; box_head: [R, C, P, P] -> [R, D]
+    with ``out_channels`` D, or None for a TwoMLPHead of ``representation_size``; pool_size: P.
+    """
+
+    backbone: nn.Module
+    anchor_sizes: tuple
+    featmap_names: List[str]
+    box_head: Optional[nn.Module] = None
+    pool_size: int = 7
+
+
+def _resnet50_fpn(config: Dict[str, Any], weights: Optional[str]) -> DetectorParts:
     backbone = resnet50_fpn_backbone(
         pretrain_path=weights or "",
         norm_layer=FrozenBatchNorm2d,
         trainable_layers=int(config.get("trainable_layers", 3)),
     )
-    return backbone, FPN_ANCHORS, ["0", "1", "2", "3"]
+    return DetectorParts(backbone, FPN_ANCHORS, ["0", "1", "2", "3"])
 
 
-def _mobilenet_v2(config: Dict[str, Any], weights: Optional[str]) -> Tuple[nn.Module, tuple, list]:
+def _resnet_c4(arch: str) -> Callable:
+    def build(config: Dict[str, Any], weights: Optional[str]) -> DetectorParts:
+        trunk, head = resnet_c4(arch, weights, trainable_layers=int(config.get("trainable_layers", 3)))
+        return DetectorParts(trunk, SINGLE_LEVEL_ANCHORS, ["0"], box_head=head, pool_size=14)
+
+    return build
+
+
+def _mobilenet_v2(config: Dict[str, Any], weights: Optional[str]) -> DetectorParts:
     backbone = mobilenet_v2_backbone(
         weights_path=weights,
         alpha=float(config.get("width_mult") or 1.0),
         output_stride=int(config.get("feature_stride") or 32),
     )
-    return backbone, SINGLE_LEVEL_ANCHORS, ["0"]
+    return DetectorParts(backbone, SINGLE_LEVEL_ANCHORS, ["0"])
 
 
 def _vgg(name: str) -> Callable:
-    def build(config: Dict[str, Any], weights: Optional[str]) -> Tuple[nn.Module, tuple, list]:
-        return vgg_backbone(name, weights_path=weights), SINGLE_LEVEL_ANCHORS, ["0"]
+    def build(config: Dict[str, Any], weights: Optional[str]) -> DetectorParts:
+        return DetectorParts(vgg_backbone(name, weights_path=weights), SINGLE_LEVEL_ANCHORS, ["0"])
 
     return build
 
 
+def _torchvision(config: Dict[str, Any], weights: Optional[str]) -> DetectorParts:
+    """``tv:<name>``: with an FPN, one anchor size per level of 8x its stride (32..512 for a ResNet)."""
+    backbone = torchvision_backbone(
+        config["backbone"][len(TORCHVISION_PREFIX):],
+        return_nodes=config.get("return_nodes") or None,
+        fpn=config.get("fpn") is not False,
+        weights_path=weights,
+    )
+    if backbone.fpn is None:
+        return DetectorParts(backbone, SINGLE_LEVEL_ANCHORS, backbone.featmap_names)
+    return DetectorParts(backbone, tuple((8 * stride,) for stride in backbone.strides), backbone.featmap_names)
+
+
 BACKBONES: Dict[str, Callable] = {
     "resnet50_fpn": _resnet50_fpn,
+    "resnet50_c4": _resnet_c4("resnet50"),
+    "resnet101_c4": _resnet_c4("resnet101"),
     "mobilenet_v2": _mobilenet_v2,
     **{name: _vgg(name) for name in ("vgg11", "vgg13", "vgg16", "vgg19")},
 }
 
 # The ImageNet weight file each backbone loads (a key of backbone.WEIGHT_FILE_NAMES).
-BACKBONE_WEIGHT_KIND = {"resnet50_fpn": "resnet50", "mobilenet_v2": "mobilenet_v2"}
+BACKBONE_WEIGHT_KIND = {
+    "resnet50_fpn": "resnet50",
+    "resnet50_c4": "resnet50",
+    "resnet101_c4": "resnet101",
+    "mobilenet_v2": "mobilenet_v2",
+    **{TORCHVISION_PREFIX + name: name for name in DEFAULT_RETURN_NODES if name in WEIGHT_FILE_NAMES},
+}
+
+
+def check_backbone_name(name: str) -> str:
+    """``name`` if it is a key of BACKBONES or ``tv:`` + a torchvision classifier, else ValueError."""
+    if name in BACKBONES:
+        return name
+    if name.startswith(TORCHVISION_PREFIX):
+        if name[len(TORCHVISION_PREFIX):] in classifier_names():
+            return name
+        raise ValueError(
+            f"unknown backbone '{name}': not a torchvision classification model "
+            "(see torchvision.models.list_models(module=torchvision.models))"
+        )
+    raise ValueError(f"unknown backbone '{name}' (choose from {', '.join(BACKBONES)}, or tv:<torchvision model>)")
+
+
+def _roi_pooler(roi_op: str, featmap_names: List[str], output_size: int) -> nn.Module:
+    """RoIAlign (sampling ratio 2, torchvision's default) or RoIPool over ``featmap_names``."""
+    if roi_op == "align":
+        return MultiScaleRoIAlign(featmap_names=featmap_names, output_size=output_size, sampling_ratio=2)
+    if roi_op == "pool":
+        return MultiScaleRoIPool(featmap_names=featmap_names, output_size=output_size)
+    raise ValueError(f"unknown roi_op '{roi_op}' (choose from {', '.join(ROI_OPS)})")
 
 
 def build_model(config: Dict[str, Any], backbone_weights: Optional[str] = None) -> FasterRCNN:
     """A FasterRCNN for ``config``; ``backbone_weights`` is an ImageNet file for the backbone."""
-    name = config["backbone"]
-    if name not in BACKBONES:
-        raise ValueError(f"unknown backbone '{name}' (choose from {', '.join(BACKBONES)})")
-    backbone, default_sizes, featmap_names = BACKBONES[name](config, backbone_weights)
+    name = check_backbone_name(config["backbone"])
+    builder = _torchvision if name.startswith(TORCHVISION_PREFIX) else BACKBONES[name]
+    parts: DetectorParts = builder(config, backbone_weights)
+    backbone = parts.backbone
 
-    sizes = config.get("anchor_sizes") or default_sizes
-    if len(featmap_names) == 1 and sizes and not isinstance(sizes[0], (list, tuple)):
+    sizes = config.get("anchor_sizes") or parts.anchor_sizes
+    if len(parts.anchor_sizes) == 1 and sizes and not isinstance(sizes[0], (list, tuple)):
         sizes = (tuple(sizes),)  # one feature map: all sizes belong to it
+    if len(sizes) != len(parts.anchor_sizes):
+        raise ValueError(
+            f"anchor_sizes: the {name} backbone has {len(parts.anchor_sizes)} feature maps, "
+            f"got {len(sizes)} sizes (give one per map)"
+        )
     ratios = tuple(config.get("aspect_ratios") or DEFAULT_RATIOS)
     anchor_generator = AnchorsGenerator(
         tuple(tuple(s) if isinstance(s, (list, tuple)) else (s,) for s in sizes), (ratios,) * len(sizes)
     )
-    # A narrower box head than the default 1024 makes small CPU models much faster.
-    width = int(config.get("representation_size") or 1024)
+    pool = parts.pool_size
+    if parts.box_head is None:
+        # A narrower box head than the default 1024 makes small CPU models much faster.
+        width = int(config.get("representation_size") or 1024)
+        box_head = TwoMLPHead(backbone.out_channels * pool * pool, width)
+    else:
+        box_head, width = parts.box_head, parts.box_head.out_channels
     model = FasterRCNN(
         backbone,
         min_size=config.get("min_size", 800),
         max_size=int(config.get("max_size", 1333)),
         rpn_anchor_generator=anchor_generator,
-        box_roi_pool=MultiScaleRoIAlign(featmap_names=featmap_names, output_size=7, sampling_ratio=2),
-        box_head=TwoMLPHead(backbone.out_channels * 7 * 7, width),
+        box_roi_pool=_roi_pooler(config.get("roi_op") or "align", parts.featmap_names, pool),
+        box_head=box_head,
         box_predictor=FastRCNNPredictor(width, int(config["num_classes"])),
         **{key: config[key] for key in DETECTOR_KEYS if config.get(key) is not None},
     )

@@ -2,7 +2,8 @@
 import argparse
 from typing import Any, Dict, Optional, Sequence
 
-from .model_builder import BACKBONES, DETECTOR_KEYS
+from .dataset_factory import FORMATS, LAYOUT_HELP
+from .model_builder import BACKBONES, DETECTOR_KEYS, ROI_OPS, TORCHVISION_PREFIX, check_backbone_name
 
 
 def _int_list(text: str) -> list:
@@ -13,16 +14,31 @@ def _float_list(text: str) -> list:
     return [float(v) for v in text.replace(",", " ").split()]
 
 
+def _str_list(text: str) -> list:
+    return text.replace(",", " ").split()
+
+
+def _backbone(text: str) -> str:
+    try:
+        return check_backbone_name(text)
+    except ValueError as err:
+        raise argparse.ArgumentTypeError(str(err)) from err
+
+
 def build_parser(description: str, defaults: Dict[str, Any], distributed: bool = False) -> argparse.ArgumentParser:
     """The shared parser; ``defaults`` holds each script's own defaults (backbone, lr, sizes...)."""
     p = argparse.ArgumentParser(description=description, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
 
     data = p.add_argument_group("data")
     data.add_argument("--data-path", default="./", help="folder holding VOCdevkit (or VOCdevkit, or VOC20xx itself)")
+    data.add_argument("--dataset-format", default="voc", choices=FORMATS,
+                      help=f"annotation format of --data-path. {LAYOUT_HELP}")
     data.add_argument("--year", default=None, help="VOC year folder (found automatically when only one exists)")
     data.add_argument("--train-split", default="train.txt", help="id list in ImageSets/Main used for training")
     data.add_argument("--val-split", default="val.txt", help="id list in ImageSets/Main used for evaluation")
-    data.add_argument("--classes-json", default="./pascal_voc_classes.json", help="{class name: id 1..K} file")
+    data.add_argument("--classes-json", default=None,
+                      help="{class name: id 1..K} file; default: pascal_voc_classes.json for voc, "
+                           "the class names of the data for the other formats")
     data.add_argument("--num-classes", type=int, default=None,
                       help="optional check: number of object classes (background excluded) the json must hold")
     data.add_argument("--skip-unknown-classes", action="store_true",
@@ -34,7 +50,16 @@ def build_parser(description: str, defaults: Dict[str, Any], distributed: bool =
                       help="batch images of similar aspect ratio (-1 disables)")
 
     model = p.add_argument_group("model")
-    model.add_argument("--backbone", default="resnet50_fpn", choices=sorted(BACKBONES))
+    model.add_argument("--backbone", default="resnet50_fpn", type=_backbone,
+                       help=f"{', '.join(sorted(BACKBONES))}, or {TORCHVISION_PREFIX}<name> for any torchvision "
+                            "classifier (e.g. tv:resnet34, tv:mobilenet_v3_large, tv:efficientnet_b0)")
+    model.add_argument("--return-nodes", type=_str_list, default=None,
+                       help="tv: backbones: graph nodes feeding the detector, finest first, "
+                            "e.g. 'features.6,features.12,features.16' (defaults per network in the README)")
+    model.add_argument("--fpn", action=argparse.BooleanOptionalAction, default=None,
+                       help="tv: backbones: FPN over the return nodes (default), or --no-fpn for the last node alone")
+    model.add_argument("--roi-op", default="align", choices=list(ROI_OPS),
+                       help="RoI feature pooling: RoIAlign or the original RoIPool")
     model.add_argument("--backbone-weights", default=None,
                        help="ImageNet weights of the backbone; 'none' trains from scratch")
     model.add_argument("--weights", default=None, help="detector checkpoint to fine-tune (e.g. the COCO one)")
@@ -108,6 +133,9 @@ def model_config_from_args(args: argparse.Namespace, num_classes: int) -> Dict[s
         "representation_size": args.representation_size,
         "anchor_sizes": args.anchor_sizes,
         "aspect_ratios": args.aspect_ratios,
+        "roi_op": args.roi_op,
+        "return_nodes": args.return_nodes,
+        "fpn": args.fpn,
     }
     config.update({key: getattr(args, key) for key in DETECTOR_KEYS})
     return config
@@ -117,4 +145,7 @@ def parse(parser: argparse.ArgumentParser, argv: Optional[Sequence[str]] = None)
     args = parser.parse_args(argv)
     if args.trainable_layers not in range(6):
         parser.error(f"--trainable-layers must be 0..5, got {args.trainable_layers}")
+    if not args.backbone.startswith(TORCHVISION_PREFIX) and (args.return_nodes or args.fpn is not None):
+        parser.error(f"--return-nodes and --fpn/--no-fpn apply to {TORCHVISION_PREFIX}<name> backbones, "
+                     f"not {args.backbone}")
     return args

@@ -16,6 +16,7 @@ from my_dataset import VOCDataSet
 from . import distributed_utils as dist_utils
 from .checkpoint import find_last_checkpoint, load_checkpoint, save_atomic
 from .coco_utils import get_coco_api_from_dataset
+from .dataset_factory import build_dataset
 from .group_by_aspect_ratio import GroupedBatchSampler, create_aspect_ratio_groups
 from .lr_schedule import WarmupSchedule, build_scheduler
 from .model_builder import BACKBONE_WEIGHT_KIND, build_model, count_parameters, load_detector_weights
@@ -102,10 +103,12 @@ def run_training(args: argparse.Namespace, default_backbone_weights: Optional[st
         print(f"--resume auto: no checkpoint in {args.output_dir}, starting from scratch")
     checkpoint = load_checkpoint(resume_path) if resume_path else None
 
-    train_set = VOCDataSet(args.data_path, args.year, get_transforms(True, args.augment), args.train_split,
-                           args.classes_json, args.skip_unknown_classes)
-    val_set = VOCDataSet(args.data_path, args.year, get_transforms(False), args.val_split,
-                         args.classes_json, args.skip_unknown_classes)
+    train_set = build_dataset(args.dataset_format, args.data_path, args.train_split,
+                              get_transforms(True, args.augment), args.classes_json, args.year,
+                              args.skip_unknown_classes)
+    val_set = build_dataset(args.dataset_format, args.data_path, args.val_split, get_transforms(False),
+                            args.classes_json, args.year, args.skip_unknown_classes,
+                            expected_class_names=train_set.class_names)
     if args.num_classes is not None and args.num_classes != train_set.num_classes:
         raise ValueError(f"--num-classes {args.num_classes} but {train_set.classes_json} lists "
                          f"{train_set.num_classes} classes")

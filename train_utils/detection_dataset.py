@@ -1,0 +1,425 @@
+"""The contract every detection dataset of this project follows, and the machinery they share.
+
+Each annotation format (VOC, COCO, YOLO, labelme) only knows how to read its files into
+:class:`Annotations` (one :class:`RawImage` per image, boxes as written). :class:`DetectionDataSet`
+turns those into ready targets the same way for every format: one error per kind of fatal problem
+(missing files, invalid annotations, unknown classes), image headers read without decoding pixels,
+sizes checked against what the annotation declares (with the EXIF rotation rule), boxes clipped
+and degenerate ones dropped, and an image that fails to decode later replaced by the next one.
+``tools/check_dataset.py`` builds its lint on the same readers and helpers.
+"""
+from __future__ import annotations
+
+import json
+import os
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, NamedTuple, Optional, Sequence, Union
+
+import numpy as np
+import torch
+from PIL import Image, ImageOps
+from torch.utils.data import Dataset
+
+Target = dict[str, torch.Tensor]
+
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp")  # preference order if a stem has several files
+STRAY_FILES = {"desktop.ini", "thumbs.db"}
+DECODE_ERRORS = (OSError, SyntaxError, ValueError)  # what PIL raises on unreadable image data
+ROTATING_ORIENTATIONS = {5, 6, 7, 8}  # EXIF orientations that swap width and height
+_EXIF_ORIENTATION_TAG = 0x0112
+_REPO_DIR = Path(__file__).resolve().parents[1]
+_LISTED = 5  # how many offending files an error or warning names
+
+
+# ---------------------------------------------------------------------------- small helpers
+def first_few(items: Sequence[str]) -> str:
+    """Comma-separated first few entries, with a count of the rest."""
+    shown = ", ".join(items[:_LISTED])
+    return shown + (f", ... ({len(items) - _LISTED} more)" if len(items) > _LISTED else "")
+
+
+def resolve_classes_json(json_path: Union[str, Path]) -> Path:
+    """The classes json path; a relative path missing from the working folder is tried in the repo."""
+    path = Path(json_path)
+    if not path.is_file() and not path.is_absolute() and (_REPO_DIR / path).is_file():
+        return _REPO_DIR / path
+    return path
+
+
+def load_class_dict(json_path: Union[str, Path]) -> dict[str, int]:
+    """Read a WZ-style classes json ``{"aeroplane": 1, ...}`` and check ids are exactly 1..K."""
+    path = resolve_classes_json(json_path)
+    if not path.is_file():
+        raise FileNotFoundError(f"classes json {path} does not exist")
+
+    def no_duplicates(pairs: list[tuple[str, object]]) -> dict[str, object]:
+        names = [name for name, _ in pairs]
+        repeated = sorted({name for name in names if names.count(name) > 1})
+        if repeated:
+            raise ValueError(f"classes json {path}: class names repeated: {repeated}")
+        return dict(pairs)
+
+    try:
+        data = json.loads(path.read_bytes().decode("utf-8"), object_pairs_hook=no_duplicates)
+    except (UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise ValueError(f"classes json {path} is not valid UTF-8 JSON: {err}") from None
+    if not isinstance(data, dict) or not data:
+        raise ValueError(f"classes json {path} must be a non-empty object {{name: id}}")
+    bad = [name for name, cid in data.items() if not name.strip() or type(cid) is not int]
+    if bad:
+        raise ValueError(f"classes json {path}: entries need a non-empty name and an integer id: {bad}")
+    ids = sorted(data.values())
+    if ids != list(range(1, len(data) + 1)):
+        raise ValueError(f"classes json {path}: ids must be 1..{len(data)} without gaps or repeats, got {ids}")
+    return dict(data)
+
+
+def choose_classes(own_names: Optional[Sequence[str]], classes_json: Optional[Union[str, Path]],
+                   own_source: Path) -> tuple[dict[str, int], Path]:
+    """(class dict, where it comes from): ``classes_json`` when given, else the format's own
+    class list ``own_names`` numbered 1..K in order."""
+    if classes_json is not None:
+        path = resolve_classes_json(classes_json)
+        return load_class_dict(path), path
+    if not own_names:
+        raise ValueError(f"{own_source} defines no classes; pass a classes json")
+    return {name: i for i, name in enumerate(own_names, start=1)}, own_source
+
+
+def read_id_list(path: Path, owner: str) -> list[str]:
+    """Ids from a split file: first token of each non-blank line (CRLF and per-class lists ok)."""
+    if not path.is_file():
+        listing = sorted(p.name for p in path.parent.glob("*.txt"))[:10] if path.parent.is_dir() else []
+        raise FileNotFoundError(f"{owner}: split file {path} not found; available: {listing or 'none'}")
+    try:
+        lines = path.read_bytes().decode("utf-8-sig").splitlines()
+    except UnicodeDecodeError as err:
+        raise ValueError(f"{owner}: split file {path} is not UTF-8 text ({err})") from None
+    ids = [line.split()[0] for line in lines if line.strip()]
+    if not ids:
+        raise ValueError(f"{owner}: split file {path} lists no image ids")
+    return ids
+
+
+def index_images(folder: Path, owner: str) -> dict[str, Path]:
+    """Map file stem -> image path for every image in ``folder`` (any extension case, strays ignored)."""
+    if not folder.is_dir():
+        raise FileNotFoundError(f"{owner}: image folder {folder} does not exist")
+    index: dict[str, Path] = {}
+    rank: dict[str, int] = {}
+    with os.scandir(folder) as entries:
+        for entry in entries:
+            name = entry.name
+            if name.startswith(".") or name.lower() in STRAY_FILES:
+                continue
+            stem, ext = os.path.splitext(name)
+            ext = ext.lower()
+            if ext in IMAGE_EXTENSIONS and IMAGE_EXTENSIONS.index(ext) < rank.get(stem, len(IMAGE_EXTENSIONS)):
+                index[stem] = Path(entry.path)
+                rank[stem] = IMAGE_EXTENSIONS.index(ext)
+    return index
+
+
+# ---------------------------------------------------------------------------- images and boxes
+def read_image_header(source: Path) -> tuple[int, int, Optional[int]]:
+    """(stored height, stored width, EXIF orientation or None) without decoding pixels.
+
+    Raises one of ``DECODE_ERRORS`` when the file is not a readable image.
+    """
+    with Image.open(source) as image:
+        # Only look for EXIF when the header carries it: PIL decodes a PNG to search for it otherwise.
+        orientation = image.getexif().get(_EXIF_ORIENTATION_TAG) if "exif" in image.info else None
+        return image.height, image.width, orientation
+
+
+def settle_size(stored: tuple[int, int], orientation: Optional[int], declared: Optional[tuple[int, int]],
+                exif_upright: bool) -> tuple[Optional[tuple[int, int]], bool]:
+    """((height, width) of the image as returned, whether to EXIF-transpose it on load).
+
+    exif_upright: the annotation tool showed the EXIF-transposed image (YOLO, labelme). Otherwise
+    the stored pixels were annotated, unless ``declared`` equals the stored size with width and
+    height swapped and the EXIF orientation rotates (then the image was annotated upright).
+    The size is None when ``declared`` (height, width) disagrees with the image.
+    """
+    if exif_upright:
+        transpose = orientation is not None and 2 <= orientation <= 8
+    else:
+        transpose = declared == stored[::-1] and declared != stored and orientation in ROTATING_ORIENTATIONS
+    size = stored[::-1] if transpose and orientation in ROTATING_ORIENTATIONS else stored
+    if declared is not None and declared != size:
+        return None, transpose
+    return size, transpose
+
+
+def load_rgb(source: Path, transpose: bool) -> Image.Image:
+    """Decode an image to RGB, EXIF-transposed when ``transpose``."""
+    with Image.open(source) as image:
+        if transpose:
+            return ImageOps.exif_transpose(image).convert("RGB")
+        return image.convert("RGB")
+
+
+def clip_boxes(boxes: np.ndarray, height: int, width: int) -> tuple[np.ndarray, np.ndarray]:
+    """(boxes clipped to the image, bool mask of the non-degenerate ones); boxes [N, 4] xyxy."""
+    clipped = boxes.astype(np.float64).reshape(-1, 4)
+    clipped[:, 0::2] = clipped[:, 0::2].clip(0, width)
+    clipped[:, 1::2] = clipped[:, 1::2].clip(0, height)
+    keep = (clipped[:, 2] > clipped[:, 0]) & (clipped[:, 3] > clipped[:, 1])
+    return clipped, keep
+
+
+# ---------------------------------------------------------------------------- what readers return
+class RawObject(NamedTuple):
+    """One object as written: class name, xyxy box (pixels, or fractions of the image side when
+    its image is ``normalised``), crowd/difficult flag and where it is in its file ("object 2")."""
+
+    name: str
+    box: tuple[float, float, float, float]
+    iscrowd: int
+    where: str
+
+
+@dataclass
+class RawImage:
+    """One image with its objects as its annotation file gives them.
+
+    declared_size: (height, width) the annotation states, or None. exif_upright: boxes refer to
+    the EXIF-transposed image (see :func:`settle_size`).
+    """
+
+    id: str
+    image_path: Path
+    annotation_path: Path
+    declared_size: Optional[tuple[int, int]]
+    objects: list[RawObject]
+    normalised: bool = False
+    exif_upright: bool = False
+
+
+@dataclass
+class Annotations:
+    """Everything a format reader found, problems included (the dataset raises, the checker reports).
+
+    class_names: the format's own class list in label order (None: the format has none, as VOC).
+    missing / invalid: one description per missing file / invalid annotation (naming the file).
+    skipped: format-specific counts of what the reader left out (e.g. unsupported labelme shapes).
+    notes: harmless oddities worth a warning in the checker (e.g. a label file without image).
+    """
+
+    images: list[RawImage]
+    class_names: Optional[list[str]]
+    class_source: Path
+    split_file: Path
+    img_root: Path
+    missing: list[str] = field(default_factory=list)
+    invalid: list[str] = field(default_factory=list)
+    skipped: dict[str, int] = field(default_factory=dict)
+    notes: list[str] = field(default_factory=list)
+
+
+@dataclass(frozen=True)
+class ImageRecord:
+    """One usable image with its checked target.
+
+    boxes: float32 [N, 4] xyxy clipped to (width, height); labels, iscrowd: int64 [N].
+    height/width describe the image as returned (after the optional EXIF transpose).
+    """
+
+    id: str
+    image_path: Path
+    annotation_path: Path
+    height: int
+    width: int
+    exif_transpose: bool
+    boxes: np.ndarray
+    labels: np.ndarray
+    iscrowd: np.ndarray
+
+
+# ---------------------------------------------------------------------------- the dataset
+class DetectionDataSet(Dataset):
+    """Base of every dataset: ``dataset[idx] -> (image, target)``.
+
+    image is an RGB PIL image (a float32 [3, H, W] tensor after ``ToTensor``); target holds
+    ``boxes`` float32 [N, 4] xyxy pixels, ``labels`` int64 [N] in 1..num_classes, ``image_id``
+    int64 0-d (= idx), ``area`` float32 [N] and ``iscrowd`` int64 [N]. ``transforms(image, target)``
+    is applied last. An image that fails to decode in ``__getitem__`` is recorded in ``unreadable``
+    and the next readable index is returned instead (with DataLoader workers each worker keeps its
+    own record). ``skipped`` counts what was left out; ``summary()`` says it in one line.
+
+    Subclasses set ``transforms``, ``split_file`` (what defines the image list), ``img_root``,
+    call :meth:`_set_classes`, then :meth:`_build` with their reader's :class:`Annotations`.
+    """
+
+    _missing_kind = "files"  # "N <kind> listed in <split_file> are missing"
+    _invalid_kind = "invalid annotations"
+    _size_source = "their annotation"  # "images whose size differs from <source>"
+
+    transforms: Optional[Callable]
+    split_file: Path
+    img_root: Path
+    classes_json: Path
+
+    def _set_classes(self, class_dict: dict[str, int], source: Path) -> None:
+        self.classes_json = source
+        self.class_dict = class_dict
+        self.class_names = sorted(class_dict, key=class_dict.__getitem__)
+        self.num_classes = len(class_dict)
+
+    def _build(self, annotations: Annotations, skip_unknown: bool) -> None:
+        """Raise one error per kind of fatal problem, then check every image and build records."""
+        name = type(self).__name__
+        self.skipped = {"degenerate_boxes": 0, "unknown_class_objects": 0, "unreadable_images": 0,
+                        "size_mismatch_images": 0, **annotations.skipped}
+        self.unreadable: dict[Path, str] = {}  # image path -> reason, filled at construction and on load
+        self._bad_indices: set[int] = set()
+        self._mismatches: list[str] = []  # descriptions of annotation/image size disagreements
+        if annotations.missing:
+            raise FileNotFoundError(f"{name}: {len(annotations.missing)} {self._missing_kind} listed in "
+                                    f"{self.split_file} are missing: {first_few(annotations.missing)}")
+        if annotations.invalid:
+            raise ValueError(f"{name}: {len(annotations.invalid)} {self._invalid_kind}: "
+                             f"{first_few(annotations.invalid)}")
+        unknown: dict[str, str] = {}
+        for raw in annotations.images:
+            for obj in raw.objects:
+                if obj.name not in self.class_dict:
+                    unknown.setdefault(obj.name, str(raw.annotation_path))
+        if unknown and not skip_unknown:
+            listing = first_few([f"{n!r} (e.g. {path})" for n, path in sorted(unknown.items())])
+            raise ValueError(f"{name}: classes not in {self.classes_json}: {listing}; "
+                             f"add them there or pass skip_unknown_classes=True")
+        self._unknown_examples = unknown  # unknown class name -> one annotation file using it
+
+        self._records: list[ImageRecord] = []
+        for raw in annotations.images:
+            record = self._check_image(raw)
+            if record is not None:
+                self._records.append(record)
+        self.ids = [record.id for record in self._records]
+        if not self._records:
+            raise ValueError(f"{name}: no usable image in {self.split_file}: {self.summary()}")
+        if any(self.skipped.values()):
+            warnings.warn(f"{name}({self.split_file}): {self.summary()}", stacklevel=3)
+
+    def _check_image(self, raw: RawImage) -> Optional[ImageRecord]:
+        """Read the image header (no pixel decode), settle its size and build the clipped target."""
+        try:
+            stored_h, stored_w, orientation = read_image_header(raw.image_path)
+        except DECODE_ERRORS as err:
+            self.unreadable[raw.image_path] = f"cannot open: {err}"
+            self.skipped["unreadable_images"] += 1
+            return None
+        size, transpose = settle_size((stored_h, stored_w), orientation, raw.declared_size, raw.exif_upright)
+        if size is None:
+            declared_h, declared_w = raw.declared_size
+            self._mismatches.append(f"{raw.annotation_path.name} says {declared_w}x{declared_h}, "
+                                    f"{raw.image_path.name} is {stored_w}x{stored_h}")
+            self.skipped["size_mismatch_images"] += 1
+            return None
+        height, width = size
+        known = [obj for obj in raw.objects if obj.name in self.class_dict]
+        self.skipped["unknown_class_objects"] += len(raw.objects) - len(known)
+        boxes = np.array([obj.box for obj in known], dtype=np.float64).reshape(-1, 4)
+        if raw.normalised:
+            boxes *= np.array([width, height, width, height], dtype=np.float64)
+        boxes, keep = clip_boxes(boxes, height, width)
+        self.skipped["degenerate_boxes"] += int((~keep).sum())
+        return ImageRecord(
+            id=raw.id,
+            image_path=raw.image_path,
+            annotation_path=raw.annotation_path,
+            height=height,
+            width=width,
+            exif_transpose=transpose,
+            boxes=boxes[keep].astype(np.float32),
+            labels=np.array([self.class_dict[obj.name] for obj in known], dtype=np.int64)[keep],
+            iscrowd=np.array([obj.iscrowd for obj in known], dtype=np.int64)[keep],
+        )
+
+    def summary(self) -> str:
+        """One line describing everything skipped so far (empty problems are omitted)."""
+        parts = []
+        for key, count in self.skipped.items():
+            if not count:
+                continue
+            if key == "degenerate_boxes":
+                parts.append(f"dropped {count} degenerate boxes (empty after clipping)")
+            elif key == "unknown_class_objects":
+                names = first_few([f"{n!r} ({Path(p).name})" for n, p in sorted(self._unknown_examples.items())])
+                parts.append(f"skipped {count} objects of unknown classes: {names}")
+            elif key == "unreadable_images":
+                files = first_few([f"{p.name}: {why}" for p, why in self.unreadable.items()])
+                parts.append(f"skipped {count} unreadable images: {files}")
+            elif key == "size_mismatch_images":
+                parts.append(f"skipped {count} images whose size differs from {self._size_source}: "
+                             f"{first_few(self._mismatches)}")
+            else:
+                parts.append(f"skipped {count} {key.replace('_', ' ')}")
+        return "; ".join(parts) if parts else "nothing skipped"
+
+    # ---------------------------------------------------------------- access
+    def __len__(self) -> int:
+        return len(self._records)
+
+    def _index(self, idx: int) -> int:
+        if not -len(self) <= idx < len(self):
+            raise IndexError(f"{type(self).__name__} index {idx} out of range for {len(self)} images")
+        return idx % len(self)
+
+    def _target(self, idx: int) -> Target:
+        """Fresh target tensors for record ``idx`` (callers may modify them in place)."""
+        record = self._records[idx]
+        boxes = torch.from_numpy(record.boxes.copy())
+        return {
+            "boxes": boxes,
+            "labels": torch.from_numpy(record.labels.copy()),
+            "image_id": torch.tensor(idx, dtype=torch.int64),
+            "area": (boxes[:, 2] - boxes[:, 0]) * (boxes[:, 3] - boxes[:, 1]),
+            "iscrowd": torch.from_numpy(record.iscrowd.copy()),
+        }
+
+    def __getitem__(self, idx: int) -> tuple[object, Target]:
+        start = self._index(idx)
+        for step in range(len(self)):
+            current = (start + step) % len(self)
+            if current in self._bad_indices:
+                continue
+            record = self._records[current]
+            try:
+                image = load_rgb(record.image_path, record.exif_transpose)
+            except DECODE_ERRORS as err:
+                self._record_unreadable(current, err)
+                continue
+            target = self._target(current)
+            if self.transforms is not None:
+                image, target = self.transforms(image, target)
+            return image, target
+        raise RuntimeError(f"{type(self).__name__}: none of the {len(self)} images in {self.img_root} "
+                           f"can be decoded")
+
+    def _record_unreadable(self, idx: int, err: Exception) -> None:
+        path = self._records[idx].image_path
+        self._bad_indices.add(idx)
+        self.unreadable[path] = f"cannot decode: {err}"
+        self.skipped["unreadable_images"] += 1
+        warnings.warn(f"{type(self).__name__}: skipping unreadable image {path} ({err}); "
+                      f"using the next image instead", stacklevel=3)
+
+    def get_height_and_width(self, idx: int) -> tuple[int, int]:
+        """(height, width) of image ``idx`` as returned, without reading any file."""
+        record = self._records[self._index(idx)]
+        return record.height, record.width
+
+    def coco_index(self, idx: int) -> tuple[int, int, Target]:
+        """(height, width, target) for building COCO ground truth; no image is read, no transforms."""
+        idx = self._index(idx)
+        record = self._records[idx]
+        return record.height, record.width, self._target(idx)
+
+    @staticmethod
+    def collate_fn(batch: list[tuple[object, Target]]) -> tuple[tuple, ...]:
+        """Keep images and targets as tuples (images differ in size)."""
+        return tuple(zip(*batch))
