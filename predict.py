@@ -27,7 +27,7 @@ from PIL import Image, ImageOps
 from torch.utils.data import DataLoader, Dataset
 
 from train_utils.draw_box_utils import draw_detections
-from validation import add_model_arguments, load_detector
+from train_utils.detector_loading import add_model_arguments, load_detector
 
 JPEG_SUFFIXES = (".jpg", ".jpeg")
 # What PIL raises on files it cannot identify or decode (UnidentifiedImageError is an OSError).

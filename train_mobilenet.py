@@ -4,8 +4,6 @@
 
 See `--help` for every flag; the engine lives in train_utils/trainer.py.
 """
-from pathlib import Path
-
 from train_utils.train_args import build_parser, parse
 from train_utils.trainer import main
 
@@ -13,4 +11,4 @@ DEFAULTS = dict(backbone="mobilenet_v2", lr=0.005, batch_size=8, epochs=20, lr_s
 
 if __name__ == "__main__":
     parser = build_parser("Faster R-CNN with a MobileNetV2 backbone", DEFAULTS)
-    main(parse(parser), default_backbone_weights=str(Path(__file__).parent / "backbone" / "mobilenet_v2.pth"))
+    main(parse(parser))

@@ -6,15 +6,10 @@
 Also runs as plain `python train_multi_GPU.py` (world size 1) and under SLURM (srun). NCCL on
 GPUs, gloo on CPU. Only rank 0 prints and writes files.
 """
-from pathlib import Path
-
 from train_utils.train_args import build_parser, parse
 from train_utils.trainer import main
 
 DEFAULTS = dict(backbone="resnet50_fpn", lr=0.02, batch_size=2, epochs=26, lr_steps=[16, 22])
-DEFAULT_WEIGHTS = {"resnet50_fpn": "resnet50.pth", "mobilenet_v2": "mobilenet_v2.pth"}
 
 if __name__ == "__main__":
-    args = parse(build_parser("Distributed Faster R-CNN training", DEFAULTS, distributed=True))
-    weights = DEFAULT_WEIGHTS.get(args.backbone)
-    main(args, str(Path(__file__).parent / "backbone" / weights) if weights else None, distributed=True)
+    main(parse(build_parser("Distributed Faster R-CNN training", DEFAULTS, distributed=True)), distributed=True)

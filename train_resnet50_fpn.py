@@ -5,8 +5,6 @@
 By default the ImageNet backbone weights are read from backbone/resnet50.pth; fine-tune the COCO
 detector with --weights backbone/fasterrcnn_resnet50_fpn_coco.pth instead.
 """
-from pathlib import Path
-
 from train_utils.train_args import build_parser, parse
 from train_utils.trainer import main
 
@@ -14,4 +12,4 @@ DEFAULTS = dict(backbone="resnet50_fpn", lr=0.01, batch_size=4, epochs=20, lr_st
 
 if __name__ == "__main__":
     parser = build_parser("Faster R-CNN with a ResNet50-FPN backbone", DEFAULTS)
-    main(parse(parser), default_backbone_weights=str(Path(__file__).parent / "backbone" / "resnet50.pth"))
+    main(parse(parser))

@@ -8,7 +8,8 @@ from .feature_pyramid_network import (
     LastLevelMaxPool,
 )
 from .mobilenetv2_model import InvertedResidual, MobileNetV2, mobilenet_v2_backbone
-from .resnet50_fpn_model import Bottleneck, FrozenBatchNorm2d, ResNet, resnet50_fpn_backbone
+from .frozen_bn import FrozenBatchNorm2d
+from .resnet50_fpn_model import Bottleneck, ResNet, resnet50_fpn_backbone
 from .resnet_c4_model import ResNetC4Head, freeze_resnet_stages, resnet, resnet_c4
 from .torchvision_backbones import (
     DEFAULT_RETURN_NODES,

@@ -4,6 +4,7 @@ from typing import Callable, Optional
 import torch
 from torch import Tensor, nn
 
+from .conv_bn import ConvBNSequential
 from .weight_files import load_weight_file
 
 NormLayer = Callable[[int], nn.Module]
@@ -28,7 +29,7 @@ def _make_divisible(value: float, divisor: int) -> int:
     return rounded
 
 
-class ConvBNReLU(nn.Sequential):
+class ConvBNReLU(ConvBNSequential):
     """Conv (no bias, "same" padding) -> norm -> ReLU6; children are named 0, 1, 2."""
 
     def __init__(
@@ -65,7 +66,7 @@ class InvertedResidual(nn.Module):
             nn.Conv2d(hidden_channel, out_channel, kernel_size=1, bias=False),
             norm_layer(out_channel),
         ]
-        self.conv = nn.Sequential(*layers)
+        self.conv = ConvBNSequential(*layers)
 
     def forward(self, x: Tensor) -> Tensor:
         """x: [N, in_channel, H, W] -> [N, out_channel, H / stride, W / stride]."""

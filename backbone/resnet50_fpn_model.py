@@ -7,51 +7,12 @@ from typing import Callable, Optional
 import torch
 from torch import Tensor, nn
 
+from .conv_bn import ConvBNSequential, conv_bn
 from .feature_pyramid_network import BackboneWithFPN, ExtraFPNBlock, LastLevelMaxPool
+from .frozen_bn import FrozenBatchNorm2d
 from .weight_files import load_weight_file
 
 NormLayer = Callable[[int], nn.Module]
-
-
-class FrozenBatchNorm2d(nn.Module):
-    """BatchNorm2d with fixed statistics and affine parameters, all stored as buffers.
-
-    Detection trains with a couple of images per GPU, far too few for batch statistics, so the
-    ImageNet statistics are kept. Checkpoints of a regular BatchNorm2d load directly: their
-    `num_batches_tracked` entry is discarded.
-    """
-
-    def __init__(self, num_features: int, eps: float = 1e-5) -> None:
-        super().__init__()
-        self.eps = eps
-        self.register_buffer("weight", torch.ones(num_features))
-        self.register_buffer("bias", torch.zeros(num_features))
-        self.register_buffer("running_mean", torch.zeros(num_features))
-        self.register_buffer("running_var", torch.ones(num_features))
-
-    def _load_from_state_dict(
-        self,
-        state_dict: dict,
-        prefix: str,
-        local_metadata: dict,
-        strict: bool,
-        missing_keys: list[str],
-        unexpected_keys: list[str],
-        error_msgs: list[str],
-    ) -> None:
-        state_dict.pop(prefix + "num_batches_tracked", None)
-        super()._load_from_state_dict(
-            state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
-        )
-
-    def forward(self, x: Tensor) -> Tensor:
-        """x: [N, C, H, W] -> [N, C, H, W], y = (x - mean) / sqrt(var + eps) * weight + bias."""
-        scale = self.weight * torch.rsqrt(self.running_var + self.eps)
-        shift = self.bias - self.running_mean * scale
-        return x * scale.reshape(1, -1, 1, 1) + shift.reshape(1, -1, 1, 1)
-
-    def extra_repr(self) -> str:
-        return f"{self.weight.shape[0]}, eps={self.eps}"
 
 
 class Bottleneck(nn.Module):
@@ -88,9 +49,9 @@ class Bottleneck(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         """x: [N, in_channel, H, W] -> [N, out_channel * 4, H / stride, W / stride]."""
         shortcut = x if self.downsample is None else self.downsample(x)
-        out = self.relu(self.bn1(self.conv1(x)))
-        out = self.relu(self.bn2(self.conv2(out)))
-        out = self.bn3(self.conv3(out))
+        out = self.relu(conv_bn(x, self.conv1, self.bn1))
+        out = self.relu(conv_bn(out, self.conv2, self.bn2))
+        out = conv_bn(out, self.conv3, self.bn3)
         return self.relu(out + shortcut)
 
 
@@ -141,7 +102,7 @@ class ResNet(nn.Module):
         """Stack block_num blocks; only the first one strides and may need a projection shortcut."""
         downsample = None
         if stride != 1 or self.in_channel != channel * block.expansion:
-            downsample = nn.Sequential(
+            downsample = ConvBNSequential(
                 nn.Conv2d(self.in_channel, channel * block.expansion, 1, stride=stride, bias=False),
                 self._norm_layer(channel * block.expansion),
             )
@@ -152,11 +113,29 @@ class ResNet(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         """x: [N, 3, H, W] -> logits [N, num_classes], or the [N, 2048, H/32, W/32] map without top."""
-        x = self.maxpool(self.relu(self.bn1(self.conv1(x))))
+        x = self.maxpool(self.relu(conv_bn(x, self.conv1, self.bn1)))
         x = self.layer4(self.layer3(self.layer2(self.layer1(x))))
         if self.include_top:
             x = self.fc(torch.flatten(self.avgpool(x), 1))
         return x
+
+
+# Stages by their parameter prefixes, from the top; bn1 only has parameters with a plain BatchNorm2d.
+_STAGES_FROM_TOP = ("layer4", "layer3", "layer2", "layer1", "conv1")
+
+
+def freeze_resnet_stages(model: ResNet, trainable_layers: int) -> None:
+    """Keep gradients only in the last `trainable_layers` stages (0..5), torchvision's rule: 3 trains
+    layer2..layer4; 5 trains everything, the stem's bn1 included."""
+    if not 0 <= trainable_layers <= 5:
+        raise ValueError(f"freeze_resnet_stages: trainable_layers must be 0..5, got {trainable_layers}")
+    trainable = list(_STAGES_FROM_TOP[:trainable_layers])
+    if trainable_layers == 5:
+        trainable.append("bn1")
+    for name, param in model.named_parameters():
+        if not name.startswith(tuple(trainable)):
+            param.requires_grad_(False)
+
 
 
 def resnet50_fpn_backbone(
@@ -189,13 +168,7 @@ def resnet50_fpn_backbone(
     if pretrain_path:
         resnet.load_state_dict(load_weight_file(pretrain_path, "resnet50"), strict=True)
 
-    # Stages are named by their parameter prefixes; bn1 only has parameters with a plain BatchNorm2d.
-    trainable_prefixes = ["layer4", "layer3", "layer2", "layer1", "conv1"][:trainable_layers]
-    if trainable_layers == 5:
-        trainable_prefixes.append("bn1")
-    for name, param in resnet.named_parameters():
-        if not name.startswith(tuple(trainable_prefixes)):
-            param.requires_grad_(False)
+    freeze_resnet_stages(resnet, trainable_layers)
 
     if extra_blocks is None:
         extra_blocks = LastLevelMaxPool()

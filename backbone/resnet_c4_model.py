@@ -10,14 +10,12 @@ from typing import Optional
 
 from torch import Tensor, nn
 
-from .resnet50_fpn_model import Bottleneck, FrozenBatchNorm2d, NormLayer, ResNet
+from .frozen_bn import FrozenBatchNorm2d
+from .resnet50_fpn_model import Bottleneck, NormLayer, ResNet, freeze_resnet_stages
 from .weight_files import load_weight_file
 
 # Bottleneck blocks in layer1..layer4.
 RESNET_BLOCKS: dict[str, list[int]] = {"resnet50": [3, 4, 6, 3], "resnet101": [3, 4, 23, 3]}
-
-# ResNet stages from the output back to the input, as torchvision's trainable_layers counts them.
-_STAGES_FROM_TOP = ("layer4", "layer3", "layer2", "layer1", "conv1")
 
 
 def resnet(arch: str, norm_layer: NormLayer = nn.BatchNorm2d, weights_path: Optional[str] = None) -> ResNet:
@@ -28,19 +26,6 @@ def resnet(arch: str, norm_layer: NormLayer = nn.BatchNorm2d, weights_path: Opti
     if weights_path:
         model.load_state_dict(load_weight_file(weights_path, arch), strict=True)
     return model
-
-
-def freeze_resnet_stages(model: ResNet, trainable_layers: int) -> None:
-    """Keep gradients only in the last `trainable_layers` stages (0..5), torchvision's rule: 3 trains
-    layer2..layer4; 5 trains everything, the stem's bn1 included."""
-    if not 0 <= trainable_layers <= 5:
-        raise ValueError(f"freeze_resnet_stages: trainable_layers must be 0..5, got {trainable_layers}")
-    trainable = list(_STAGES_FROM_TOP[:trainable_layers])
-    if trainable_layers == 5:
-        trainable.append("bn1")
-    for name, param in model.named_parameters():
-        if not name.startswith(tuple(trainable)):
-            param.requires_grad_(False)
 
 
 class ResNetC4Head(nn.Module):

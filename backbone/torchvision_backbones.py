@@ -31,7 +31,7 @@ from torch import Tensor, nn
 from torchvision.models.feature_extraction import create_feature_extractor
 
 from .feature_pyramid_network import FeaturePyramidNetwork, LastLevelMaxPool
-from .resnet50_fpn_model import FrozenBatchNorm2d
+from .frozen_bn import FrozenBatchNorm2d
 from .weight_files import WEIGHT_FILE_NAMES, load_weight_file
 
 _RESNET_NODES = ["layer1", "layer2", "layer3", "layer4"]

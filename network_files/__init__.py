@@ -1,5 +1,6 @@
 """Faster R-CNN network: transform, RPN, RoI heads and the model that ties them together."""
 from .faster_rcnn_framework import FasterRCNN, FasterRCNNBase, FastRCNNPredictor, TwoMLPHead
+from . import fast_path
 from .image_list import ImageList
 from .poolers import MultiScaleRoIAlign, MultiScaleRoIPool
 from .roi_head import RoIHeads, fastrcnn_loss

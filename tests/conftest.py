@@ -11,6 +11,17 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 
+@pytest.fixture
+def reference_arithmetic():
+    """Run a test with the inference fast path off (no BatchNorm folding): the model performs
+    exactly torchvision's operations, for strict parity checks. tests/test_fast_path.py compares
+    the fast path with this reference."""
+    from network_files import fast_path
+
+    with fast_path.reference_mode():
+        yield
+
+
 class TinyBackbone(nn.Module):
     """One 8x8 conv with stride 8 and a ReLU: ``[B, 3, H, W] -> [B, 8, H/8, W/8]``."""
 

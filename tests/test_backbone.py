@@ -30,6 +30,10 @@ from backbone import (
 ATOL = 1e-5
 
 
+# Strict parity runs torchvision's exact sequence of operations (see conftest.reference_arithmetic).
+pytestmark = pytest.mark.usefixtures("reference_arithmetic")
+
+
 def _layout(module: nn.Module) -> list[tuple[str, torch.Size]]:
     return [(key, value.shape) for key, value in module.state_dict().items()]
 

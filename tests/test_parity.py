@@ -45,6 +45,10 @@ FAST_OPTIONS = dict(
 Targets = List[Dict[str, Tensor]]
 
 
+# Strict parity runs torchvision's exact sequence of operations (see conftest.reference_arithmetic).
+pytestmark = pytest.mark.usefixtures("reference_arithmetic")
+
+
 def randomise_(model: nn.Module, seed: int, calibration_images: List[Tensor]) -> None:
     """Give the detector random but well-scaled weights.
 

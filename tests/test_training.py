@@ -125,3 +125,17 @@ def test_killed_mid_epoch_resumes_from_last_checkpoint(demo_voc, tmp_path):
     train("train_mobilenet.py", demo_voc, tmp_path, "--epochs", "3", "--resume", "auto")
     assert load(tmp_path / "last.pth")["epoch"] == 2
     assert [r["epoch"] for r in metrics(tmp_path)] == [0, 1, 2]
+
+
+def test_missing_default_backbone_weights_names_the_url_and_path(demo_voc, tmp_path):
+    cmd = [sys.executable, str(ROOT / "train_mobilenet.py"), "--data-path", str(demo_voc),
+           "--classes-json", str(demo_voc / "classes.json"), "--output-dir", str(tmp_path)]
+    done = subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 1
+    message = done.stderr.strip().splitlines()
+    assert len(message) == 1, done.stderr
+    assert message[0].startswith("error: backbone weights '")
+    assert str(ROOT / "backbone" / "mobilenet_v2.pth") in message[0]
+    assert "https://download.pytorch.org/models/mobilenet_v2-b0353104.pth" in message[0]
+    assert "--backbone-weights none" in message[0]
+    assert not list(tmp_path.glob("*.pth"))

@@ -127,6 +127,7 @@ BACKBONE_WEIGHT_KIND = {
     "resnet50_c4": "resnet50",
     "resnet101_c4": "resnet101",
     "mobilenet_v2": "mobilenet_v2",
+    **{name: name for name in ("vgg11", "vgg13", "vgg16", "vgg19")},
     **{TORCHVISION_PREFIX + name: name for name in DEFAULT_RETURN_NODES if name in WEIGHT_FILE_NAMES},
 }
 

@@ -6,7 +6,8 @@ from .dataset_factory import FORMATS, LAYOUT_HELP
 from .model_builder import BACKBONES, DETECTOR_KEYS, ROI_OPS, TORCHVISION_PREFIX, check_backbone_name
 
 
-def _int_list(text: str) -> list:
+def int_list(text: str) -> list:
+    """'32,64,128' or '32 64 128' -> [32, 64, 128]."""
     return [int(v) for v in text.replace(",", " ").split()]
 
 
@@ -18,7 +19,8 @@ def _str_list(text: str) -> list:
     return text.replace(",", " ").split()
 
 
-def _backbone(text: str) -> str:
+def backbone_name(text: str) -> str:
+    """argparse type: a known backbone name (see model_builder.check_backbone_name)."""
     try:
         return check_backbone_name(text)
     except ValueError as err:
@@ -50,7 +52,7 @@ def build_parser(description: str, defaults: Dict[str, Any], distributed: bool =
                       help="batch images of similar aspect ratio (-1 disables)")
 
     model = p.add_argument_group("model")
-    model.add_argument("--backbone", default="resnet50_fpn", type=_backbone,
+    model.add_argument("--backbone", default="resnet50_fpn", type=backbone_name,
                        help=f"{', '.join(sorted(BACKBONES))}, or {TORCHVISION_PREFIX}<name> for any torchvision "
                             "classifier (e.g. tv:resnet34, tv:mobilenet_v3_large, tv:efficientnet_b0)")
     model.add_argument("--return-nodes", type=_str_list, default=None,
@@ -73,7 +75,7 @@ def build_parser(description: str, defaults: Dict[str, Any], distributed: bool =
     model.add_argument("--min-size", type=int, nargs="+", default=[800],
                        help="shorter image side; several values = multi-scale training")
     model.add_argument("--max-size", type=int, default=1333, help="upper bound on the longer image side")
-    model.add_argument("--anchor-sizes", type=_int_list, default=None,
+    model.add_argument("--anchor-sizes", type=int_list, default=None,
                        help="anchor sizes, one per FPN level or all on the single level, e.g. '32,64,128,256,512'")
     model.add_argument("--aspect-ratios", type=_float_list, default=None, help="anchor ratios h/w, e.g. '0.5,1,2'")
     model.add_argument("--rpn-pre-nms-top-n-train", type=int, default=None)

@@ -4,6 +4,7 @@ import os
 import random
 import sys
 import time
+from pathlib import Path
 from typing import Any, Dict, Optional
 
 import numpy as np
@@ -26,6 +27,9 @@ from .train_eval_utils import NonFiniteLossError, evaluate, train_one_epoch
 from .transforms import get_transforms
 
 
+REPO_ROOT = Path(__file__).resolve().parents[1]
+
+
 def resolve_device(name: str) -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -41,19 +45,26 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def resolve_backbone_weights(args: argparse.Namespace, default_path: Optional[str]) -> Optional[str]:
-    """The ImageNet file to load, or None (from scratch, or the detector weights cover it)."""
+def resolve_backbone_weights(args: argparse.Namespace) -> Optional[str]:
+    """The ImageNet file to load, or None (from scratch, or the detector weights cover it).
+
+    Without --backbone-weights, backbones with an official file look for it at WZ's place,
+    ``backbone/<model>.pth`` (e.g. backbone/resnet50.pth, backbone/mobilenet_v2.pth).
+    """
     if args.weights or (args.backbone_weights or "").lower() == "none":
         return None
-    path = args.backbone_weights or default_path
-    if path is None:
-        return None
+    kind = BACKBONE_WEIGHT_KIND.get(args.backbone)
+    if args.backbone_weights:
+        path = args.backbone_weights
+    elif kind is not None:
+        path = str(REPO_ROOT / "backbone" / f"{kind}.pth")
+    else:
+        raise ValueError(f"backbone '{args.backbone}' has no default ImageNet weights file: pass "
+                         "--backbone-weights PATH, or --backbone-weights none to train from scratch")
     if not os.path.isfile(path):
-        kind = BACKBONE_WEIGHT_KIND.get(args.backbone, args.backbone)
-        raise FileNotFoundError(
-            f"backbone weights '{path}' not found: download {weight_url(kind)} and save it as {path}, "
-            "or pass --backbone-weights none to train from scratch"
-        )
+        hint = f"download {weight_url(kind)} and save it as {path}" if kind else "check the path"
+        raise FileNotFoundError(f"backbone weights '{path}' not found: {hint}, "
+                                "or pass --backbone-weights none to train from scratch")
     return path
 
 
@@ -86,8 +97,7 @@ def plain_args(args: argparse.Namespace) -> Dict[str, Any]:
     return {k: (list(v) if isinstance(v, tuple) else v) for k, v in vars(args).items()}
 
 
-def run_training(args: argparse.Namespace, default_backbone_weights: Optional[str] = None,
-                 distributed: bool = False) -> Dict[str, Any]:
+def run_training(args: argparse.Namespace, distributed: bool = False) -> Dict[str, Any]:
     """Train as the flags say; returns the last epoch's record. Rank 0 alone writes files."""
     device = resolve_device(args.device)
     info = dist_utils.init_distributed_mode(device.type, getattr(args, "dist_timeout", 30.0)) if distributed \
@@ -102,6 +112,7 @@ def run_training(args: argparse.Namespace, default_backbone_weights: Optional[st
     if args.resume == "auto" and resume_path is None and main:
         print(f"--resume auto: no checkpoint in {args.output_dir}, starting from scratch")
     checkpoint = load_checkpoint(resume_path) if resume_path else None
+    backbone_weights = None if checkpoint is not None else resolve_backbone_weights(args)  # fail fast
 
     train_set = build_dataset(args.dataset_format, args.data_path, args.train_split,
                               get_transforms(True, args.augment), args.classes_json, args.year,
@@ -123,7 +134,7 @@ def run_training(args: argparse.Namespace, default_backbone_weights: Optional[st
         model = build_model(config)
     else:
         config = model_config_from_args(args, train_set.num_classes + 1)
-        model = build_model(config, resolve_backbone_weights(args, default_backbone_weights))
+        model = build_model(config, backbone_weights)
         if args.weights:
             load_detector_weights(model, args.weights, config)
     model.to(device)
@@ -211,10 +222,10 @@ def run_training(args: argparse.Namespace, default_backbone_weights: Optional[st
     return record
 
 
-def main(args: argparse.Namespace, default_backbone_weights: Optional[str] = None, distributed: bool = False) -> None:
+def main(args: argparse.Namespace, distributed: bool = False) -> None:
     """Script entry: known problems become one clear line and exit code 1, not a traceback."""
     try:
-        run_training(args, default_backbone_weights, distributed)
+        run_training(args, distributed)
     except (FileNotFoundError, ValueError, NonFiniteLossError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         sys.exit(1)

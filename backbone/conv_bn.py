@@ -1,0 +1,71 @@
+"""Convolution followed by BatchNorm, folded into one convolution when no gradient is needed.
+
+In inference the normalisation is an affine map per channel, so ``bn(conv(x))`` equals a single
+convolution with scaled weights and a bias. The folded tensors are computed on first use and
+cached until any of the source tensors changes (tracked by their version counters), so the
+state dict keeps its usual layout and training never sees folded weights.
+"""
+from typing import Tuple
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from network_files import fast_path
+
+from .frozen_bn import FrozenBatchNorm2d
+
+_NORMS = (FrozenBatchNorm2d, nn.BatchNorm2d)
+
+
+def _version_key(conv: nn.Conv2d, bn: nn.Module) -> tuple:
+    tensors = [conv.weight, conv.bias, bn.weight, bn.bias, bn.running_mean, bn.running_var]
+    return tuple((t.data_ptr(), t._version) if t is not None else None for t in tensors) + (bn.eps,)
+
+
+def folded_parameters(conv: nn.Conv2d, bn: nn.Module) -> Tuple[Tensor, Tensor]:
+    """``(weight, bias)`` of the single convolution equal to ``bn(conv(x))`` in eval mode."""
+    key = _version_key(conv, bn)
+    cached = getattr(conv, "_folded_bn", None)
+    if cached is not None and cached[0] == key:
+        return cached[1], cached[2]
+    with torch.no_grad():
+        gamma = bn.weight if bn.weight is not None else torch.ones_like(bn.running_var)
+        beta = bn.bias if bn.bias is not None else torch.zeros_like(bn.running_var)
+        scale = gamma * torch.rsqrt(bn.running_var + bn.eps)
+        conv_bias = conv.bias if conv.bias is not None else torch.zeros_like(scale)
+        weight = conv.weight * scale.reshape(-1, 1, 1, 1)
+        bias = (conv_bias - bn.running_mean) * scale + beta
+    conv._folded_bn = (key, weight, bias)
+    return weight, bias
+
+
+def can_fold(bn: nn.Module) -> bool:
+    """Folding is exact only with fixed statistics and no autograd through the weights."""
+    fixed_statistics = isinstance(bn, FrozenBatchNorm2d) or (not bn.training and bn.running_var is not None)
+    return fast_path.enabled() and not torch.is_grad_enabled() and fixed_statistics
+
+
+def conv_bn(x: Tensor, conv: nn.Conv2d, bn: nn.Module) -> Tensor:
+    """``bn(conv(x))``, as one folded convolution when :func:`can_fold` allows it."""
+    if not can_fold(bn):
+        return bn(conv(x))
+    weight, bias = folded_parameters(conv, bn)
+    return F.conv2d(x, weight, bias, conv.stride, conv.padding, conv.dilation, conv.groups)
+
+
+class ConvBNSequential(nn.Sequential):
+    """An ``nn.Sequential`` (same state-dict keys) that folds each Conv2d + BatchNorm pair."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        layers = list(self)
+        i = 0
+        while i < len(layers):
+            layer = layers[i]
+            if isinstance(layer, nn.Conv2d) and i + 1 < len(layers) and isinstance(layers[i + 1], _NORMS):
+                x = conv_bn(x, layer, layers[i + 1])
+                i += 2
+            else:
+                x = layer(x)
+                i += 1
+        return x
