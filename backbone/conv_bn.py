@@ -1,9 +1,8 @@
 """Convolution followed by BatchNorm, folded into one convolution when no gradient is needed.
 
 In inference the normalisation is an affine map per channel, so ``bn(conv(x))`` equals a single
-convolution with scaled weights and a bias. The folded tensors are computed on first use and
-cached until any of the source tensors changes (tracked by their version counters), so the
-state dict keeps its usual layout and training never sees folded weights.
+convolution with scaled weights and a bias: one pass over the activations instead of two. The
+module structure and state dict are unchanged, and training (autograd on) never folds.
 """
 from typing import Tuple
 
@@ -18,25 +17,18 @@ from .frozen_bn import FrozenBatchNorm2d
 _NORMS = (FrozenBatchNorm2d, nn.BatchNorm2d)
 
 
-def _version_key(conv: nn.Conv2d, bn: nn.Module) -> tuple:
-    tensors = [conv.weight, conv.bias, bn.weight, bn.bias, bn.running_mean, bn.running_var]
-    return tuple((t.data_ptr(), t._version) if t is not None else None for t in tensors) + (bn.eps,)
-
-
 def folded_parameters(conv: nn.Conv2d, bn: nn.Module) -> Tuple[Tensor, Tensor]:
-    """``(weight, bias)`` of the single convolution equal to ``bn(conv(x))`` in eval mode."""
-    key = _version_key(conv, bn)
-    cached = getattr(conv, "_folded_bn", None)
-    if cached is not None and cached[0] == key:
-        return cached[1], cached[2]
-    with torch.no_grad():
-        gamma = bn.weight if bn.weight is not None else torch.ones_like(bn.running_var)
-        beta = bn.bias if bn.bias is not None else torch.zeros_like(bn.running_var)
-        scale = gamma * torch.rsqrt(bn.running_var + bn.eps)
-        conv_bias = conv.bias if conv.bias is not None else torch.zeros_like(scale)
-        weight = conv.weight * scale.reshape(-1, 1, 1, 1)
-        bias = (conv_bias - bn.running_mean) * scale + beta
-    conv._folded_bn = (key, weight, bias)
+    """``(weight, bias)`` of the single convolution equal to ``bn(conv(x))`` with fixed statistics.
+
+    Computed on every call (a per-channel scale of the weights, cheap next to the convolution),
+    so no second copy of the weights is kept and changed weights are always honoured.
+    """
+    gamma = bn.weight if bn.weight is not None else torch.ones_like(bn.running_var)
+    beta = bn.bias if bn.bias is not None else torch.zeros_like(bn.running_var)
+    scale = gamma * torch.rsqrt(bn.running_var + bn.eps)
+    conv_bias = conv.bias if conv.bias is not None else torch.zeros_like(scale)
+    weight = conv.weight * scale.reshape(-1, 1, 1, 1)
+    bias = (conv_bias - bn.running_mean) * scale + beta
     return weight, bias
 
 

@@ -3,7 +3,7 @@ import torch
 from torch import nn
 
 from backbone import FrozenBatchNorm2d, mobilenet_v2_backbone, resnet50_fpn_backbone
-from backbone.conv_bn import ConvBNSequential, conv_bn
+from backbone.conv_bn import ConvBNSequential, conv_bn, folded_parameters
 from my_dataset import VOCDataSet
 from network_files import fast_path
 from train_utils.checkpoint import load_checkpoint
@@ -41,8 +41,10 @@ def test_folded_conv_bn_equals_conv_then_bn():
         with torch.no_grad():
             expected = norm(conv(x))
             folded = conv_bn(x, conv, norm)
-            assert conv._folded_bn is not None  # the folded path really ran
+            weight, bias = folded_parameters(conv, norm)
+            single_conv = torch.nn.functional.conv2d(x, weight, bias, stride=2, padding=1)
         torch.testing.assert_close(folded, expected, rtol=1e-5, atol=1e-5)
+        assert torch.equal(folded, single_conv)  # the folded path really ran
 
 
 def test_backbones_match_reference_and_state_dict_is_unchanged():
@@ -64,7 +66,7 @@ def test_folded_weights_follow_weight_changes():
     block = ConvBNSequential(conv, norm).eval()
     x = torch.randn(1, 3, 5, 5)
     with torch.no_grad():
-        block(x)  # caches folded weights
+        block(x)
         conv.weight.mul_(2.0)  # an optimiser step or load_state_dict changes tensors in place
         norm.running_var.fill_(4.0)
         fast = block(x)
