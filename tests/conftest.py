@@ -60,6 +60,27 @@ def tiny_detector() -> Callable[..., nn.Module]:
     return build
 
 
+def write_fake_vgg16_file(path: Path, seed: int) -> dict:
+    """Random tensors in torchvision's vgg16 layout saved at ``path`` (an official file name).
+
+    The two huge classifier matrices are broadcast views, so the file stays small."""
+    import torch
+    import torchvision
+    from collections import OrderedDict
+
+    generator = torch.Generator().manual_seed(seed)
+    with torch.device("meta"):
+        layout = torchvision.models.vgg16().state_dict()
+    state = OrderedDict()
+    for key, meta in layout.items():
+        if meta.numel() > 10_000_000:
+            state[key] = torch.randn(1, generator=generator).expand(meta.shape)
+        else:
+            state[key] = torch.randn(meta.shape, generator=generator) * 0.05
+    torch.save(state, path)
+    return state
+
+
 TINY_TRAIN_FLAGS = [
     "--backbone-weights", "none", "--feature-stride", "16", "--width-mult", "0.5",
     "--representation-size", "64", "--min-size", "128", "--max-size", "128", "-b", "4",

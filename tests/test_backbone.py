@@ -10,6 +10,7 @@ from torchvision.models.detection.backbone_utils import resnet_fpn_backbone
 from torchvision.ops.feature_pyramid_network import LastLevelMaxPool as TvLastLevelMaxPool
 from torchvision.ops.misc import FrozenBatchNorm2d as TvFrozenBatchNorm2d
 
+from conftest import write_fake_vgg16_file
 from backbone import (
     WEIGHT_FILE_NAMES,
     WEIGHT_URLS,
@@ -242,18 +243,8 @@ def test_mobilenet_v2_backbone_frozen_bn_drops_num_batches_tracked(tmp_path):
 
 
 def test_vgg16_weight_file_and_backbone_match_torchvision(tmp_path, image):
-    generator = torch.Generator().manual_seed(11)
-    with torch.device("meta"):
-        layout = torchvision.models.vgg16().state_dict()
-    state = OrderedDict()
-    for key, meta in layout.items():
-        if meta.numel() > 10_000_000:
-            # the two huge classifier matrices: a broadcast view keeps the file small
-            state[key] = torch.randn(1, generator=generator).expand(meta.shape)
-        else:
-            state[key] = torch.randn(meta.shape, generator=generator) * 0.05
     path = tmp_path / "vgg16-397923af.pth"
-    torch.save(state, path)
+    state = write_fake_vgg16_file(path, seed=11)
 
     backbone = vgg_backbone("vgg16", weights_path=str(path))  # loads the whole VGG strictly first
     for key, value in backbone.state_dict().items():

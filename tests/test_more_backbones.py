@@ -18,7 +18,7 @@ from torchvision.ops import roi_pool
 from torchvision.ops.poolers import _setup_scales
 
 from backbone import DEFAULT_RETURN_NODES, FrozenBatchNorm2d, torchvision_backbone
-from conftest import ROOT, TINY_TRAIN_FLAGS
+from conftest import ROOT, TINY_TRAIN_FLAGS, write_fake_vgg16_file
 from network_files import MultiScaleRoIAlign, MultiScaleRoIPool
 from train_utils.model_builder import build_model, model_from_checkpoint
 from train_utils.train_args import build_parser, parse
@@ -242,18 +242,8 @@ def test_command_line_backbone_flags():
 # --- VGG16 ---------------------------------------------------------------------------------------------
 
 def test_vgg16_loads_imagenet_file_and_trains(tmp_path):
-    generator = torch.Generator().manual_seed(5)
-    with torch.device("meta"):
-        layout = torchvision.models.vgg16().state_dict()
-    state = OrderedDict()
-    for key, meta in layout.items():
-        # the two huge classifier matrices are broadcast views: the file stays small
-        if meta.numel() > 10_000_000:
-            state[key] = torch.randn(1, generator=generator).expand(meta.shape)
-        else:
-            state[key] = torch.randn(meta.shape, generator=generator) * 0.05
     path = tmp_path / "vgg16-397923af.pth"
-    torch.save(state, path)
+    state = write_fake_vgg16_file(path, seed=5)
 
     model = build_model({**TINY, "backbone": "vgg16"}, str(path))
     ours = model.backbone.state_dict()
