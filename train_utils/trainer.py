@@ -86,7 +86,7 @@ def build_loaders(args, train_set, val_set, world_size: int, rank: int, pin_memo
     return train_sampler, train_loader, val_loader
 
 
-def set_backbone_frozen(model: torch.nn.Module, trainable: list, frozen: bool) -> None:
+def set_backbone_frozen(trainable: list, frozen: bool) -> None:
     """Freeze/unfreeze the backbone parameters that are normally trained."""
     for param in trainable:
         param.requires_grad_(not frozen)
@@ -105,11 +105,11 @@ def run_training(args: argparse.Namespace, distributed: bool = False) -> Dict[st
     rank, world_size = info["rank"], info["world_size"]
     if device.type == "cuda" and world_size > 1:
         device = torch.device("cuda", info["local_rank"])
-    main = rank == 0
+    is_main = rank == 0
     seed_everything(args.seed + rank)
 
     resume_path = find_last_checkpoint(args.output_dir) if args.resume == "auto" else args.resume
-    if args.resume == "auto" and resume_path is None and main:
+    if args.resume == "auto" and resume_path is None and is_main:
         print(f"--resume auto: no checkpoint in {args.output_dir}, starting from scratch")
     checkpoint = load_checkpoint(resume_path) if resume_path else None
     backbone_weights = None if checkpoint is not None else resolve_backbone_weights(args)  # fail fast
@@ -123,7 +123,7 @@ def run_training(args: argparse.Namespace, distributed: bool = False) -> Dict[st
     if args.num_classes is not None and args.num_classes != train_set.num_classes:
         raise ValueError(f"--num-classes {args.num_classes} but {train_set.classes_json} lists "
                          f"{train_set.num_classes} classes")
-    if main:
+    if is_main:
         print(f"train: {len(train_set)} images ({train_set.summary()}); val: {len(val_set)} images")
     train_sampler, train_loader, val_loader = build_loaders(
         args, train_set, val_set, world_size, rank, pin_memory=device.type == "cuda")
@@ -172,18 +172,18 @@ def run_training(args: argparse.Namespace, distributed: bool = False) -> Dict[st
             torch.set_rng_state(checkpoint["rng_state"])
         start_epoch = int(checkpoint["epoch"]) + 1
         best_ap50 = float(checkpoint.get("best_ap50", -1.0))
-        if main:
+        if is_main:
             print(f"resumed from {resume_path} at epoch {start_epoch}")
 
-    if main:
+    if is_main:
         trainable, total = count_parameters(model_without_ddp)
         print(f"model: {config['backbone']}, {config['num_classes']} classes incl. background, "
               f"{trainable:,} of {total:,} parameters trainable; device {device}, world size {world_size}")
-    log = RunLog(args.output_dir, start_epoch) if main else None
+    log = RunLog(args.output_dir, start_epoch) if is_main else None
     record: Dict[str, Any] = {}
     for epoch in range(start_epoch, args.epochs):
         train_sampler.set_epoch(epoch)
-        set_backbone_frozen(model_without_ddp, backbone_trainable, epoch < args.freeze_backbone_epochs)
+        set_backbone_frozen(backbone_trainable, epoch < args.freeze_backbone_epochs)
         start = time.time()
         train_stats = train_one_epoch(
             model, optimizer, train_loader, device, epoch, scheduler, scaler, args.amp, args.clip_grad_norm,
@@ -193,8 +193,8 @@ def run_training(args: argparse.Namespace, distributed: bool = False) -> Dict[st
         if (epoch + 1) % max(args.eval_interval, 1) == 0 or epoch + 1 == args.epochs:
             dist_utils.broadcast_buffers(model_without_ddp)
             evaluator = evaluate(model_without_ddp, val_loader, device, coco_gt, args.amp, args.print_freq)
-            coco_stats = evaluator.stats if main else None  # gathered and scored on rank 0
-        if main:
+            coco_stats = evaluator.stats if is_main else None  # gathered and scored on rank 0
+        if is_main:
             log.add(epoch, train_stats, coco_stats)
             ap50 = coco_stats[1] if coco_stats is not None else None
             state = {
@@ -216,7 +216,7 @@ def run_training(args: argparse.Namespace, distributed: bool = False) -> Dict[st
                 best_ap50 = ap50
                 save_atomic(state, os.path.join(args.output_dir, "best.pth"))
             record = {"epoch": epoch, **train_stats, "coco": coco_stats}
-    if main:
+    if is_main:
         print(f"done: checkpoints, results, metrics.jsonl and curves in {args.output_dir}")
     dist_utils.cleanup()
     return record
