@@ -139,3 +139,20 @@ def test_missing_default_backbone_weights_names_the_url_and_path(demo_voc, tmp_p
     assert "https://download.pytorch.org/models/mobilenet_v2-b0353104.pth" in message[0]
     assert "--backbone-weights none" in message[0]
     assert not list(tmp_path.glob("*.pth"))
+
+
+def test_freeze_backbone_epochs(demo_voc, tmp_path):
+    """--freeze-backbone-epochs N trains only the RPN and heads for the first N epochs."""
+    def backbone_params(ckpt: dict) -> dict:
+        return {k: v for k, v in ckpt["model"].items() if k.startswith("backbone.") and "running_" not in k
+                and "num_batches" not in k}
+
+    frozen, thawed = tmp_path / "frozen", tmp_path / "thawed"
+    train("train_mobilenet.py", demo_voc, frozen, "--epochs", "2", "--freeze-backbone-epochs", "2")
+    train("train_mobilenet.py", demo_voc, thawed, "--epochs", "2", "--freeze-backbone-epochs", "1")
+    for out, backbone_changes in ((frozen, False), (thawed, True)):
+        first, second = load(out / "model-0.pth"), load(out / "model-1.pth")
+        changed = [k for k, v in backbone_params(first).items() if not torch.equal(v, second["model"][k])]
+        assert bool(changed) == backbone_changes, out.name
+        head = "roi_heads.box_predictor.cls_score.weight"
+        assert not torch.equal(first["model"][head], second["model"][head])
