@@ -1,8 +1,9 @@
 """Switch for inference speed-ups that change no algorithm, only the order of the arithmetic.
 
 When enabled (the default), inference without autograd folds each BatchNorm into the
-convolution before it (``backbone/conv_bn.py``). The results equal the reference path to float
-rounding (tested). ``reference_mode()`` turns this off so the model performs exactly
+convolution before it (``backbone/conv_bn.py``) and, on the CPU, runs the backbone on a
+channels-last batch (oneDNN's faster layout). The results equal the reference path to float
+rounding (tested). ``reference_mode()`` turns both off so the model performs exactly
 torchvision's sequence of operations; the strict parity tests use it.
 """
 from contextlib import contextmanager
