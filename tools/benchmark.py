@@ -129,20 +129,13 @@ def time_case(name: str, repeats: int) -> Dict[str, float]:
     return {"ours_s": ours_s, "torchvision_s": theirs_s, "ratio": ours_s / theirs_s}
 
 
-def _peak_rss_kib() -> int:
+def _proc_status_kib(field: str) -> int:
+    """A memory field of /proc/self/status (VmRSS: resident now, VmHWM: peak since the last reset)."""
     with open("/proc/self/status") as handle:
         for line in handle:
-            if line.startswith("VmHWM:"):
+            if line.startswith(field + ":"):
                 return int(line.split()[1])
-    raise RuntimeError("VmHWM not found")
-
-
-def _current_rss_kib() -> int:
-    with open("/proc/self/status") as handle:
-        for line in handle:
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1])
-    raise RuntimeError("VmRSS not found")
+    raise RuntimeError(f"{field} not found in /proc/self/status")
 
 
 def memory_child(name: str, which: str) -> None:
@@ -156,9 +149,9 @@ def memory_child(name: str, which: str) -> None:
     step()
     with open("/proc/self/clear_refs", "w") as handle:  # reset the high-water mark
         handle.write("5")
-    baseline = _current_rss_kib()
+    baseline = _proc_status_kib("VmRSS")
     step()
-    print(json.dumps({"peak_mib": (_peak_rss_kib() - baseline) / 1024}))
+    print(json.dumps({"peak_mib": (_proc_status_kib("VmHWM") - baseline) / 1024}))
 
 
 def memory_case(name: str) -> Dict[str, float]:
