@@ -156,3 +156,37 @@ def test_freeze_backbone_epochs(demo_voc, tmp_path):
         assert bool(changed) == backbone_changes, out.name
         head = "roi_heads.box_predictor.cls_score.weight"
         assert not torch.equal(first["model"][head], second["model"][head])
+
+
+def test_fine_tune_from_a_detector_file_with_another_class_count(trained_run, demo_voc, tmp_path):
+    """--weights: a WZ-style {"model": ..., "optimizer": ...} file whose predictor has 91 classes.
+    Everything but the predictor is loaded; with lr 0 the loaded weights are still there after
+    training, and the predictor is sized for the 3 classes of the data."""
+    source = load(trained_run / "last.pth")["model"]
+    width = source["roi_heads.box_predictor.cls_score.weight"].shape[1]
+    source["roi_heads.box_predictor.cls_score.weight"] = torch.zeros(91, width)
+    source["roi_heads.box_predictor.cls_score.bias"] = torch.zeros(91)
+    source["roi_heads.box_predictor.bbox_pred.weight"] = torch.zeros(91 * 4, width)
+    source["roi_heads.box_predictor.bbox_pred.bias"] = torch.zeros(91 * 4)
+    weights = tmp_path / "wz_style.pth"
+    torch.save({"model": source, "optimizer": {}, "epoch": 7}, weights)
+
+    out = tmp_path / "run"
+    train("train_mobilenet.py", demo_voc, out, "--epochs", "1", "--weights", str(weights), "--lr", "0")
+    tuned = load(out / "model-0.pth")["model"]
+    assert tuned["roi_heads.box_predictor.cls_score.weight"].shape == (4, width)
+    for key, value in source.items():
+        if key.startswith("roi_heads.box_predictor.") or "running_" in key or "num_batches" in key:
+            continue  # a new predictor; BatchNorm statistics move even with lr 0
+        assert torch.equal(tuned[key], value), key
+
+
+def test_missing_detector_weights_names_the_url(demo_voc, tmp_path):
+    cmd = [sys.executable, str(ROOT / "train_resnet50_fpn.py"), "--data-path", str(demo_voc),
+           "--classes-json", str(demo_voc / "classes.json"), "--output-dir", str(tmp_path),
+           "--weights", str(tmp_path / "fasterrcnn_resnet50_fpn_coco.pth")]
+    done = subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 1
+    assert done.stderr.strip().splitlines() == [
+        f"error: detector weights '{tmp_path / 'fasterrcnn_resnet50_fpn_coco.pth'}' not found; the COCO detector is at "
+        "https://download.pytorch.org/models/fasterrcnn_resnet50_fpn_coco-258fb6c6.pth"]

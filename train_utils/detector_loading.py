@@ -5,7 +5,6 @@ Reads checkpoints of our training scripts (model config and class names inside),
 """
 import argparse
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any, Optional
 
 import torch
@@ -14,7 +13,7 @@ from my_dataset import load_class_dict
 from network_files import FasterRCNN
 
 from .checkpoint import load_checkpoint
-from .model_builder import build_model
+from .model_builder import build_model, official_frozen_bn_eps
 from .train_args import backbone_name, int_list
 from .trainer import resolve_device
 
@@ -22,8 +21,6 @@ _PREDICTOR_KEY = "roi_heads.box_predictor.cls_score.weight"
 # Model config keys a bare state dict takes from the command line (with --backbone).
 ARCHITECTURE_KEYS = ("width_mult", "feature_stride", "representation_size", "anchor_sizes")
 _ARCHITECTURE_FLAGS = ", ".join(["--backbone"] + [f"--{key.replace('_', '-')}" for key in ARCHITECTURE_KEYS])
-# The official COCO detector file (torchvision evaluates it with FrozenBatchNorm eps 0).
-OFFICIAL_COCO_PREFIX = "fasterrcnn_resnet50_fpn_coco"
 
 
 def add_model_arguments(parser: argparse.ArgumentParser) -> None:
@@ -108,8 +105,9 @@ def load_detector(args: argparse.Namespace, weights_path: str) -> LoadedDetector
     elif len(names) != int(config["num_classes"]) - 1:
         raise ValueError(f"{weights_path} predicts {int(config['num_classes']) - 1} classes but "
                          f"{args.classes_json or 'its class list'} holds {len(names)}")
-    if config["backbone"] == "resnet50_fpn" and Path(weights_path).name.startswith(OFFICIAL_COCO_PREFIX):
-        config["frozen_bn_eps"] = 0.0  # as torchvision evaluates its v1 COCO weights
+    eps = official_frozen_bn_eps(weights_path, config["backbone"])
+    if eps is not None:
+        config["frozen_bn_eps"] = eps
     if args.min_size is not None:
         config["min_size"] = args.min_size
     if args.max_size is not None:

@@ -5,6 +5,7 @@ The config holds only plain types (it is stored in every checkpoint under ``"mod
 ("align" or "pool"), for ``tv:<name>`` backbones ``return_nodes`` and ``fpn``, and the optional
 detector hyper-parameters listed in ``DETECTOR_KEYS``.
 """
+import os
 from typing import Any, Callable, Dict, List, NamedTuple, Optional, Tuple
 
 import torch
@@ -15,7 +16,6 @@ from backbone import (
     WEIGHT_FILE_NAMES,
     FrozenBatchNorm2d,
     classifier_names,
-    load_weight_file,
     mobilenet_v2_backbone,
     resnet50_fpn_backbone,
     resnet_c4,
@@ -203,16 +203,27 @@ def set_frozen_bn_eps(model: nn.Module, eps: float) -> None:
             module.eps = eps
 
 
+# The official COCO detector file; torchvision evaluates it with FrozenBatchNorm eps 0.
+OFFICIAL_COCO_PREFIX = "fasterrcnn_resnet50_fpn_coco"
+
+
+def official_frozen_bn_eps(path: str, backbone: str) -> Optional[float]:
+    """0.0 for torchvision's v1 COCO file (recognised by its name) on resnet50_fpn, else None."""
+    if backbone == "resnet50_fpn" and os.path.basename(path).startswith(OFFICIAL_COCO_PREFIX):
+        return 0.0
+    return None
+
+
 def load_detector_weights(model: FasterRCNN, path: str, config: Dict[str, Any]) -> None:
-    """Fine-tune from a detector checkpoint (the official COCO file, or one of ours): every
-    matching tensor is loaded; a box predictor with another class count stays freshly initialised."""
-    load_weight_file(path, "fasterrcnn_resnet50_fpn_coco")  # clear error (with the URL) when missing
+    """Fine-tune from a detector checkpoint (the official COCO file, a WZ-style ``{"model": ...}``
+    file or one of ours): every matching tensor is loaded; a box predictor with another class
+    count stays freshly initialised."""
     raw = load_checkpoint(path)
-    if isinstance(raw, dict) and "model_config" in raw:
-        state, eps = raw["model"], raw["model_config"].get("frozen_bn_eps")
-    else:
-        # torchvision evaluates its v1 COCO weights with eps 0 in the frozen BatchNorms.
-        state, eps = raw, (0.0 if config["backbone"] == "resnet50_fpn" else None)
+    if not isinstance(raw, dict):
+        raise ValueError(f"{path} holds a {type(raw).__name__}, not a checkpoint or a state dict")
+    state = raw["model"] if isinstance(raw.get("model"), dict) else raw
+    stored_config = raw.get("model_config")
+    eps = stored_config.get("frozen_bn_eps") if stored_config else official_frozen_bn_eps(path, config["backbone"])
     own = model.state_dict()
     predictor_keys = [k for k in state if k.startswith("roi_heads.box_predictor.")]
     if any(k in own and own[k].shape != state[k].shape for k in predictor_keys):
@@ -227,7 +238,6 @@ def load_detector_weights(model: FasterRCNN, path: str, config: Dict[str, Any]) 
     if eps is not None:
         config["frozen_bn_eps"] = eps
         set_frozen_bn_eps(model, eps)
-
 
 
 def count_parameters(model: nn.Module) -> Tuple[int, int]:

@@ -1,5 +1,6 @@
 """Command-line flags shared by every training script (names follow torchvision's references and WZ)."""
 import argparse
+import os
 from typing import Any, Dict, Optional, Sequence
 
 from .dataset_factory import FORMATS, LAYOUT_HELP
@@ -47,7 +48,8 @@ def build_parser(description: str, defaults: Dict[str, Any], distributed: bool =
                       help="skip objects whose class is not in the classes json instead of stopping")
     data.add_argument("--augment", default="hflip", choices=["none", "hflip", "photometric", "full"],
                       help="training augmentation policy")
-    data.add_argument("--workers", "-j", type=int, default=4, help="data loading worker processes")
+    data.add_argument("--workers", "-j", type=int, default=min(4, os.cpu_count() or 1),
+                      help="data loading worker processes (default: 4, at most the CPU count)")
     data.add_argument("--aspect-ratio-group-factor", type=int, default=3,
                       help="batch images of similar aspect ratio (-1 disables)")
 

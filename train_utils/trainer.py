@@ -45,13 +45,19 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def resolve_backbone_weights(args: argparse.Namespace) -> Optional[str]:
-    """The ImageNet file to load, or None (from scratch, or the detector weights cover it).
+def resolve_weight_files(args: argparse.Namespace) -> Optional[str]:
+    """Check the weight files the flags name before any work; return the ImageNet backbone file
+    to load, or None (from scratch, or the --weights detector file covers the backbone).
 
     Without --backbone-weights, backbones with an official file look for it at WZ's place,
     ``backbone/<model>.pth`` (e.g. backbone/resnet50.pth, backbone/mobilenet_v2.pth).
     """
-    if args.weights or (args.backbone_weights or "").lower() == "none":
+    if args.weights:
+        if not os.path.isfile(args.weights):
+            raise FileNotFoundError(f"detector weights '{args.weights}' not found; the COCO detector is at "
+                                    f"{weight_url('fasterrcnn_resnet50_fpn_coco')}")
+        return None
+    if (args.backbone_weights or "").lower() == "none":
         return None
     kind = BACKBONE_WEIGHT_KIND.get(args.backbone)
     if args.backbone_weights:
@@ -112,7 +118,7 @@ def run_training(args: argparse.Namespace, distributed: bool = False) -> Dict[st
     if args.resume == "auto" and resume_path is None and is_main:
         print(f"--resume auto: no checkpoint in {args.output_dir}, starting from scratch")
     checkpoint = load_checkpoint(resume_path) if resume_path else None
-    backbone_weights = None if checkpoint is not None else resolve_backbone_weights(args)  # fail fast
+    backbone_weights = None if checkpoint is not None else resolve_weight_files(args)  # fail fast
 
     train_set = build_dataset(args.dataset_format, args.data_path, args.train_split,
                               get_transforms(True, args.augment), args.classes_json, args.year,
