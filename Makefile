@@ -3,12 +3,14 @@ PYTHON_SYS ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
+# Test-only packages: pytest, and onnx + onnxruntime for the ONNX export tests (pyproject's "test" extra).
+TEST_PACKAGES := pytest onnx onnxruntime
 
 .PHONY: install demo test benchmark
 
-$(STAMP): requirements.txt
+$(STAMP): requirements.txt Makefile
 	test -x $(PY) || $(PYTHON_SYS) -m venv $(VENV)
-	$(PY) -m pip install --disable-pip-version-check -q -r requirements.txt pytest
+	$(PY) -m pip install --disable-pip-version-check -q -r requirements.txt $(TEST_PACKAGES)
 	touch $(STAMP)
 
 install: $(STAMP)

@@ -1,6 +1,7 @@
 """Detect objects in images, folders or globs and draw the results.
 
     python predict.py --weights save_weights/best.pth photo.jpg holiday/ "scans/*.png"
+    python predict.py --onnx model.onnx photo.jpg      # a tools/export_onnx.py export, on onnxruntime
 
 Each readable image is written to ``--output-dir`` with its boxes drawn, under its own name
 (``.jpg``/``.jpeg`` keep their extension, everything else becomes ``.png``); ``--save-json`` also
@@ -19,15 +20,17 @@ import json
 import sys
 import time
 from pathlib import Path
-from typing import Any, Optional, Sequence
+from typing import Any, Callable, Optional, Sequence
 
 import numpy as np
 import torch
 from PIL import Image, ImageOps
 from torch.utils.data import DataLoader, Dataset
 
-from train_utils.draw_box_utils import draw_detections
+from my_dataset import load_class_dict
 from train_utils.detector_loading import add_model_arguments, load_detector
+from train_utils.draw_box_utils import draw_detections
+from train_utils.onnx_export import OnnxDetector
 
 JPEG_SUFFIXES = (".jpg", ".jpeg")
 # What PIL raises on files it cannot identify or decode (UnidentifiedImageError is an OSError).
@@ -115,8 +118,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0],
                                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     parser.add_argument("inputs", nargs="+", metavar="INPUT", help="image file, folder or glob pattern")
-    parser.add_argument("--weights", "--weights-path", dest="weights", required=True,
+    source = parser.add_mutually_exclusive_group(required=True)
+    source.add_argument("--weights", "--weights-path", dest="weights",
                         help="checkpoint written by a training script, or a bare state dict")
+    source.add_argument("--onnx", help="a model written by tools/export_onnx.py, run with onnxruntime")
     parser.add_argument("--output-dir", default="predict_results", help="where drawn images (and JSON) go")
     parser.add_argument("--score-thresh", type=float, default=0.5, help="keep detections scoring at least this")
     parser.add_argument("--line-thickness", type=int, default=None, help="box outline pixels (default: by image size)")
@@ -144,17 +149,55 @@ def coco_records(image: str, boxes: torch.Tensor, labels: torch.Tensor, scores: 
     return records
 
 
+Detect = Callable[[torch.Tensor], dict[str, torch.Tensor]]
+
+
+def load_predictor(args: argparse.Namespace) -> tuple[Detect, list[str], torch.device]:
+    """(image [3, H, W] float in [0, 1] on the device -> detections, class names, device) of the
+    PyTorch checkpoint or the ONNX file the flags name."""
+    if args.weights:
+        detector = load_detector(args, args.weights)
+        model = detector.model
+        model.roi_heads.score_thresh = min(model.roi_heads.score_thresh, args.score_thresh)
+        return (lambda image: model([image])[0]), detector.class_names, next(model.parameters()).device
+    if args.min_size is not None or args.max_size is not None:
+        raise ValueError(f"{args.onnx}: image sizes are fixed at export; re-export to change --min-size/--max-size")
+    runtime = OnnxDetector(args.onnx, args.device)
+    if args.classes_json:
+        class_dict = load_class_dict(args.classes_json)
+        class_names = sorted(class_dict, key=class_dict.__getitem__)
+    elif runtime.class_names is not None:
+        class_names = runtime.class_names
+    else:
+        raise ValueError(f"{args.onnx} stores no class names: pass --classes-json")
+    if args.score_thresh < runtime.score_thresh:
+        print(f"note: {args.onnx} returns only scores >= {runtime.score_thresh} (set at export)", file=sys.stderr)
+    return runtime, class_names, torch.device("cpu")
+
+
+def json_output_path(args: argparse.Namespace) -> Optional[Path]:
+    """Where ``--save-json`` writes, or None. A path not ending in .json is refused: it is
+    usually an input image that ``--save-json`` swallowed, and must not be overwritten."""
+    if args.save_json is None:
+        return None
+    if not args.save_json:
+        return Path(args.output_dir) / "predictions.json"
+    path = Path(args.save_json)
+    if path.suffix.lower() != ".json":
+        raise ValueError(f"--save-json {path}: the path must end in .json (to save to the default place, "
+                         "put --save-json after the inputs)")
+    return path
+
+
 def run(args: argparse.Namespace) -> int:
     """Predict as the flags say; returns the number of images processed."""
+    json_path = json_output_path(args)
     files, problems = find_inputs(args.inputs)
     for problem in problems:
         print(f"skipped {problem}", file=sys.stderr)
     if not files:
         return 0
-    detector = load_detector(args, args.weights)
-    model, class_names = detector.model, detector.class_names
-    model.roi_heads.score_thresh = min(model.roi_heads.score_thresh, args.score_thresh)
-    device = next(model.parameters()).device
+    detect, class_names, device = load_predictor(args)
     output_dir = Path(args.output_dir)
     if not args.no_draw:
         output_dir.mkdir(parents=True, exist_ok=True)
@@ -173,7 +216,7 @@ def run(args: argparse.Namespace) -> int:
             continue
         tick = time.perf_counter()
         with torch.inference_mode():
-            output = model([pixels.to(device).float().div_(255)])[0]
+            output = detect(pixels.to(device).float().div_(255))
         if device.type == "cuda":
             torch.cuda.synchronize(device)
         took = time.perf_counter() - tick
@@ -193,8 +236,7 @@ def run(args: argparse.Namespace) -> int:
         print(f"[{done + skipped}/{len(files)}] {file}: {len(scores)} detections, {took * 1000:.0f} ms{written}")
     elapsed = time.perf_counter() - start
 
-    if args.save_json is not None:
-        json_path = Path(args.save_json) if args.save_json else output_dir / "predictions.json"
+    if json_path is not None:
         json_path.parent.mkdir(parents=True, exist_ok=True)
         json_path.write_text(json.dumps(results, indent=1) + "\n")
         print(f"wrote {len(results)} detections to {json_path}")
@@ -208,7 +250,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         processed = run(args)
-    except (FileNotFoundError, ValueError) as exc:
+    except (FileNotFoundError, ValueError, ImportError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
     if processed == 0:

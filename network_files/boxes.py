@@ -9,6 +9,8 @@ import torch
 from torch import Tensor
 from torchvision.ops import batched_nms, box_iou, nms
 
+from .tracing import Size
+
 __all__ = ["box_area", "box_iou", "batched_nms", "nms", "clip_boxes_to_image", "remove_small_boxes"]
 
 
@@ -17,11 +19,16 @@ def box_area(boxes: Tensor) -> Tensor:
     return (boxes[:, 2] - boxes[:, 0]) * (boxes[:, 3] - boxes[:, 1])
 
 
-def clip_boxes_to_image(boxes: Tensor, size: Tuple[int, int]) -> Tensor:
-    """Clamp boxes ``[..., 4]`` into an image of ``size = (height, width)``."""
+def clip_boxes_to_image(boxes: Tensor, size: Tuple[Size, Size]) -> Tensor:
+    """Clamp boxes ``[..., 4]`` into an image of ``size = (height, width)`` (ints, or 0-dim
+    tensors while tracing)."""
     height, width = size
-    xs = boxes[..., 0::2].clamp(min=0, max=width)
-    ys = boxes[..., 1::2].clamp(min=0, max=height)
+    if isinstance(width, Tensor):
+        xs = boxes[..., 0::2].clamp(min=0).minimum(width.to(boxes.dtype))
+        ys = boxes[..., 1::2].clamp(min=0).minimum(height.to(boxes.dtype))
+    else:
+        xs = boxes[..., 0::2].clamp(min=0, max=width)
+        ys = boxes[..., 1::2].clamp(min=0, max=height)
     return torch.stack((xs, ys), dim=-1).reshape(boxes.shape)
 
 

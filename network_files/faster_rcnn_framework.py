@@ -10,6 +10,7 @@ from . import fast_path
 from .poolers import MultiScaleRoIAlign
 from .roi_head import RoIHeads
 from .rpn_function import AnchorsGenerator, RegionProposalNetwork, RPNHead
+from .tracing import Size
 from .transform import GeneralizedRCNNTransform
 
 Targets = List[Dict[str, Tensor]]
@@ -47,11 +48,11 @@ class FasterRCNNBase(nn.Module):
         """
         if self.training:
             self._check_targets(targets)
-        original_sizes: List[Tuple[int, int]] = []
+        original_sizes: List[Tuple[Size, Size]] = []
         for index, image in enumerate(images):
             if image.dim() != 3:
                 raise ValueError(f"image {index}: expected a [C, H, W] tensor, got shape {tuple(image.shape)}")
-            original_sizes.append((int(image.shape[-2]), int(image.shape[-1])))
+            original_sizes.append((image.shape[-2], image.shape[-1]))
 
         image_list, targets = self.transform(images, targets)
         batch = image_list.tensors

@@ -28,6 +28,8 @@ import torch
 import torchvision
 from torch import Tensor
 
+from .tracing import is_tracing
+
 BoxesArg = Union[Tensor, list[Tensor]]
 SizeArg = Union[int, tuple[int, int], list[int]]
 
@@ -300,8 +302,9 @@ def _chunk_rois(elements_per_roi: int) -> int:
 
 
 def _uses_fast_path(features: list[Tensor]) -> bool:
-    """True if our sparse kernel handles these maps: dense CPU tensors of a floating dtype."""
-    return all(
+    """True if our sparse kernel handles these maps: dense CPU tensors of a floating dtype, not
+    being traced for export (torchvision's op has an ONNX form)."""
+    return not is_tracing() and all(
         f.device.type == "cpu" and not f.is_quantized and f.dtype in _SUPPORTED_DTYPES and f.layout == torch.strided
         for f in features
     )

@@ -8,6 +8,7 @@ from torch import Tensor, nn
 from . import boxes as box_ops
 from . import det_utils
 from .image_list import ImageList
+from .tracing import is_tracing
 
 
 class AnchorsGenerator(nn.Module):
@@ -78,9 +79,11 @@ class AnchorsGenerator(nn.Module):
     def forward(self, image_list: ImageList, feature_maps: List[Tensor]) -> List[Tensor]:
         """Returns one ``[sum_i H_i * W_i * A_i, 4]`` anchor tensor per image (all equal)."""
         padded_h, padded_w = image_list.tensors.shape[-2:]
-        grid_sizes = [(int(f.shape[-2]), int(f.shape[-1])) for f in feature_maps]
-        strides = [(int(padded_h) // gh, int(padded_w) // gw) for gh, gw in grid_sizes]
+        grid_sizes = [(f.shape[-2], f.shape[-1]) for f in feature_maps]
+        strides = [(padded_h // gh, padded_w // gw) for gh, gw in grid_sizes]
         dtype, device = feature_maps[0].dtype, feature_maps[0].device
+        if is_tracing():  # sizes are symbolic: nothing to cache
+            return [torch.cat(self.grid_anchors(grid_sizes, strides, dtype, device))] * len(image_list.image_sizes)
         key = (tuple(grid_sizes), tuple(strides), dtype, device)
         anchors = self._cache.get(key)
         if anchors is None:
@@ -228,7 +231,8 @@ class RegionProposalNetwork(nn.Module):
         indices, offset = [], 0
         for level_scores in objectness.split(num_anchors_per_level, 1):
             count = level_scores.shape[1]
-            k = min(self.pre_nms_top_n(), count)
+            # While tracing, count is a tensor and k must stay one to follow the image size.
+            k = count.clamp(max=self.pre_nms_top_n()) if is_tracing() else min(self.pre_nms_top_n(), count)
             indices.append(level_scores.topk(k, dim=1).indices + offset)
             offset += count
         return torch.cat(indices, dim=1)

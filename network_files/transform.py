@@ -7,13 +7,13 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .image_list import ImageList
+from .tracing import Size, is_tracing, size_tensor
 
 
-def resize_boxes(boxes: Tensor, original_size: Sequence[int], new_size: Sequence[int]) -> Tensor:
+def resize_boxes(boxes: Tensor, original_size: Sequence[Size], new_size: Sequence[Size]) -> Tensor:
     """Scale boxes ``[N, 4]`` from an image of ``original_size (h, w)`` to one of ``new_size``."""
     ratio_h, ratio_w = (
-        torch.tensor(new, dtype=torch.float32, device=boxes.device)
-        / torch.tensor(old, dtype=torch.float32, device=boxes.device)
+        size_tensor(new, torch.float32, boxes.device) / size_tensor(old, torch.float32, boxes.device)
         for new, old in zip(new_size, original_size)
     )
     x1, y1, x2, y2 = boxes.unbind(1)
@@ -66,7 +66,8 @@ class GeneralizedRCNNTransform(nn.Module):
             resized.append(image)
             if targets is not None:
                 targets[index] = target
-        image_sizes = [(int(img.shape[-2]), int(img.shape[-1])) for img in resized]
+        # Python ints in eager mode; traced sizes while exporting.
+        image_sizes = [(img.shape[-2], img.shape[-1]) for img in resized]
         return ImageList(self.batch_images(resized, self.size_divisible), image_sizes), targets
 
     def normalize(self, image: Tensor) -> Tensor:
@@ -92,6 +93,10 @@ class GeneralizedRCNNTransform(nn.Module):
             out = F.interpolate(
                 image[None], size=[self.fixed_size[1], self.fixed_size[0]], mode="bilinear", align_corners=False
             )
+        elif is_tracing():
+            out = F.interpolate(
+                image[None], size=self._traced_output_size(height, width, shorter), mode="bilinear", align_corners=False
+            )
         else:
             scale = min(shorter / min(height, width), self.max_size / max(height, width))
             out = F.interpolate(
@@ -102,9 +107,21 @@ class GeneralizedRCNNTransform(nn.Module):
             target["boxes"] = resize_boxes(target["boxes"], (height, width), image.shape[-2:])
         return image, target
 
+    def _traced_output_size(self, height: Tensor, width: Tensor, shorter: int) -> List[Tensor]:
+        """The eager resize's output size as tensor operations: ``floor(side * scale)`` in float64,
+        the arithmetic ``F.interpolate`` does with a Python float scale."""
+        sides = torch.stack((height, width)).to(torch.float64)
+        # Tensor / tensor: a Python number over a tensor would be exported in float32.
+        limits = torch.tensor([shorter, self.max_size], dtype=torch.float64, device=sides.device)
+        scale = (limits / torch.stack((sides.min(), sides.max()))).min()
+        out_h, out_w = torch.floor(sides * scale).to(torch.int64).unbind(0)
+        return [out_h, out_w]
+
     @staticmethod
     def batch_images(images: List[Tensor], size_divisible: int = 32) -> Tensor:
         """Zero-pad images to a common ``[B, C, H, W]`` with H and W multiples of ``size_divisible``."""
+        if is_tracing():
+            return GeneralizedRCNNTransform._traced_batch_images(images, size_divisible)
         channels = max(img.shape[0] for img in images)
         height = int(math.ceil(max(img.shape[1] for img in images) / size_divisible) * size_divisible)
         width = int(math.ceil(max(img.shape[2] for img in images) / size_divisible) * size_divisible)
@@ -112,6 +129,18 @@ class GeneralizedRCNNTransform(nn.Module):
         for slot, img in zip(batch, images):
             slot[: img.shape[0], : img.shape[1], : img.shape[2]].copy_(img)
         return batch
+
+    @staticmethod
+    def _traced_batch_images(images: List[Tensor], size_divisible: int) -> Tensor:
+        """:meth:`batch_images` with the padded size computed by tensor operations."""
+        shapes = torch.stack([torch.stack(list(img.shape)) for img in images])
+        largest = shapes.max(dim=0).values
+        spatial = torch.ceil(largest[1:].to(torch.float32) / size_divisible).to(torch.int64) * size_divisible
+        padded = [
+            F.pad(img, (0, spatial[1] - img.shape[2], 0, spatial[0] - img.shape[1], 0, largest[0] - img.shape[0]))
+            for img in images
+        ]
+        return torch.stack(padded)
 
     def postprocess(
         self,

@@ -2,27 +2,36 @@
 import os
 import re
 import tempfile
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Dict, Optional
+from typing import Any, Dict, Iterator, Optional
 
 import torch
 
 
-def save_atomic(obj: Any, path: str) -> None:
-    """``torch.save`` to ``path`` so that a crash never leaves a truncated file behind."""
+@contextmanager
+def temporary_path(path: str) -> Iterator[Path]:
+    """A temporary file next to ``path`` for the block to write; renamed over ``path`` (after an
+    fsync) when the block succeeds, removed when it fails, so ``path`` is never left truncated."""
     target = Path(path)
     target.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
+    os.close(fd)
     try:
-        with os.fdopen(fd, "wb") as handle:
-            torch.save(obj, handle)
-            handle.flush()
+        yield Path(tmp)
+        with open(tmp, "rb+") as handle:
             os.fsync(handle.fileno())
         os.replace(tmp, target)
     except BaseException:
         if os.path.exists(tmp):
             os.remove(tmp)
         raise
+
+
+def save_atomic(obj: Any, path: str) -> None:
+    """``torch.save`` to ``path`` so that a crash never leaves a truncated file behind."""
+    with temporary_path(path) as tmp:
+        torch.save(obj, tmp)
 
 
 def load_checkpoint(path: str, map_location: str = "cpu") -> Dict[str, Any]:

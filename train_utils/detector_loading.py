@@ -23,12 +23,14 @@ ARCHITECTURE_KEYS = ("width_mult", "feature_stride", "representation_size", "anc
 _ARCHITECTURE_FLAGS = ", ".join(["--backbone"] + [f"--{key.replace('_', '-')}" for key in ARCHITECTURE_KEYS])
 
 
-def add_model_arguments(parser: argparse.ArgumentParser) -> None:
-    """Flags shared by validation.py and predict.py for rebuilding a detector from a weights file."""
+def add_model_arguments(parser: argparse.ArgumentParser, with_device: bool = True) -> None:
+    """Flags shared by validation.py, predict.py and the export tool for rebuilding a detector
+    from a weights file (``--device`` only ``with_device``)."""
     group = parser.add_argument_group("model (architecture flags are only needed for a bare state dict)")
     group.add_argument("--classes-json", default=None,
                        help="{class name: id 1..K} file; default: the class names stored in the checkpoint")
-    group.add_argument("--device", default="auto", help="'auto' (cuda when available), 'cuda', 'cuda:1' or 'cpu'")
+    if with_device:
+        group.add_argument("--device", default="auto", help="'auto' (cuda when available), 'cuda', 'cuda:1' or 'cpu'")
     group.add_argument("--min-size", type=int, default=None, help="shorter image side; default: the checkpoint's")
     group.add_argument("--max-size", type=int, default=None, help="longer side bound; default: the checkpoint's")
     group.add_argument("--backbone", type=backbone_name, default=None, help="backbone of a bare state dict")
