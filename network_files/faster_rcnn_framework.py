@@ -3,10 +3,10 @@ from collections import OrderedDict
 from typing import Dict, List, Optional, Sequence, Tuple, Union
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 from . import fast_path
+from .box_head import FastRCNNPredictor, TwoMLPHead
 from .poolers import MultiScaleRoIAlign
 from .roi_head import RoIHeads
 from .rpn_function import AnchorsGenerator, RegionProposalNetwork, RPNHead
@@ -88,45 +88,6 @@ class FasterRCNNBase(nn.Module):
                     f"target {index}: box {box_index} {boxes[box_index].tolist()} has no area "
                     "(boxes must satisfy x2 > x1 and y2 > y1)"
                 )
-
-
-class TwoMLPHead(nn.Module):
-    """Flatten the pooled features and apply two fully connected layers with ReLU.
-
-    Args:
-        in_channels: ``C * P * P`` of the pooled features.
-        representation_size: width of both layers.
-    """
-
-    def __init__(self, in_channels: int, representation_size: int) -> None:
-        super().__init__()
-        self.fc6 = nn.Linear(in_channels, representation_size)
-        self.fc7 = nn.Linear(representation_size, representation_size)
-
-    def forward(self, x: Tensor) -> Tensor:
-        """``[R, C, P, P] -> [R, representation_size]``."""
-        x = F.relu(self.fc6(x.flatten(start_dim=1)))
-        return F.relu(self.fc7(x))
-
-
-class FastRCNNPredictor(nn.Module):
-    """Class scores ``[R, num_classes]`` and per-class box offsets ``[R, num_classes * 4]``.
-
-    Args:
-        in_channels: width of the box head's output.
-        num_classes: number of classes including background.
-    """
-
-    def __init__(self, in_channels: int, num_classes: int) -> None:
-        super().__init__()
-        self.cls_score = nn.Linear(in_channels, num_classes)
-        self.bbox_pred = nn.Linear(in_channels, num_classes * 4)
-
-    def forward(self, x: Tensor) -> Tuple[Tensor, Tensor]:
-        if x.dim() == 4 and list(x.shape[2:]) != [1, 1]:
-            raise ValueError(f"expected box features of shape [R, C, 1, 1] or [R, C], got {list(x.shape)}")
-        x = x.flatten(start_dim=1)
-        return self.cls_score(x), self.bbox_pred(x)
 
 
 class FasterRCNN(FasterRCNNBase):

@@ -20,7 +20,7 @@ import torch
 from torch import Tensor, nn
 from torchvision.ops import roi_pool
 
-from .roi_align import boxes_to_rois, pyramid_roi_align
+from .roi_align import boxes_to_rois, pyramid_roi_align, pyramid_roi_align_linear
 
 _LEVEL_EPS = 1e-6
 
@@ -124,6 +124,21 @@ class MultiScaleRoIAlign(_PyramidPooler):
         features, scales, levels = self.select_levels(x, boxes, image_shapes)
         rois = boxes_to_rois(boxes)
         return pyramid_roi_align(features, rois, levels, scales, self.output_size, self.sampling_ratio)
+
+    def forward_linear(
+        self, x: dict[str, Tensor], boxes: list[Tensor], image_shapes: list[tuple[int, int]],
+        weight: Tensor, bias: Optional[Tensor],
+    ) -> Tensor:
+        """``F.linear(self(x, boxes, image_shapes).flatten(1), weight, bias)``: Tensor[sum L_i, D].
+
+        On the CPU the pooled features are fed to the linear layer chunk by chunk and never
+        stored, which saves their memory (and their gradient's) in training.
+        """
+        features, scales, levels = self.select_levels(x, boxes, image_shapes)
+        rois = boxes_to_rois(boxes)
+        return pyramid_roi_align_linear(
+            features, rois, levels, scales, self.output_size, self.sampling_ratio, weight, bias
+        )
 
     def extra_repr(self) -> str:
         return (

@@ -12,6 +12,9 @@ tensor operations only, without a Python loop over RoIs.
 Several pyramid levels are handled as one matrix over the concatenated pixels of all levels, so
 multi-scale pooling needs no per-level merge.
 
+``pyramid_roi_align_linear`` also applies the box head's first linear layer, chunk by chunk, so the
+pooled features (the largest tensor of a training step) and their gradient are never stored.
+
 Semantics follow torchvision's CPU kernel: sample positions are computed in the same
 floating-point order, samples outside [-1, size] are dropped, positions are clamped at the border
 and each bin is divided by its sample count. Half and bfloat16 inputs are computed in float32 and
@@ -22,9 +25,10 @@ quantized or have a non-floating dtype go to ``torchvision.ops.roi_align``.
 from __future__ import annotations
 
 import warnings
-from typing import Optional, Union
+from typing import Iterator, Optional, Union
 
 import torch
+import torch.nn.functional as F
 import torchvision
 from torch import Tensor
 
@@ -36,6 +40,9 @@ SizeArg = Union[int, tuple[int, int], list[int]]
 _SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 # Values per chunk of output bins: bounds the reusable [bins, C] buffer (32 MB in float32).
 _CHUNK_ELEMENTS = 1 << 23
+# Values per buffer of the fused pooling + linear layer (64 MB in float32). Larger chunks mean
+# fewer passes over the weight gradient but larger buffers.
+_LINEAR_CHUNK_ELEMENTS = 1 << 24
 # Largest dense tap array [K, bins, taps] we build (256 MB of index and float32 weight); beyond it
 # (adaptive sampling of huge boxes on a fine map) torchvision's kernel, which needs no such array, is used.
 _MAX_DENSE_TAPS = 1 << 25
@@ -198,20 +205,11 @@ class _SparsePyramidPool(torch.autograd.Function):
         bins = output_size[0] * output_size[1]
         table = _channels_last_table(features, value.dtype)  # [R, C]
         out = torch.empty(num_rois, channels, bins, dtype=out_dtype)
-        chunk = _chunk_rois(bins * channels)
-        rows = torch.empty(min(chunk, num_rois) * bins, channels, dtype=value.dtype)
-        for first in range(0, num_rois, chunk):
-            last = min(first + chunk, num_rois)
-            b0, b1 = first * bins, last * bins
-            lo, hi = int(row_start[b0]), int(row_start[b1])
-            matrix = _csr(row_start[b0 : b1 + 1] - lo, column[lo:hi], value[lo:hi], (b1 - b0, table.shape[0]))
-            torch.mm(matrix, table, out=rows[: b1 - b0])
-            out[first:last].copy_(rows[: b1 - b0].view(last - first, bins, channels).transpose(1, 2))
+        pool = _ChunkedPool(row_start, column, value, table, bins, _chunk_rois(bins * channels))
+        for first, last in pool.chunks():
+            out[first:last].copy_(pool.rows(first, last).view(last - first, bins, channels).transpose(1, 2))
         ctx.save_for_backward(row_start, column, value)
-        ctx.level_shapes = [f.shape for f in features]
-        ctx.level_dtypes = [f.dtype for f in features]
-        ctx.level_contiguous = [f.is_contiguous() for f in features]
-        ctx.table_rows = table.shape[0]
+        _remember_levels(ctx, features, table.shape[0])
         return out.view(num_rois, channels, *output_size)
 
     @staticmethod
@@ -220,37 +218,169 @@ class _SparsePyramidPool(torch.autograd.Function):
         row_start, column, value = ctx.saved_tensors
         num_rois, channels, pooled_h, pooled_w = grad_out.shape
         bins = pooled_h * pooled_w
-        chunk = _chunk_rois(bins * channels)
-        grad_table = torch.zeros(ctx.table_rows, channels, dtype=value.dtype)
-        plan = _TransposePlan(row_start, column, value, chunk * bins, ctx.table_rows)
-        rows = torch.empty(min(chunk, num_rois) * bins, channels, dtype=value.dtype)
-        for c, first in enumerate(range(0, num_rois, chunk)):
-            last = min(first + chunk, num_rois)
-            lo, hi = int(plan.chunk_start[c]), int(plan.chunk_start[c + 1])
-            if lo == hi:
-                continue
-            count = last - first
-            grad_chunk = grad_out[first:last].reshape(count, channels, bins)
-            rows[: count * bins].view(count, bins, channels).copy_(grad_chunk.transpose(1, 2))
-            # This chunk of S^T, restricted to the pixel range [p0, p1] its RoIs touch.
-            pixels = plan.pixel[lo:hi]
-            p0, p1 = int(pixels[0]), int(pixels[-1])
-            row_bounds = torch.searchsorted(pixels, torch.arange(p0, p1 + 2, dtype=pixels.dtype), out_int32=True)
-            matrix = _csr(row_bounds, plan.bin[lo:hi], plan.value[lo:hi], (p1 - p0 + 1, count * bins))
-            target = grad_table[p0 : p1 + 1]
-            torch.addmm(target, matrix, rows[: count * bins], out=target)
+        scatter = _ChunkedScatter(row_start, column, value, ctx.table_rows, channels, bins, _chunk_rois(bins * channels))
+        for first, last in scatter.chunks():
+            scatter.add(first, last, grad_out[first:last].reshape(last - first, channels, bins))
+        return (None, None, None, None, None, None, *_level_grads(ctx, scatter.grad_table, ctx.needs_input_grad[6:]))
 
-        grads = []
-        start = 0
-        levels = zip(ctx.level_shapes, ctx.level_dtypes, ctx.level_contiguous, ctx.needs_input_grad[6:])
-        for shape, dtype, contiguous, needs_grad in levels:
-            n, _, h, w = shape
-            level = grad_table[start : start + n * h * w].view(n, h, w, channels).permute(0, 3, 1, 2)
-            # The gradient takes the input's layout: NCHW if the input was, else channels-last.
-            layout = torch.contiguous_format if contiguous else torch.preserve_format
-            grads.append(level.to(dtype=dtype, memory_format=layout) if needs_grad else None)
-            start += n * h * w
-        return (None, None, None, None, None, None, *grads)
+
+class _SparsePoolLinear(torch.autograd.Function):
+    """``linear((S @ X) as Tensor[K, C*PH*PW], W, b)`` without keeping the pooled features.
+
+    The pooled features of all RoIs (and their gradient) would be the largest tensors of a
+    training step; here each chunk of RoIs is pooled into a reused buffer and multiplied by W at
+    once, and the backward pass pools each chunk again for W's gradient.
+
+    forward inputs: CSR of S, K, (PH, PW), W Tensor[D, C*PH*PW], b Tensor[D] or None, then the
+    level feature maps (float32). Output: Tensor[K, D].
+    """
+
+    @staticmethod
+    def forward(ctx, row_start, column, value, num_rois, output_size, weight, bias, *features):
+        channels = features[0].shape[1]
+        bins = output_size[0] * output_size[1]
+        table = _channels_last_table(features, value.dtype)
+        out = torch.empty(num_rois, weight.shape[0], dtype=weight.dtype)
+        pool = _ChunkedPool(row_start, column, value, table, bins, _linear_chunk_rois(bins * channels, num_rois))
+        for first, last in pool.chunks():
+            pooled = pool.pooled(first, last).view(last - first, channels * bins)
+            if bias is None:
+                torch.mm(pooled, weight.t(), out=out[first:last])
+            else:
+                torch.addmm(bias, pooled, weight.t(), out=out[first:last])
+        ctx.save_for_backward(row_start, column, value, weight, *features)
+        ctx.has_bias = bias is not None
+        ctx.output_size = output_size
+        _remember_levels(ctx, features, table.shape[0])
+        return out
+
+    @staticmethod
+    @torch.autocast("cpu", enabled=False)
+    def backward(ctx, grad_out):
+        row_start, column, value, weight, *features = ctx.saved_tensors
+        num_rois = grad_out.shape[0]
+        channels = features[0].shape[1]
+        bins = ctx.output_size[0] * ctx.output_size[1]
+        chunk = _linear_chunk_rois(bins * channels, num_rois)
+        need_weight, need_bias = ctx.needs_input_grad[5], ctx.needs_input_grad[6] and ctx.has_bias
+        need_features = any(ctx.needs_input_grad[7:])
+        grad_weight = torch.zeros_like(weight) if need_weight else None
+        grad_bias = grad_out.sum(0) if need_bias else None
+        if need_weight:
+            pool = _ChunkedPool(row_start, column, value, _channels_last_table(features, value.dtype), bins, chunk)
+            for first, last in pool.chunks():
+                pooled = pool.pooled(first, last).view(last - first, channels * bins)
+                grad_weight.addmm_(grad_out[first:last].t(), pooled)
+            del pool
+        grads = [None] * len(features)
+        if need_features:
+            scatter = _ChunkedScatter(row_start, column, value, ctx.table_rows, channels, bins, chunk)
+            grad_pooled = torch.empty(min(chunk, num_rois), channels * bins, dtype=value.dtype)
+            for first, last in scatter.chunks():
+                torch.mm(grad_out[first:last], weight, out=grad_pooled[: last - first])
+                scatter.add(first, last, grad_pooled[: last - first].view(last - first, channels, bins))
+            grads = _level_grads(ctx, scatter.grad_table, ctx.needs_input_grad[7:])
+        return (None, None, None, None, None, grad_weight, grad_bias, *grads)
+
+
+class _ChunkedPool:
+    """Pools chunks of RoIs, ``S[rows of RoIs first..last) @ table``, into one reused buffer.
+
+    table: Tensor[R, C] channels-last pixels of all levels; bins: PH*PW; chunk: RoIs per chunk.
+    """
+
+    def __init__(self, row_start: Tensor, column: Tensor, value: Tensor, table: Tensor, bins: int, chunk: int):
+        self.row_start, self.column, self.value, self.table = row_start, column, value, table
+        self.bins, self.chunk = bins, chunk
+        self.num_rois = (row_start.shape[0] - 1) // bins
+        self.max_rois = min(chunk, self.num_rois)
+        self.row_buffer = torch.empty(self.max_rois * bins, table.shape[1], dtype=value.dtype)
+        self.pooled_buffer: Optional[Tensor] = None
+
+    def chunks(self) -> Iterator[tuple[int, int]]:
+        yield from _chunks(self.num_rois, self.chunk)
+
+    def rows(self, first: int, last: int) -> Tensor:
+        """Tensor[(last - first) * bins, C]: pooled bins of RoIs first..last, one bin per row
+        (valid until the next call)."""
+        b0, b1 = first * self.bins, last * self.bins
+        lo, hi = int(self.row_start[b0]), int(self.row_start[b1])
+        matrix = _csr(self.row_start[b0 : b1 + 1] - lo, self.column[lo:hi], self.value[lo:hi],
+                      (b1 - b0, self.table.shape[0]))
+        rows = self.row_buffer[: b1 - b0]
+        torch.mm(matrix, self.table, out=rows)
+        return rows
+
+    def pooled(self, first: int, last: int) -> Tensor:
+        """Tensor[last - first, C, bins] of RoIs first..last (valid until the next call)."""
+        if self.pooled_buffer is None:
+            self.pooled_buffer = torch.empty(self.max_rois, self.table.shape[1], self.bins, dtype=self.value.dtype)
+        pooled = self.pooled_buffer[: last - first]
+        pooled.copy_(self.rows(first, last).view(last - first, self.bins, -1).transpose(1, 2))
+        return pooled
+
+
+class _ChunkedScatter:
+    """Accumulates ``grad_table += S[rows of a chunk]^T @ dY_chunk`` chunk by chunk.
+
+    grad_table: Tensor[R, C] float32 gradient of the channels-last pixel table.
+    """
+
+    def __init__(self, row_start: Tensor, column: Tensor, value: Tensor, table_rows: int, channels: int,
+                 bins: int, chunk: int):
+        self.bins, self.chunk = bins, chunk
+        self.num_rois = (row_start.shape[0] - 1) // bins
+        self.grad_table = torch.zeros(table_rows, channels, dtype=value.dtype)
+        self.plan = _TransposePlan(row_start, column, value, chunk * bins, table_rows)
+        self.rows = torch.empty(min(chunk, self.num_rois) * bins, channels, dtype=value.dtype)
+
+    def chunks(self) -> Iterator[tuple[int, int]]:
+        yield from _chunks(self.num_rois, self.chunk)
+
+    def add(self, first: int, last: int, grad: Tensor) -> None:
+        """grad: Tensor[last - first, C, bins] gradient of the pooled RoIs first..last."""
+        index = first // self.chunk
+        lo, hi = int(self.plan.chunk_start[index]), int(self.plan.chunk_start[index + 1])
+        if lo == hi:
+            return
+        count = last - first
+        rows = self.rows[: count * self.bins]
+        rows.view(count, self.bins, -1).copy_(grad.transpose(1, 2))
+        # This chunk of S^T, restricted to the pixel range [p0, p1] its RoIs touch.
+        pixels = self.plan.pixel[lo:hi]
+        p0, p1 = int(pixels[0]), int(pixels[-1])
+        row_bounds = torch.searchsorted(pixels, torch.arange(p0, p1 + 2, dtype=pixels.dtype), out_int32=True)
+        matrix = _csr(row_bounds, self.plan.bin[lo:hi], self.plan.value[lo:hi], (p1 - p0 + 1, count * self.bins))
+        target = self.grad_table[p0 : p1 + 1]
+        torch.addmm(target, matrix, rows, out=target)
+
+
+def _chunks(num_rois: int, chunk: int) -> Iterator[tuple[int, int]]:
+    """(first, last) RoI ranges of at most ``chunk`` RoIs covering 0..num_rois."""
+    for first in range(0, num_rois, chunk):
+        yield first, min(first + chunk, num_rois)
+
+
+def _remember_levels(ctx, features: tuple[Tensor, ...], table_rows: int) -> None:
+    """Keep what _level_grads needs to shape the gradient of each level like its input."""
+    ctx.level_shapes = [f.shape for f in features]
+    ctx.level_dtypes = [f.dtype for f in features]
+    ctx.level_contiguous = [f.is_contiguous() for f in features]
+    ctx.table_rows = table_rows
+
+
+def _level_grads(ctx, grad_table: Tensor, needs_grad: tuple[bool, ...]) -> list[Optional[Tensor]]:
+    """Split the pixel-table gradient Tensor[R, C] into one gradient per level (None if unneeded)."""
+    channels = grad_table.shape[1]
+    grads, start = [], 0
+    for shape, dtype, contiguous, needed in zip(ctx.level_shapes, ctx.level_dtypes, ctx.level_contiguous, needs_grad):
+        n, _, h, w = shape
+        level = grad_table[start : start + n * h * w].view(n, h, w, channels).permute(0, 3, 1, 2)
+        # The gradient takes the input's layout: NCHW if the input was, else channels-last.
+        layout = torch.contiguous_format if contiguous else torch.preserve_format
+        grads.append(level.to(dtype=dtype, memory_format=layout) if needed else None)
+        start += n * h * w
+    return grads
 
 
 class _TransposePlan:
@@ -301,6 +431,14 @@ def _chunk_rois(elements_per_roi: int) -> int:
     return max(1, _CHUNK_ELEMENTS // max(elements_per_roi, 1))
 
 
+def _linear_chunk_rois(elements_per_roi: int, num_rois: int) -> int:
+    """RoIs per chunk of the fused pooling + linear layer: buffers of at most
+    _LINEAR_CHUNK_ELEMENTS values, chunks of equal size (each chunk is one pass over W)."""
+    most = max(1, _LINEAR_CHUNK_ELEMENTS // max(elements_per_roi, 1))
+    num_chunks = -(-num_rois // most)
+    return max(1, -(-num_rois // max(num_chunks, 1)))
+
+
 def _uses_fast_path(features: list[Tensor]) -> bool:
     """True if our sparse kernel handles these maps: dense CPU tensors of a floating dtype, not
     being traced for export (torchvision's op has an ONNX form)."""
@@ -327,19 +465,11 @@ def pyramid_roi_align(
     spatial_scales: feature size / image size of each level.
     Returns Tensor[K, C, PH, PW] in RoI order, in the dtype of features[0].
     """
-    if len(features) != len(spatial_scales):
-        raise ValueError(f"roi_align: {len(features)} feature maps but {len(spatial_scales)} spatial scales")
     size = _pair(output_size)
-    if levels is None:
-        levels = torch.zeros(rois.shape[0], dtype=torch.long, device=rois.device)
-    levels = levels.long()
+    levels = _checked_levels(features, rois, levels, spatial_scales)
     if not _uses_fast_path(features):
         return _torchvision_pyramid(features, rois, levels, spatial_scales, size, sampling_ratio, aligned)
 
-    channels = features[0].shape[1]
-    for i, f in enumerate(features):
-        if f.dim() != 4 or f.shape[1] != channels:
-            raise ValueError(f"roi_align: feature map {i} must be [N, {channels}, H, W], got {list(f.shape)}")
     compute_dtype = torch.float64 if any(f.dtype == torch.float64 for f in features) else torch.float32
     # Like torchvision's autocast rule: always compute in float32 (or float64), whatever autocast says.
     with torch.autocast("cpu", enabled=False):
@@ -352,6 +482,54 @@ def pyramid_roi_align(
         upcast = [f.to(compute_dtype) for f in features]
         result = _torchvision_pyramid(upcast, rois, levels, spatial_scales, size, sampling_ratio, aligned)
         return result.to(features[0].dtype)
+
+
+def pyramid_roi_align_linear(
+    features: list[Tensor],
+    rois: Tensor,
+    levels: Optional[Tensor],
+    spatial_scales: list[float],
+    output_size: SizeArg,
+    sampling_ratio: int,
+    weight: Tensor,
+    bias: Optional[Tensor],
+    aligned: bool = False,
+) -> Tensor:
+    """``F.linear(pyramid_roi_align(...).flatten(1), weight, bias)``: Tensor[K, D].
+
+    weight: Tensor[D, C*PH*PW]; bias: Tensor[D] or None; the rest as pyramid_roi_align. With
+    float32 CPU maps and parameters and autocast off, the pooled features are never stored
+    (see _SparsePoolLinear); otherwise this is exactly that composition.
+    """
+    size = _pair(output_size)
+    levels = _checked_levels(features, rois, levels, spatial_scales)
+    tensors = [*features, weight] + ([] if bias is None else [bias])
+    fusable = (
+        _uses_fast_path(features)
+        and all(t.dtype == torch.float32 and t.device.type == "cpu" for t in tensors)
+        and not torch.is_autocast_enabled("cpu")
+    )
+    if fusable:
+        rois = rois.detach().to(torch.float32)
+        matrix = _pyramid_matrix([f.shape for f in features], rois, levels, spatial_scales, size, sampling_ratio, aligned)
+        if matrix is not None:
+            return _SparsePoolLinear.apply(*matrix, rois.shape[0], size, weight, bias, *features)
+    pooled = pyramid_roi_align(features, rois, levels, spatial_scales, size, sampling_ratio, aligned)
+    return F.linear(pooled.flatten(1), weight, bias)
+
+
+def _checked_levels(features: list[Tensor], rois: Tensor, levels: Optional[Tensor], spatial_scales: list[float]) -> Tensor:
+    """The level of every RoI as Tensor[K] int64 (zeros when None), after checking that the maps
+    are [N, C, H, W] with one C and one scale each."""
+    if len(features) != len(spatial_scales):
+        raise ValueError(f"roi_align: {len(features)} feature maps but {len(spatial_scales)} spatial scales")
+    channels = features[0].shape[1]
+    for i, f in enumerate(features):
+        if f.dim() != 4 or f.shape[1] != channels:
+            raise ValueError(f"roi_align: feature map {i} must be [N, {channels}, H, W], got {list(f.shape)}")
+    if levels is None:
+        return torch.zeros(rois.shape[0], dtype=torch.long, device=rois.device)
+    return levels.long()
 
 
 def _pyramid_matrix(

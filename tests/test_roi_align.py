@@ -276,3 +276,61 @@ def test_multiscale_canonical_level_changes_assignment_like_torchvision():
         feats, boxes, image_shapes
     )
     torch.testing.assert_close(ours, ref, rtol=0, atol=1e-5)
+
+
+def linear_both(names, features, boxes, image_shapes, weight, bias):
+    """Our fused pooling + linear layer, and torchvision's pooler followed by F.linear, on clones
+    of the inputs with the same upstream gradient."""
+    ours_in = {k: v.clone().requires_grad_() for k, v in features.items()}
+    ref_in = {k: v.clone().requires_grad_() for k, v in features.items()}
+    params = {side: [p.clone().requires_grad_() if p is not None else None for p in (weight, bias)]
+              for side in ("ours", "ref")}
+    ours = MultiScaleRoIAlign(names, 7, 2).forward_linear(ours_in, boxes, image_shapes, *params["ours"])
+    pooled = torchvision.ops.MultiScaleRoIAlign(names, 7, 2)(ref_in, boxes, image_shapes)
+    ref = torch.nn.functional.linear(pooled.flatten(1), *params["ref"])
+    upstream = torch.randn(ref.shape, generator=torch.Generator().manual_seed(21))
+    ours.backward(upstream)
+    ref.backward(upstream)
+    return ours, ref, (ours_in, params["ours"]), (ref_in, params["ref"])
+
+
+@pytest.mark.parametrize("chunk_elements", [1 << 24, 3 * 7 * 7 * 5])  # one chunk; chunks of 5 RoIs
+@pytest.mark.parametrize("with_bias", [True, False])
+def test_fused_pooling_and_linear_match_torchvision_values_and_all_gradients(monkeypatch, chunk_elements, with_bias):
+    monkeypatch.setattr(roi_align_module, "_LINEAR_CHUNK_ELEMENTS", chunk_elements)
+    calls = []
+    original = roi_align_module._SparsePoolLinear.apply
+    monkeypatch.setattr(roi_align_module._SparsePoolLinear, "apply", lambda *a: calls.append(1) or original(*a))
+    image_shapes = [(512, 640), (448, 600)]
+    features = fpn_features((512, 640), channels=3, seed=13)
+    boxes = fpn_boxes(image_shapes, seed=14)
+    g = torch.Generator().manual_seed(20)
+    weight = torch.randn(6, 3 * 7 * 7, generator=g)
+    bias = torch.randn(6, generator=g) if with_bias else None
+    names = ["0", "1", "2", "3"]
+    ours, ref, (ours_in, ours_params), (ref_in, ref_params) = linear_both(names, features, boxes, image_shapes,
+                                                                           weight, bias)
+    assert calls, "the fused path did not run"
+    assert ours.shape == (48, 6)
+    torch.testing.assert_close(ours, ref, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(ours_params[0].grad, ref_params[0].grad, rtol=1e-5, atol=1e-4)
+    if with_bias:
+        torch.testing.assert_close(ours_params[1].grad, ref_params[1].grad, rtol=1e-5, atol=1e-5)
+    for name in names:
+        torch.testing.assert_close(ours_in[name].grad, ref_in[name].grad, rtol=0, atol=1e-4)
+        assert ref_in[name].grad.abs().sum() > 0
+
+
+def test_fused_pooling_and_linear_without_boxes_and_under_autocast():
+    features = {"0": torch.randn(2, 4, 10, 12, generator=torch.Generator().manual_seed(15))}
+    weight, bias = torch.randn(3, 4 * 49), torch.randn(3)
+    pooler = MultiScaleRoIAlign(["0"], 7, 2)
+    empty = pooler.forward_linear(features, [torch.zeros(0, 4), torch.zeros(0, 4)], [(60, 90), (75, 64)], weight, bias)
+    assert empty.shape == (0, 3)
+
+    boxes = [fpn_boxes([(75, 90)], seed=16)[0][:10], torch.zeros(0, 4)]
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        mixed = pooler.forward_linear(features, boxes, [(60, 90), (75, 64)], weight, bias)
+        expected = torch.nn.functional.linear(pooler(features, boxes, [(60, 90), (75, 64)]).flatten(1), weight, bias)
+    assert mixed.dtype == torch.bfloat16  # autocast's linear, as in the unfused head
+    assert torch.equal(mixed, expected)
