@@ -71,7 +71,9 @@ class InvertedResidual(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         """x: [N, in_channel, H, W] -> [N, out_channel, H / stride, W / stride]."""
         out = self.conv(x)
-        return x + out if self.use_shortcut else out
+        if self.use_shortcut:
+            out += x  # in place on the block's fresh output: one large allocation fewer
+        return out
 
 
 class MobileNetV2(nn.Module):

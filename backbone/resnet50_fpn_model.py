@@ -52,7 +52,8 @@ class Bottleneck(nn.Module):
         out = self.relu(conv_bn(x, self.conv1, self.bn1))
         out = self.relu(conv_bn(out, self.conv2, self.bn2))
         out = conv_bn(out, self.conv3, self.bn3)
-        return self.relu(out + shortcut)
+        out += shortcut  # in place, as torchvision: one large allocation fewer per block
+        return self.relu(out)
 
 
 class ResNet(nn.Module):

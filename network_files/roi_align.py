@@ -38,8 +38,8 @@ BoxesArg = Union[Tensor, list[Tensor]]
 SizeArg = Union[int, tuple[int, int], list[int]]
 
 _SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
-# Values per chunk of output bins: bounds the reusable [bins, C] buffer (32 MB in float32).
-_CHUNK_ELEMENTS = 1 << 23
+# Values per chunk of output bins: bounds the reusable [bins, C] buffer (8 MB in float32).
+_CHUNK_ELEMENTS = 1 << 21
 # Values per buffer of the fused pooling + linear layer (64 MB in float32). Larger chunks mean
 # fewer passes over the weight gradient but larger buffers.
 _LINEAR_CHUNK_ELEMENTS = 1 << 24
@@ -497,15 +497,19 @@ def pyramid_roi_align_linear(
 ) -> Tensor:
     """``F.linear(pyramid_roi_align(...).flatten(1), weight, bias)``: Tensor[K, D].
 
-    weight: Tensor[D, C*PH*PW]; bias: Tensor[D] or None; the rest as pyramid_roi_align. With
-    float32 CPU maps and parameters and autocast off, the pooled features are never stored
-    (see _SparsePoolLinear); otherwise this is exactly that composition.
+    weight: Tensor[D, C*PH*PW]; bias: Tensor[D] or None; the rest as pyramid_roi_align. When
+    autograd records (training), with float32 CPU maps and parameters and autocast off, the pooled
+    features are never stored (see _SparsePoolLinear); otherwise this is exactly that composition
+    (in inference the pooled features are transient anyway, and one product over all RoIs reads
+    the weight once).
     """
     size = _pair(output_size)
     levels = _checked_levels(features, rois, levels, spatial_scales)
     tensors = [*features, weight] + ([] if bias is None else [bias])
     fusable = (
-        _uses_fast_path(features)
+        torch.is_grad_enabled()
+        and any(t.requires_grad for t in tensors)
+        and _uses_fast_path(features)
         and all(t.dtype == torch.float32 and t.device.type == "cpu" for t in tensors)
         and not torch.is_autocast_enabled("cpu")
     )

@@ -321,12 +321,24 @@ def test_fused_pooling_and_linear_match_torchvision_values_and_all_gradients(mon
         assert ref_in[name].grad.abs().sum() > 0
 
 
-def test_fused_pooling_and_linear_without_boxes_and_under_autocast():
+def test_fused_pooling_and_linear_without_boxes_and_under_autocast(monkeypatch):
+    calls = []
+    original = roi_align_module._SparsePoolLinear.apply
+    monkeypatch.setattr(roi_align_module._SparsePoolLinear, "apply", lambda *a: calls.append(1) or original(*a))
     features = {"0": torch.randn(2, 4, 10, 12, generator=torch.Generator().manual_seed(15))}
-    weight, bias = torch.randn(3, 4 * 49), torch.randn(3)
+    weight, bias = torch.randn(3, 4 * 49, requires_grad=True), torch.randn(3, requires_grad=True)
     pooler = MultiScaleRoIAlign(["0"], 7, 2)
     empty = pooler.forward_linear(features, [torch.zeros(0, 4), torch.zeros(0, 4)], [(60, 90), (75, 64)], weight, bias)
-    assert empty.shape == (0, 3)
+    assert empty.shape == (0, 3) and calls
+    empty.sum().backward()
+    assert torch.equal(weight.grad, torch.zeros_like(weight)) and torch.equal(bias.grad, torch.zeros(3))
+
+    # Without autograd (inference) the plain composition runs: one product over all RoIs.
+    calls.clear()
+    with torch.no_grad():
+        pooler.forward_linear(features, [torch.ones(2, 4).cumsum(1), torch.zeros(0, 4)], [(60, 90), (75, 64)],
+                              weight, bias)
+    assert not calls
 
     boxes = [fpn_boxes([(75, 90)], seed=16)[0][:10], torch.zeros(0, 4)]
     with torch.autocast("cpu", dtype=torch.bfloat16):
@@ -334,3 +346,13 @@ def test_fused_pooling_and_linear_without_boxes_and_under_autocast():
         expected = torch.nn.functional.linear(pooler(features, boxes, [(60, 90), (75, 64)]).flatten(1), weight, bias)
     assert mixed.dtype == torch.bfloat16  # autocast's linear, as in the unfused head
     assert torch.equal(mixed, expected)
+
+
+def test_pooling_in_chunks_of_few_rois_matches_torchvision(monkeypatch):
+    monkeypatch.setattr(roi_align_module, "_CHUNK_ELEMENTS", 5 * 4 * 3 * 2)  # 5 RoIs of [4, 3, 2] per chunk
+    features = torch.randn(2, 4, 12, 16, generator=torch.Generator().manual_seed(30))
+    rois = make_rois(2, 48, 64, seed=31)
+    ours, ref, ours_grad, ref_grad = pool_both(features, rois, (3, 2), 0.25, 2, False)
+    assert rois.shape[0] > 20
+    torch.testing.assert_close(ours, ref, rtol=0, atol=1e-5)
+    torch.testing.assert_close(ours_grad, ref_grad, rtol=0, atol=1e-4)

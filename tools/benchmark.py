@@ -7,9 +7,11 @@
 Each case builds torchvision's model with random weights, copies its state dict into ours, then
 times the two alternately (ours, theirs, ours, ...) and reports medians and the ratio
 ours / torchvision (< 1 means we are faster). ``--memory`` also measures each model's peak
-resident memory for one step in a fresh subprocess (Linux only).
+resident memory growth during a step in a fresh subprocess (median of 3 warm steps, each from a
+heap trimmed with glibc's malloc_trim; Linux only).
 """
 import argparse
+import ctypes
 import json
 import os
 import statistics
@@ -138,8 +140,18 @@ def _proc_status_kib(field: str) -> int:
     raise RuntimeError(f"{field} not found in /proc/self/status")
 
 
-def memory_child(name: str, which: str) -> None:
-    """In a fresh process: peak RSS growth (MiB) over one warm step of one model."""
+def _release_free_heap() -> None:
+    """Hand memory that glibc's malloc keeps after frees back to the system (no-op elsewhere), so
+    the next step's peak is measured from what is really in use, not from allocator leftovers."""
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
+
+
+def memory_child(name: str, which: str, steps: int = 3) -> None:
+    """In a fresh process: peak RSS growth (MiB) during a warm step of one model, median of
+    ``steps`` steps, each measured from a trimmed heap."""
     arch, kind, batch, size, _ = CASES[name]
     ours, theirs = build_pair(arch)
     model = ours if which == "ours" else theirs
@@ -147,11 +159,15 @@ def memory_child(name: str, which: str) -> None:
     images, targets = make_inputs(batch, size)
     step = (infer_step if kind == "infer" else train_step)(model, images, targets)
     step()
-    with open("/proc/self/clear_refs", "w") as handle:  # reset the high-water mark
-        handle.write("5")
-    baseline = _proc_status_kib("VmRSS")
-    step()
-    print(json.dumps({"peak_mib": (_proc_status_kib("VmHWM") - baseline) / 1024}))
+    peaks = []
+    for _ in range(steps):
+        _release_free_heap()
+        with open("/proc/self/clear_refs", "w") as handle:  # reset the high-water mark
+            handle.write("5")
+        baseline = _proc_status_kib("VmRSS")
+        step()
+        peaks.append((_proc_status_kib("VmHWM") - baseline) / 1024)
+    print(json.dumps({"peak_mib": statistics.median(peaks)}))
 
 
 def memory_case(name: str) -> Dict[str, float]:
