@@ -317,3 +317,47 @@ def test_mobilenet_losses_match_torchvision(mobilenet_pair):
     updated = ours.state_dict()
     for key, value in theirs.state_dict().items():
         torch.testing.assert_close(updated[key], value, atol=1e-6, rtol=0, msg=key)
+
+
+# --- with autograd: losses and every parameter gradient -------------------------------------------
+
+
+def gradients_in_train_mode(model: nn.Module, images: List[Tensor], targets: Targets, seed: int):
+    """Losses and parameter gradients of one backward pass, on a copy (the fixtures stay intact)."""
+    model = copy.deepcopy(model).train()
+    torch.manual_seed(seed)
+    losses = model(images, targets)
+    sum(losses.values()).backward()
+    grads = {name: p.grad for name, p in model.named_parameters() if p.grad is not None}
+    return {k: v.detach() for k, v in losses.items()}, grads
+
+
+@pytest.mark.parametrize("pair", ["r50_pair", "mobilenet_pair"])
+def test_losses_and_gradients_with_autograd_match_torchvision(pair, request, monkeypatch):
+    """Training as it really runs: our RoIAlign pools straight into fc6 (never storing the pooled
+    features) and its backward pass pools again; every gradient must still be torchvision's."""
+    from network_files import roi_align as roi_align_module
+
+    fused_calls = []
+    original = roi_align_module._SparsePoolLinear.apply
+    monkeypatch.setattr(roi_align_module._SparsePoolLinear, "apply",
+                        lambda *args: fused_calls.append(1) or original(*args))
+    theirs, ours = request.getfixturevalue(pair)
+    images, targets = make_images(seed=9), make_targets()
+    expected_losses, expected = gradients_in_train_mode(theirs, images, targets, seed=10)
+    got_losses, got = gradients_in_train_mode(ours, images, targets, seed=10)
+    assert fused_calls, "the fused pooling path did not run"
+    assert_same_losses(got_losses, expected_losses)
+    assert set(got) == set(expected)
+    # Relative to each gradient, plus a floor relative to the largest one: some BatchNorm biases
+    # get near-zero gradients made of cancelling terms (exactly zero in exact arithmetic), where
+    # any summation order, torchvision's own included, gives different rounding noise.
+    largest = max(float(grad.abs().max()) for grad in expected.values())
+    for name, grad in expected.items():
+        scale = float(grad.abs().max())
+        error = float((got[name] - grad).abs().max())
+        assert error <= 1e-4 * scale + 1e-6 * largest, f"{name}: gradient differs by {error:.2e} (scale {scale:.2e})"
+    # The comparison is meaningful: fc6 (fused with the pooling) and the backbone (reached through
+    # the pooling's backward pass) get real gradients.
+    assert float(expected["roi_heads.box_head.fc6.weight"].abs().max()) > 1e-3 * largest
+    assert any(k.startswith("backbone") and float(g.abs().max()) > 1e-3 * largest for k, g in expected.items())
