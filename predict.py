@@ -127,7 +127,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--line-thickness", type=int, default=None, help="box outline pixels (default: by image size)")
     parser.add_argument("--font-size", type=int, default=None, help="label font pixels (default: by image size)")
     parser.add_argument("--save-json", nargs="?", const="", default=None, metavar="PATH",
-                        help="write detections in COCO results format (default PATH: OUTPUT_DIR/predictions.json)")
+                        help="write detections in COCO results format to PATH, which must end in .json "
+                             "(default: OUTPUT_DIR/predictions.json)")
     parser.add_argument("--no-draw", action="store_true", help="do not write drawn images")
     parser.add_argument("--workers", type=int, default=2, help="image decoding worker processes (at least 1)")
     add_model_arguments(parser)
