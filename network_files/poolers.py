@@ -2,13 +2,15 @@
 
 Each box is pooled from one pyramid level chosen by its size (Eq. 1 of the FPN paper):
 ``k = floor(canonical_level + log2(sqrt(area) / canonical_scale) + eps)``, clamped to the
-available levels. Level scales are inferred from the feature-map height versus the largest image
-height, rounded to a power of two. All levels are pooled together by
+available levels. Level scales are inferred from the feature-map size versus the largest image
+size along that image's longer side, rounded to a power of two. All levels are pooled together by
 ``network_files.roi_align.pyramid_roi_align``; results come back in box order.
 ``MultiScaleRoIPool`` maps boxes to levels the same way and max-pools them with RoIPool.
 
-Unlike torchvision, scales are recomputed on every call instead of being cached on the first one;
-for a fixed backbone they are the same. The module has no parameters or buffers.
+Unlike torchvision, scales are recomputed on every call instead of being cached on the first one,
+and measured along the longer side instead of the height: for ordinary images the result is the
+same, but the height of a very elongated image (resized to a few pixels, then padded to a multiple
+of the stride) would give a wrong power of two. The module has no parameters or buffers.
 """
 
 from __future__ import annotations
@@ -26,11 +28,13 @@ _LEVEL_EPS = 1e-6
 
 
 def infer_scale(feature: Tensor, image_size: tuple[int, int]) -> float:
-    """Feature height / image height rounded to a power of two (log2 rounded in float32).
+    """Feature size / image size along the image's longer side, rounded to a power of two (log2
+    rounded in float32). Padding to a multiple of the stride changes that side least.
 
     feature: Tensor[N, C, H, W]; image_size: (height, width) of the largest image.
     """
-    ratio = float(feature.shape[-2]) / float(image_size[0])
+    axis = 0 if image_size[0] >= image_size[1] else 1
+    ratio = float(feature.shape[2 + axis]) / float(image_size[axis])
     exponent = float(torch.tensor(ratio, dtype=torch.float32).log2().round())
     return 2.0**exponent
 

@@ -356,3 +356,17 @@ def test_pooling_in_chunks_of_few_rois_matches_torchvision(monkeypatch):
     assert rois.shape[0] > 20
     torch.testing.assert_close(ours, ref, rtol=0, atol=1e-5)
     torch.testing.assert_close(ours_grad, ref_grad, rtol=0, atol=1e-4)
+
+
+def test_scale_inference_uses_the_longer_side():
+    """A 10x1000 image resized to 1x192 and padded to 32x192 has a stride-16 map of 2x12: its
+    height would say scale 2, its width says the true 1/16."""
+    from network_files.poolers import infer_scale
+
+    assert infer_scale(torch.zeros(1, 8, 2, 12), (1, 192)) == 1 / 16
+    assert infer_scale(torch.zeros(1, 8, 12, 2), (192, 1)) == 1 / 16
+    # Ordinary images: the same scales as torchvision's pooler, whichever side is longer.
+    for image_size, feature_size in (((800, 1066), (200, 267)), ((1066, 800), (34, 25)), ((600, 600), (75, 75))):
+        feature = torch.zeros(1, 8, *feature_size)
+        expected = torchvision.ops.poolers._infer_scale(feature, list(image_size))
+        assert infer_scale(feature, image_size) == expected
