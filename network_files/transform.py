@@ -99,9 +99,13 @@ class GeneralizedRCNNTransform(nn.Module):
             )
         else:
             scale = min(shorter / min(height, width), self.max_size / max(height, width))
-            out = F.interpolate(
-                image[None], scale_factor=scale, mode="bilinear", recompute_scale_factor=True, align_corners=False
-            )
+            if math.floor(height * scale) >= 1 and math.floor(width * scale) >= 1:
+                out = F.interpolate(
+                    image[None], scale_factor=scale, mode="bilinear", recompute_scale_factor=True, align_corners=False
+                )
+            else:  # so elongated that a side would vanish (torchvision fails here): keep one pixel
+                size = [max(1, math.floor(height * scale)), max(1, math.floor(width * scale))]
+                out = F.interpolate(image[None], size=size, mode="bilinear", align_corners=False)
         image = out[0]
         if target is not None:
             target["boxes"] = resize_boxes(target["boxes"], (height, width), image.shape[-2:])
@@ -109,12 +113,12 @@ class GeneralizedRCNNTransform(nn.Module):
 
     def _traced_output_size(self, height: Tensor, width: Tensor, shorter: int) -> List[Tensor]:
         """The eager resize's output size as tensor operations: ``floor(side * scale)`` in float64,
-        the arithmetic ``F.interpolate`` does with a Python float scale."""
+        the arithmetic ``F.interpolate`` does with a Python float scale, and at least 1."""
         sides = torch.stack((height, width)).to(torch.float64)
         # Tensor / tensor: a Python number over a tensor would be exported in float32.
         limits = torch.tensor([shorter, self.max_size], dtype=torch.float64, device=sides.device)
         scale = (limits / torch.stack((sides.min(), sides.max()))).min()
-        out_h, out_w = torch.floor(sides * scale).to(torch.int64).unbind(0)
+        out_h, out_w = torch.floor(sides * scale).clamp(min=1).to(torch.int64).unbind(0)
         return [out_h, out_w]
 
     @staticmethod

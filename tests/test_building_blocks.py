@@ -294,6 +294,23 @@ def test_transform_resizes_pads_and_maps_back():
     torch.testing.assert_close(mapped[1]["boxes"], torch.tensor([[5.0, 10.0, 20.0, 30.0]]))
 
 
+def test_extremely_elongated_image_keeps_one_pixel_and_detects(tiny_detector):
+    """A 1x2000 strip: min(64/1, 100/2000) = 0.05 would make its height floor(0.05) = 0 (where
+    torchvision's interpolate fails); it becomes 1x100 and the model runs on it."""
+    transform = GeneralizedRCNNTransform(min_size=64, max_size=100, image_mean=MEAN, image_std=STD).eval()
+    target = {"boxes": torch.tensor([[100.0, 0.0, 300.0, 1.0]]), "labels": torch.tensor([1])}
+    image_list, (resized,) = transform([torch.rand(3, 1, 2000)], [target])
+    assert image_list.image_sizes == [(1, 100)]
+    torch.testing.assert_close(resized["boxes"], torch.tensor([[5.0, 0.0, 15.0, 1.0]]))
+
+    model = tiny_detector(min_size=64, max_size=100)
+    losses = model.train()([torch.rand(3, 1, 2000)], [target])
+    assert all(torch.isfinite(v) for v in losses.values())
+    with torch.no_grad():
+        (detections,) = model.eval()([torch.rand(3, 2000, 1)])
+    assert detections["boxes"].shape[1] == 4
+
+
 def test_transform_min_size_choice():
     transform = GeneralizedRCNNTransform(min_size=(32, 48), max_size=1000, image_mean=MEAN, image_std=STD)
     image = torch.rand(3, 16, 24)
