@@ -151,6 +151,9 @@ def coco_records(image: str, boxes: torch.Tensor, labels: torch.Tensor, scores: 
 
 
 Detect = Callable[[torch.Tensor], dict[str, torch.Tensor]]
+# Model flags an ONNX file has baked in.
+_EXPORT_FIXED = ("min_size", "max_size", "backbone", "width_mult", "feature_stride", "representation_size",
+                 "anchor_sizes")
 
 
 def load_predictor(args: argparse.Namespace) -> tuple[Detect, list[str], torch.device]:
@@ -161,8 +164,10 @@ def load_predictor(args: argparse.Namespace) -> tuple[Detect, list[str], torch.d
         model = detector.model
         model.roi_heads.score_thresh = min(model.roi_heads.score_thresh, args.score_thresh)
         return (lambda image: model([image])[0]), detector.class_names, next(model.parameters()).device
-    if args.min_size is not None or args.max_size is not None:
-        raise ValueError(f"{args.onnx}: image sizes are fixed at export; re-export to change --min-size/--max-size")
+    fixed = [f"--{key.replace('_', '-')}" for key in _EXPORT_FIXED if getattr(args, key) is not None]
+    if fixed:
+        raise ValueError(f"{args.onnx}: the model and its image sizes are fixed at export; "
+                         f"{', '.join(fixed)} cannot change them (re-export instead)")
     runtime = OnnxDetector(args.onnx, args.device)
     if args.classes_json:
         class_dict = load_class_dict(args.classes_json)
@@ -216,8 +221,13 @@ def run(args: argparse.Namespace) -> int:
             print(f"skipped {file}: not a readable image ({error})", file=sys.stderr)
             continue
         tick = time.perf_counter()
-        with torch.inference_mode():
-            output = detect(pixels.to(device).float().div_(255))
+        try:
+            with torch.inference_mode():
+                output = detect(pixels.to(device).float().div_(255))
+        except ValueError as exc:  # an image the model cannot take; the others still run
+            skipped += 1
+            print(f"skipped {file}: {exc}", file=sys.stderr)
+            continue
         if device.type == "cuda":
             torch.cuda.synchronize(device)
         took = time.perf_counter() - tick

@@ -138,7 +138,7 @@ class FeaturePyramidNetwork(nn.Module):
         for idx in range(len(features) - 2, -1, -1):
             lateral = self.inner_blocks[idx](features[idx])
             upsampled = F.interpolate(top_down, size=lateral.shape[-2:], mode="nearest")
-            top_down = lateral.add_(upsampled)  # the lateral conv's fresh output, updated in place
+            top_down = lateral + upsampled
             results.insert(0, self.layer_blocks[idx](top_down))
         if self.extra_blocks is not None:
             results, names = self.extra_blocks(results, features, names)

@@ -71,9 +71,7 @@ class InvertedResidual(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         """x: [N, in_channel, H, W] -> [N, out_channel, H / stride, W / stride]."""
         out = self.conv(x)
-        if self.use_shortcut:
-            out += x  # in place on the block's fresh output: one large allocation fewer
-        return out
+        return x + out if self.use_shortcut else out
 
 
 class MobileNetV2(nn.Module):

@@ -135,8 +135,9 @@ class MultiScaleRoIAlign(_PyramidPooler):
     ) -> Tensor:
         """``F.linear(self(x, boxes, image_shapes).flatten(1), weight, bias)``: Tensor[sum L_i, D].
 
-        On the CPU the pooled features are fed to the linear layer chunk by chunk and never
-        stored, which saves their memory (and their gradient's) in training.
+        In training on the CPU (autograd on, float32, no autocast) the pooled features are fed to
+        the linear layer chunk by chunk and never stored, which saves their memory and their
+        gradient's; otherwise this is exactly that composition.
         """
         features, scales, levels = self.select_levels(x, boxes, image_shapes)
         rois = boxes_to_rois(boxes)

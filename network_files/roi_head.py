@@ -165,14 +165,27 @@ class RoIHeads(nn.Module):
     ) -> Tensor:
         """``box_head(box_roi_pool(...))``: one embedding per proposal, ``[sum P_i, representation]``.
 
-        With our RoIAlign pooler and two-layer head, pooling feeds fc6 directly (same values;
-        the pooled features are not stored, the largest saving of memory in CPU training).
+        In training with our RoIAlign pooler and two-layer head, pooling feeds fc6 directly (same
+        values; the pooled features are not stored, the largest saving of memory in CPU training).
         """
-        if isinstance(self.box_roi_pool, MultiScaleRoIAlign) and isinstance(self.box_head, TwoMLPHead):
+        if self._can_fuse_pooling_and_fc6():
             fc6 = self.box_head.fc6
             hidden = self.box_roi_pool.forward_linear(features, proposals, image_shapes, fc6.weight, fc6.bias)
             return self.box_head.after_fc6(hidden)
         return self.box_head(self.box_roi_pool(features, proposals, image_shapes))
+
+    def _can_fuse_pooling_and_fc6(self) -> bool:
+        """Only when it saves memory (autograd on) and skipping the modules' own forward calls
+        changes nothing: exactly our classes, a plain nn.Linear fc6 (not quantized, pruned or
+        parametrized) and no hooks that would expect those calls."""
+        if not (self.training and torch.is_grad_enabled()):
+            return False
+        pool, head = self.box_roi_pool, self.box_head
+        if type(pool) is not MultiScaleRoIAlign or type(head) is not TwoMLPHead or type(head.fc6) is not nn.Linear:
+            return False
+        if nn.modules.module._global_forward_hooks or nn.modules.module._global_forward_pre_hooks:
+            return False
+        return not any(m._forward_hooks or m._forward_pre_hooks for m in (pool, head, head.fc6))
 
     def forward(
         self,

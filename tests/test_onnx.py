@@ -169,8 +169,9 @@ def test_onnx_errors_name_the_file(tmp_path, capsys):
     Image.new("RGB", (32, 32)).save(image)
     assert predict.main(["--onnx", str(garbage), str(image), "--output-dir", str(tmp_path / "o")]) == 1
     assert predict.main(["--onnx", str(garbage), "--min-size", "300", str(image)]) == 1
+    assert predict.main(["--onnx", str(garbage), "--backbone", "vgg16", str(image)]) == 1
     err = capsys.readouterr().err
-    assert "error: " in err and "garbage.onnx" in err and "fixed at export" in err
+    assert "error: " in err and "garbage.onnx" in err and "fixed at export" in err and "--backbone" in err
     assert "Traceback" not in err
 
     # Not our export: a model with other input/output names.
@@ -180,9 +181,15 @@ def test_onnx_errors_name_the_file(tmp_path, capsys):
         OnnxDetector(other)
 
 
-def test_export_tool_reports_a_missing_weights_file(tmp_path, capsys):
+def test_export_tool_reports_a_missing_weights_file_and_an_unwritable_output(trained_run, tmp_path, capsys):
     assert export_tool.main(["--weights", str(tmp_path / "none.pth")]) == 1
     assert "none.pth" in capsys.readouterr().err
+    folder = tmp_path / "a_folder"
+    folder.mkdir()
+    assert export_tool.main(["--weights", str(trained_run / "best.pth"), "--output", str(folder)]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and "a_folder" in err and "Traceback" not in err
+    assert list(folder.iterdir()) == []  # no temporary left behind
 
 
 def test_match_detections_pairs_tied_detections_and_reports_differences():

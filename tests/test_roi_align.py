@@ -370,3 +370,32 @@ def test_scale_inference_uses_the_longer_side():
         feature = torch.zeros(1, 8, *feature_size)
         expected = torchvision.ops.poolers._infer_scale(feature, list(image_size))
         assert infer_scale(feature, image_size) == expected
+
+
+def test_training_fuses_pooling_into_fc6_only_when_nothing_is_skipped(tiny_detector, monkeypatch):
+    calls = []
+    original = roi_align_module._SparsePoolLinear.apply
+    monkeypatch.setattr(roi_align_module._SparsePoolLinear, "apply", lambda *a: calls.append(1) or original(*a))
+    torch.manual_seed(0)
+    model = tiny_detector()
+    images = [torch.rand(3, 64, 80), torch.rand(3, 72, 64)]
+    targets = [{"boxes": torch.tensor([[8.0, 8.0, 40.0, 50.0]]), "labels": torch.tensor([1])}] * 2
+
+    model.train()(images, targets)
+    assert len(calls) == 1
+
+    fired = []
+    hook = model.roi_heads.box_head.register_forward_hook(lambda *args: fired.append(1))
+    model(images, targets)
+    assert fired and len(calls) == 1  # a hook expects the head's own forward: not fused
+    hook.remove()
+
+    with torch.no_grad():
+        model(images, targets)  # no autograd: nothing to save, not fused
+    model.eval()
+    model(images)
+    assert len(calls) == 1
+
+    quantized = torch.ao.quantization.quantize_dynamic(model, {torch.nn.Linear}, dtype=torch.qint8)
+    with torch.no_grad():
+        assert quantized(images)[0]["boxes"].shape[1] == 4

@@ -1,6 +1,7 @@
 """End-to-end runs of the training scripts on a tiny generated VOC folder: outputs, exact resume,
 and recovery after the process is killed mid-epoch."""
 import json
+import os
 import signal
 import subprocess
 import sys
@@ -190,3 +191,21 @@ def test_missing_detector_weights_names_the_url(demo_voc, tmp_path):
     assert done.stderr.strip().splitlines() == [
         f"error: detector weights '{tmp_path / 'fasterrcnn_resnet50_fpn_coco.pth'}' not found; the COCO detector is at "
         "https://download.pytorch.org/models/fasterrcnn_resnet50_fpn_coco-258fb6c6.pth"]
+
+
+def test_atomic_writes_get_the_usual_file_mode_and_leave_nothing_on_failure(tmp_path):
+    from train_utils.checkpoint import load_checkpoint, save_atomic, temporary_path
+
+    target = tmp_path / "out" / "last.pth"
+    save_atomic({"epoch": 3}, str(target))
+    assert load_checkpoint(str(target)) == {"epoch": 3}
+    mask = os.umask(0)
+    os.umask(mask)
+    assert target.stat().st_mode & 0o777 == 0o666 & ~mask  # not mkstemp's 0600
+
+    with pytest.raises(RuntimeError):
+        with temporary_path(str(target)) as tmp:
+            tmp.write_bytes(b"half written")
+            raise RuntimeError("interrupted")
+    assert load_checkpoint(str(target)) == {"epoch": 3}  # the old file is intact
+    assert sorted(p.name for p in target.parent.iterdir()) == ["last.pth"]

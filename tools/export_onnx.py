@@ -85,7 +85,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             model.roi_heads.detections_per_img = args.detections_per_img
         metadata = export_metadata(model, detector.class_names, detector.config["backbone"])
         export_onnx(model, output, metadata, opset=args.opset)
-    except (FileNotFoundError, ValueError, ImportError) as exc:
+    except (OSError, ValueError, ImportError) as exc:  # OSError: also an unwritable --output
         print(f"error: {exc}", file=sys.stderr)
         return 1
     print(f"wrote {output} ({output.stat().st_size / 2**20:.1f} MB, {len(detector.class_names)} classes)")

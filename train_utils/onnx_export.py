@@ -105,8 +105,9 @@ def export_onnx(
 class OnnxDetector:
     """An exported detector run by onnxruntime, called like the PyTorch model on one image.
 
-    path: the ``.onnx`` file. device: ``"cpu"``, or ``"cuda"``/``"auto"`` to use onnxruntime's CUDA
-    provider when it is installed. Raises ValueError when the file is not such an export.
+    path: the ``.onnx`` file. device: ``"cpu"``, or ``"auto"``/``"cuda"``/``"cuda:N"`` to use
+    onnxruntime's CUDA provider (on GPU N) when it is installed. Raises ValueError when the file is
+    not such an export.
     """
 
     def __init__(self, path: str | os.PathLike, device: str = "cpu") -> None:
@@ -114,9 +115,10 @@ class OnnxDetector:
         path = str(path)
         if not os.path.isfile(path):
             raise FileNotFoundError(f"{path}: no such ONNX file")
-        providers = ["CPUExecutionProvider"]
+        providers: list = ["CPUExecutionProvider"]
         if device != "cpu" and "CUDAExecutionProvider" in ort.get_available_providers():
-            providers.insert(0, "CUDAExecutionProvider")
+            gpu = int(device.split(":", 1)[1]) if device.startswith("cuda:") else 0
+            providers.insert(0, ("CUDAExecutionProvider", {"device_id": gpu}))
         try:
             self.session = ort.InferenceSession(path, providers=providers)
         except Exception as exc:  # onnxruntime raises its own exception types for unreadable files
@@ -134,7 +136,10 @@ class OnnxDetector:
     def __call__(self, image: Tensor) -> dict[str, Tensor]:
         """``image [3, H, W]`` float in [0, 1] -> ``{"boxes", "labels", "scores"}`` CPU tensors."""
         array = image.detach().to("cpu", torch.float32).contiguous().numpy()
-        boxes, labels, scores = self.session.run(list(OUTPUT_NAMES), {INPUT_NAME: array})
+        try:
+            boxes, labels, scores = self.session.run(list(OUTPUT_NAMES), {INPUT_NAME: array})
+        except Exception as exc:  # onnxruntime's own exception types
+            raise ValueError(f"onnxruntime failed on a {list(image.shape)} image: {str(exc).splitlines()[0]}") from exc
         return {"boxes": torch.from_numpy(boxes), "labels": torch.from_numpy(labels), "scores": torch.from_numpy(scores)}
 
 
