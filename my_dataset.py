@@ -32,6 +32,7 @@ from train_utils.detection_dataset import (
     RawObject,
     index_images,
     load_class_dict,
+    load_class_names,
     read_id_list,
     resolve_classes_json,
 )

@@ -27,7 +27,7 @@ import torch
 from PIL import Image, ImageOps
 from torch.utils.data import DataLoader, Dataset
 
-from my_dataset import load_class_dict
+from my_dataset import load_class_names
 from train_utils.detector_loading import add_model_arguments, load_detector
 from train_utils.draw_box_utils import draw_detections
 from train_utils.onnx_export import OnnxDetector
@@ -170,8 +170,7 @@ def load_predictor(args: argparse.Namespace) -> tuple[Detect, list[str], torch.d
                          f"{', '.join(fixed)} cannot change them (re-export instead)")
     runtime = OnnxDetector(args.onnx, args.device)
     if args.classes_json:
-        class_dict = load_class_dict(args.classes_json)
-        class_names = sorted(class_dict, key=class_dict.__getitem__)
+        class_names = load_class_names(args.classes_json)
     elif runtime.class_names is not None:
         class_names = runtime.class_names
     else:

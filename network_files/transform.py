@@ -99,13 +99,13 @@ class GeneralizedRCNNTransform(nn.Module):
             )
         else:
             scale = min(shorter / min(height, width), self.max_size / max(height, width))
-            if math.floor(height * scale) >= 1 and math.floor(width * scale) >= 1:
+            out_h, out_w = math.floor(height * scale), math.floor(width * scale)  # as interpolate computes them
+            if out_h >= 1 and out_w >= 1:
                 out = F.interpolate(
                     image[None], scale_factor=scale, mode="bilinear", recompute_scale_factor=True, align_corners=False
                 )
             else:  # so elongated that a side would vanish (torchvision fails here): keep one pixel
-                size = [max(1, math.floor(height * scale)), max(1, math.floor(width * scale))]
-                out = F.interpolate(image[None], size=size, mode="bilinear", align_corners=False)
+                out = F.interpolate(image[None], size=[max(1, out_h), max(1, out_w)], mode="bilinear", align_corners=False)
         image = out[0]
         if target is not None:
             target["boxes"] = resize_boxes(target["boxes"], (height, width), image.shape[-2:])

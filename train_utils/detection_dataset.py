@@ -76,6 +76,12 @@ def load_class_dict(json_path: Union[str, Path]) -> dict[str, int]:
     return dict(data)
 
 
+def load_class_names(json_path: Union[str, Path]) -> list[str]:
+    """The class names of a classes json in id order: label i is ``names[i - 1]``."""
+    class_dict = load_class_dict(json_path)
+    return sorted(class_dict, key=class_dict.__getitem__)
+
+
 def choose_classes(own_names: Optional[Sequence[str]], classes_json: Optional[Union[str, Path]],
                    own_source: Path) -> tuple[dict[str, int], Path]:
     """(class dict, where it comes from): ``classes_json`` when given, else the format's own

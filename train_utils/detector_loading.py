@@ -9,7 +9,7 @@ from typing import Any, Optional
 
 import torch
 
-from my_dataset import load_class_dict
+from my_dataset import load_class_names
 from network_files import FasterRCNN
 
 from .checkpoint import load_checkpoint
@@ -90,8 +90,7 @@ def load_detector(args: argparse.Namespace, weights_path: str) -> LoadedDetector
     """Rebuild the detector of ``weights_path`` as the flags of :func:`add_model_arguments` say."""
     state, config, names, train_args = _split_weights_file(load_checkpoint(weights_path), weights_path)
     if args.classes_json:
-        class_dict = load_class_dict(args.classes_json)
-        names = sorted(class_dict, key=class_dict.__getitem__)
+        names = load_class_names(args.classes_json)
     if config is None:
         if not args.backbone or not args.classes_json:
             raise ValueError(f"{weights_path} is a bare state dict without model configuration or class names: "
