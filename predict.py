@@ -27,10 +27,10 @@ import torch
 from PIL import Image, ImageOps
 from torch.utils.data import DataLoader, Dataset
 
-from my_dataset import load_class_names
-from train_utils.detector_loading import add_model_arguments, load_detector
-from train_utils.draw_box_utils import draw_detections
-from train_utils.onnx_export import OnnxDetector
+from train_utils.data.dataset import load_class_names
+from train_utils.inference.loading import add_model_arguments, load_detector
+from train_utils.vis.draw import draw_detections
+from train_utils.inference.onnx_export import OnnxDetector
 
 JPEG_SUFFIXES = (".jpg", ".jpeg")
 # What PIL raises on files it cannot identify or decode (UnidentifiedImageError is an OSError).

@@ -2,10 +2,10 @@
 
     python train_mobilenet.py --data-path /data/VOCdevkit --epochs 20
 
-See `--help` for every flag; the engine lives in train_utils/trainer.py.
+See `--help` for every flag; the engine lives in train_utils/engine/trainer.py.
 """
-from train_utils.train_args import build_parser, parse
-from train_utils.trainer import main
+from train_utils.engine.args import build_parser, parse
+from train_utils.engine.trainer import main
 
 DEFAULTS = dict(backbone="mobilenet_v2", lr=0.005, batch_size=8, epochs=20, lr_steps=[14, 18], min_size=[800])
 

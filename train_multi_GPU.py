@@ -6,8 +6,8 @@
 Also runs as plain `python train_multi_GPU.py` (world size 1) and under SLURM (srun). NCCL on
 GPUs, gloo on CPU. Only rank 0 prints and writes files.
 """
-from train_utils.train_args import build_parser, parse
-from train_utils.trainer import main
+from train_utils.engine.args import build_parser, parse
+from train_utils.engine.trainer import main
 
 DEFAULTS = dict(backbone="resnet50_fpn", lr=0.02, batch_size=2, epochs=26, lr_steps=[16, 22])
 

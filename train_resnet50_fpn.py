@@ -5,8 +5,8 @@
 By default the ImageNet backbone weights are read from backbone/resnet50.pth; fine-tune the COCO
 detector with --weights backbone/fasterrcnn_resnet50_fpn_coco.pth instead.
 """
-from train_utils.train_args import build_parser, parse
-from train_utils.trainer import main
+from train_utils.engine.args import build_parser, parse
+from train_utils.engine.trainer import main
 
 DEFAULTS = dict(backbone="resnet50_fpn", lr=0.01, batch_size=4, epochs=20, lr_steps=[14, 18])
 

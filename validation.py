@@ -29,13 +29,13 @@ from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
 from torch.utils.data import DataLoader
 
-from my_dataset import VOCDataSet, load_class_dict
-from train_utils.coco_utils import get_coco_api_from_dataset
-from train_utils.detector_loading import add_model_arguments, load_detector
-from train_utils.dataset_factory import FORMATS, LAYOUT_HELP, build_dataset
-from train_utils.train_eval_utils import evaluate
-from train_utils.transforms import get_transforms
-from train_utils.voc_eval import RULES, mean_ap, voc_ap_per_class
+from train_utils.data.dataset import DetectionDataSet, load_class_dict
+from train_utils.evaluation.coco_api import get_coco_api_from_dataset
+from train_utils.inference.loading import add_model_arguments, load_detector
+from train_utils.data.catalog import FORMATS, LAYOUT_HELP, build_dataset
+from train_utils.evaluation.loop import evaluate
+from train_utils.data.transforms import get_transforms
+from train_utils.evaluation.voc_eval import RULES, mean_ap, voc_ap_per_class
 
 COCO_STAT_NAMES = (
     "AP@[.5:.95]", "AP@.5", "AP@.75", "AP small", "AP medium", "AP large",
@@ -194,7 +194,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     device = next(detector.model.parameters()).device
     workers = max(int(args.workers), 0)
     loader = DataLoader(dataset, batch_size=max(int(args.batch_size), 1), shuffle=False, num_workers=workers,
-                        collate_fn=VOCDataSet.collate_fn, pin_memory=device.type == "cuda")
+                        collate_fn=DetectionDataSet.collate_fn, pin_memory=device.type == "cuda")
     coco_gt = get_coco_api_from_dataset(dataset)
     print(f"evaluating {args.weights_path} on {dataset.split_file} ({len(dataset)} images, "
           f"{len(detector.class_names)} classes) on {device}")

@@ -74,7 +74,7 @@ class GeneralizedRCNNTransform(nn.Module):
         if not image.is_floating_point():
             raise TypeError(
                 f"images must be float tensors scaled to [0, 1], got dtype {image.dtype} "
-                "(convert with image.float() / 255 or train_utils.transforms.ToTensor)"
+                "(convert with image.float() / 255 or train_utils.data.transforms.ToTensor)"
             )
         mean = torch.as_tensor(self.image_mean, dtype=image.dtype, device=image.device)
         std = torch.as_tensor(self.image_std, dtype=image.dtype, device=image.device)

@@ -167,7 +167,7 @@ def test_labelme_problems(tmp_path, capsys):
 
 def test_unreadable_dataset_exits_2(tmp_path, capsys):
     code, report = run(capsys, tmp_path / "nowhere", "--format", "coco")
-    assert code == 2 and report.startswith("error: CocoDetectionDataSet: annotation file")
+    assert code == 2 and report.startswith("error: CocoDataSet: annotation file")
     (tmp_path / "lm").mkdir()
     (tmp_path / "lm" / "a.json").write_text(json.dumps({"shapes": [], "imagePath": "a.jpg"}))
     code, report = run(capsys, tmp_path / "lm", "--format", "labelme", "--split", "list.txt")

@@ -13,8 +13,8 @@ from pycocotools.cocoeval import COCOeval
 from torch.utils.data import Subset
 
 from my_dataset import VOCDataSet
-from train_utils.coco_eval import CocoEvaluator, merge_detections
-from train_utils.coco_utils import convert_to_coco_api, get_coco_api_from_dataset
+from train_utils.evaluation.coco_eval import CocoEvaluator, merge_detections
+from train_utils.evaluation.coco_api import convert_to_coco_api, get_coco_api_from_dataset
 from voc_factory import VocItem, VocObject, write_voc
 
 REPO = Path(__file__).resolve().parents[1]

@@ -11,8 +11,8 @@ from PIL import Image, ImageFile
 from torch.utils.data import ConcatDataset, SequentialSampler, Subset
 
 from my_dataset import VOCDataSet, load_class_dict
-from train_utils.group_by_aspect_ratio import GroupedBatchSampler, compute_aspect_ratios, create_aspect_ratio_groups
-from train_utils.transforms import Compose, ToTensor
+from train_utils.data.samplers import GroupedBatchSampler, compute_aspect_ratios, create_aspect_ratio_groups
+from train_utils.data.transforms import Compose, ToTensor
 from voc_factory import VocItem, VocObject, image_pixels, write_classes_json, write_voc
 
 REPO = Path(__file__).resolve().parents[1]

@@ -17,10 +17,10 @@ from conftest import ROOT, TINY_TRAIN_FLAGS
 import validation
 from my_dataset import VOCDataSet
 from train_utils.checkpoint import load_checkpoint
-from train_utils.coco_utils import get_coco_api_from_dataset
-from train_utils.model_builder import model_from_checkpoint
-from train_utils.train_eval_utils import evaluate
-from train_utils.transforms import get_transforms
+from train_utils.evaluation.coco_api import get_coco_api_from_dataset
+from train_utils.model.builder import model_from_checkpoint
+from train_utils.evaluation.loop import evaluate
+from train_utils.data.transforms import get_transforms
 
 
 def free_port() -> int:

@@ -7,8 +7,8 @@ from backbone.conv_bn import ConvBNSequential, conv_bn, folded_parameters
 from my_dataset import VOCDataSet
 from network_files import fast_path
 from train_utils.checkpoint import load_checkpoint
-from train_utils.model_builder import model_from_checkpoint
-from train_utils.transforms import get_transforms
+from train_utils.model.builder import model_from_checkpoint
+from train_utils.data.transforms import get_transforms
 
 
 def randomise_norms_(model: nn.Module, seed: int) -> None:

@@ -14,10 +14,10 @@ import torch
 from PIL import Image, ImageFile
 
 from conftest import ROOT, TINY_TRAIN_FLAGS
-from my_dataset import CocoDetectionDataSet, LabelmeDataSet, VOCDataSet, YoloDataSet
-from train_utils.coco_utils import get_coco_api_from_dataset
-from train_utils.dataset_factory import build_dataset, read_annotations
-from train_utils.yolo_dataset import read_class_names
+from my_dataset import CocoDataSet, LabelmeDataSet, VOCDataSet, YoloDataSet
+from train_utils.evaluation.coco_api import get_coco_api_from_dataset
+from train_utils.data.catalog import build_dataset, read_annotations
+from train_utils.data.yolo import read_class_names
 from voc_factory import VocItem, VocObject, image_pixels, write_classes_json, write_voc
 
 CLASSES = ["cat", "dog", "person"]
@@ -153,7 +153,7 @@ def test_every_format_gives_the_same_targets(tmp_path):
         assert target["labels"].tolist() == expected_labels[idx]
 
     for fmt, dataset in datasets.items():
-        assert type(dataset).__name__ == {"voc": "VOCDataSet", "coco": "CocoDetectionDataSet",
+        assert type(dataset).__name__ == {"voc": "VOCDataSet", "coco": "CocoDataSet",
                                           "yolo": "YoloDataSet", "labelme": "LabelmeDataSet"}[fmt]
         assert dataset.class_names == CLASSES and dataset.num_classes == 3, fmt
         assert dataset.class_dict == {"cat": 1, "dog": 2, "person": 3}, fmt
@@ -178,7 +178,7 @@ def test_every_format_gives_the_same_targets(tmp_path):
         coco = get_coco_api_from_dataset(dataset)
         assert [c["name"] for c in coco.dataset["categories"]] == CLASSES
         assert len(coco.dataset["annotations"]) == 5
-    assert CocoDetectionDataSet.collate_fn([("i0", "t0"), ("i1", "t1")]) == (("i0", "i1"), ("t0", "t1"))
+    assert CocoDataSet.collate_fn([("i0", "t0"), ("i1", "t1")]) == (("i0", "i1"), ("t0", "t1"))
 
 
 def test_construction_sizes_and_ground_truth_need_no_decoding(tmp_path, monkeypatch):
@@ -224,7 +224,7 @@ COCO_ANNOTATIONS = [
 def test_coco_categories_crowd_and_empty_images(tmp_path):
     path = write_coco_json(tmp_path / "ann.json", coco_images(tmp_path / "img"), COCO_ANNOTATIONS, COCO_CATEGORIES)
     with pytest.warns(UserWarning, match="dropped 1 degenerate boxes"):
-        dataset = CocoDetectionDataSet(tmp_path / "img", path)
+        dataset = CocoDataSet(tmp_path / "img", path)
     assert dataset.class_names == ["bike", "bench", "zebra"]  # category-id order 2, 15, 90
     assert dataset.category_to_label == {2: 1, 15: 2, 90: 3} and dataset.label_to_category == {1: 2, 2: 15, 3: 90}
     assert dataset.ids == ["x.jpg", "y.jpg", "z.png"] and dataset.coco_image_ids == [7, 3, 11]
@@ -240,7 +240,7 @@ def test_coco_categories_crowd_and_empty_images(tmp_path):
     assert dataset[1][0].size == (32, 32)
 
     with pytest.warns(UserWarning, match="skipped 1 crowd objects"):
-        no_crowd = CocoDetectionDataSet(tmp_path / "img", path, skip_crowd=True)
+        no_crowd = CocoDataSet(tmp_path / "img", path, skip_crowd=True)
     assert no_crowd.skipped["crowd_objects"] == 1 and no_crowd.coco_index(0)[2]["labels"].tolist() == [1, 2]
 
 
@@ -248,16 +248,16 @@ def test_coco_classes_json_maps_by_name(tmp_path):
     path = write_coco_json(tmp_path / "ann.json", coco_images(tmp_path / "img"), COCO_ANNOTATIONS, COCO_CATEGORIES)
     names = write_classes_json(tmp_path / "names.json", ["zebra", "bench", "bike"])
     with pytest.warns(UserWarning):
-        dataset = CocoDetectionDataSet(tmp_path / "img", path, classes_json=names)
+        dataset = CocoDataSet(tmp_path / "img", path, classes_json=names)
     assert dataset.class_names == ["zebra", "bench", "bike"] and dataset.classes_json == names
     assert dataset.category_to_label == {90: 1, 15: 2, 2: 3}
     assert dataset.coco_index(0)[2]["labels"].tolist() == [3, 1, 2]
 
     partial = write_classes_json(tmp_path / "partial.json", ["bench", "bike"])
     with pytest.raises(ValueError, match=r"classes not in .*partial\.json: 'zebra' \(e\.g\. .*ann\.json\)"):
-        CocoDetectionDataSet(tmp_path / "img", path, classes_json=partial)
+        CocoDataSet(tmp_path / "img", path, classes_json=partial)
     with pytest.warns(UserWarning, match="skipped 1 objects of unknown classes"):
-        dataset = CocoDetectionDataSet(tmp_path / "img", path, classes_json=partial, skip_unknown_classes=True)
+        dataset = CocoDataSet(tmp_path / "img", path, classes_json=partial, skip_unknown_classes=True)
     assert dataset.coco_index(0)[2]["labels"].tolist() == [2, 1] and dataset.label_to_category == {1: 15, 2: 2}
 
 
@@ -266,9 +266,9 @@ def test_coco_missing_images_are_one_error(tmp_path):
                                               for i in range(7)]
     path = write_coco_json(tmp_path / "ann.json", images, [], COCO_CATEGORIES)
     with pytest.raises(FileNotFoundError) as error:
-        CocoDetectionDataSet(tmp_path / "img", path)
+        CocoDataSet(tmp_path / "img", path)
     message = str(error.value)
-    assert message.startswith(f"CocoDetectionDataSet: 7 image files listed in {path} are missing: ")
+    assert message.startswith(f"CocoDataSet: 7 image files listed in {path} are missing: ")
     assert "gone0.jpg" in message and "gone4.jpg" in message and "gone5.jpg" not in message
     assert "(2 more)" in message and "x.jpg" not in message
 
@@ -283,9 +283,9 @@ def test_coco_invalid_entries_name_the_annotation(tmp_path):
     path = write_coco_json(tmp_path / "ann.json", coco_images(tmp_path / "img"), COCO_ANNOTATIONS[:1] + bad,
                            COCO_CATEGORIES)
     with pytest.raises(ValueError) as error:
-        CocoDetectionDataSet(tmp_path / "img", path)
+        CocoDataSet(tmp_path / "img", path)
     message = str(error.value)
-    assert "CocoDetectionDataSet: 4 invalid entries" in message
+    assert "CocoDataSet: 4 invalid entries" in message
     for fragment in ("annotation id 21: 'bbox' must be 4 finite numbers", "annotation id 22: unknown image_id 999",
                      "annotation id 23: unknown category_id 5", "annotation id 24: 'iscrowd' must be 0 or 1"):
         assert fragment in message
@@ -295,12 +295,12 @@ def test_coco_invalid_entries_name_the_annotation(tmp_path):
                                  ([], "lists no categories")]:
         write_coco_json(path, [], [], categories)
         with pytest.raises(ValueError, match=re.escape(fragment)):
-            CocoDetectionDataSet(tmp_path / "img", path)
+            CocoDataSet(tmp_path / "img", path)
     path.write_text("{not json")
     with pytest.raises(ValueError, match="ann.json is not valid UTF-8 JSON"):
-        CocoDetectionDataSet(tmp_path / "img", path)
+        CocoDataSet(tmp_path / "img", path)
     with pytest.raises(FileNotFoundError, match="annotation file .*nowhere.json does not exist"):
-        CocoDetectionDataSet(tmp_path / "img", tmp_path / "nowhere.json")
+        CocoDataSet(tmp_path / "img", tmp_path / "nowhere.json")
 
 
 def test_coco_size_mismatch_is_skipped(tmp_path):
@@ -309,7 +309,7 @@ def test_coco_size_mismatch_is_skipped(tmp_path):
     path = write_coco_json(tmp_path / "ann.json", images, [], COCO_CATEGORIES)
     with pytest.warns(UserWarning, match="skipped 1 images whose size differs from the width/height in the "
                                          "annotation json: ann.json says 100x32, y.jpg is 32x32"):
-        dataset = CocoDetectionDataSet(tmp_path / "img", path)
+        dataset = CocoDataSet(tmp_path / "img", path)
     assert dataset.ids == ["x.jpg", "z.png"] and dataset.coco_image_ids == [7, 11]
 
 

@@ -20,8 +20,8 @@ from torchvision.ops.poolers import _setup_scales
 from backbone import DEFAULT_RETURN_NODES, FrozenBatchNorm2d, torchvision_backbone
 from conftest import ROOT, TINY_TRAIN_FLAGS, write_fake_vgg16_file
 from network_files import MultiScaleRoIAlign, MultiScaleRoIPool
-from train_utils.model_builder import build_model, model_from_checkpoint
-from train_utils.train_args import build_parser, parse
+from train_utils.model.builder import build_model, model_from_checkpoint
+from train_utils.engine.args import build_parser, parse
 
 # A detector small enough for a CPU training step on 128-pixel images.
 TINY = dict(

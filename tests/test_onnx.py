@@ -1,4 +1,4 @@
-"""ONNX export (train_utils/onnx_export.py, tools/export_onnx.py, predict.py --onnx): the exported
+"""ONNX export (train_utils/inference/onnx_export.py, tools/export_onnx.py, predict.py --onnx): the exported
 ResNet50-FPN and MobileNetV2 detectors agree with PyTorch in onnxruntime on image sizes other
 than the traced one; traced size arithmetic equals the eager one; files and errors."""
 import json
@@ -17,8 +17,8 @@ from network_files.tracing import size_tensor
 from network_files.transform import GeneralizedRCNNTransform
 from tools import export_onnx as export_tool
 from train_utils.checkpoint import load_checkpoint
-from train_utils.model_builder import build_model
-from train_utils.onnx_export import (
+from train_utils.model.builder import build_model
+from train_utils.inference.onnx_export import (
     BOX_RTOL, OnnxDetector, export_metadata, export_onnx, match_detections,
 )
 

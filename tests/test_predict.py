@@ -1,4 +1,4 @@
-"""predict.py and train_utils/draw_box_utils.py: mixed image folders, drawn boxes where the JSON says,
+"""predict.py and train_utils/vis/draw.py: mixed image folders, drawn boxes where the JSON says,
 output naming, skipping unreadable files, checkpoint and bare-state-dict loading."""
 import json
 import subprocess
@@ -12,8 +12,8 @@ from PIL import Image
 
 import predict
 from train_utils.checkpoint import load_checkpoint
-from train_utils.draw_box_utils import class_colour, draw_detections, outline_pixels, text_colour
-from train_utils.model_builder import DETECTOR_KEYS, model_from_checkpoint
+from train_utils.vis.draw import class_colour, draw_detections, outline_pixels, text_colour
+from train_utils.model.builder import DETECTOR_KEYS, model_from_checkpoint
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY_ARCH = ["--backbone", "mobilenet_v2", "--width-mult", "0.5", "--feature-stride", "16",

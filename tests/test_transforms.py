@@ -4,7 +4,7 @@ import pytest
 import torch
 from PIL import Image
 
-from train_utils.transforms import (
+from train_utils.data.transforms import (
     AUGMENT_POLICIES, Compose, RandomHorizontalFlip, RandomIoUCrop, RandomPhotometricDistort,
     RandomZoomOut, ToTensor, crop, get_transforms, hflip, zoom_out,
 )

@@ -1,4 +1,4 @@
-"""validation.py and train_utils/voc_eval.py: COCO parity with pycocotools, hand-computed VOC AP,
+"""validation.py and train_utils/evaluation/voc_eval.py: COCO parity with pycocotools, hand-computed VOC AP,
 per-class rows keyed by category id, checkpoint and bare-state-dict loading, clear errors."""
 import contextlib
 import io
@@ -15,8 +15,8 @@ from pycocotools.cocoeval import COCOeval
 
 import validation
 from train_utils.checkpoint import load_checkpoint
-from train_utils.model_builder import DETECTOR_KEYS, model_from_checkpoint
-from train_utils.voc_eval import average_precision, class_average_precision, voc_ap_per_class
+from train_utils.model.builder import DETECTOR_KEYS, model_from_checkpoint
+from train_utils.evaluation.voc_eval import average_precision, class_average_precision, voc_ap_per_class
 
 TINY_ARCH = ["--backbone", "mobilenet_v2", "--width-mult", "0.5", "--feature-stride", "16",
              "--representation-size", "64", "--anchor-sizes", "32,64,128", "--min-size", "128", "--max-size", "128"]

@@ -185,8 +185,8 @@ def data_case(repeats: int) -> Dict[str, float]:
     steps of the demo detector on the same images."""
     from my_dataset import VOCDataSet
     from tools.make_demo_voc import make_demo_voc
-    from train_utils.model_builder import build_model
-    from train_utils.transforms import get_transforms
+    from train_utils.model.builder import build_model
+    from train_utils.data.transforms import get_transforms
 
     with tempfile.TemporaryDirectory() as tmp:
         make_demo_voc(Path(tmp), num_images=64, seed=0, size=192)

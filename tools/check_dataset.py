@@ -28,8 +28,8 @@ if str(ROOT) not in sys.path:
 
 import numpy as np  # noqa: E402
 
-from train_utils.dataset_factory import DEFAULT_VOC_CLASSES, FORMATS, LAYOUT_HELP, read_annotations  # noqa: E402
-from train_utils.detection_dataset import (  # noqa: E402
+from train_utils.data.catalog import DEFAULT_VOC_CLASSES, FORMATS, LAYOUT_HELP, read_annotations  # noqa: E402
+from train_utils.data.dataset import (  # noqa: E402
     DECODE_ERRORS,
     RawImage,
     choose_classes,

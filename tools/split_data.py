@@ -19,8 +19,8 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from my_dataset import _resolve_voc_folder  # noqa: E402
-from train_utils.detection_dataset import index_images  # noqa: E402
+from train_utils.data.voc import resolve_voc_folder  # noqa: E402
+from train_utils.data.dataset import index_images  # noqa: E402
 
 
 def split_ids(ids: Sequence[str], val_ratio: float, seed: int) -> tuple[list[str], list[str]]:
@@ -39,7 +39,7 @@ def write_split(voc_root: str, val_ratio: float = 0.2, seed: int = 0, year: Opti
     """Write train.txt and val.txt; returns (train path, val path, train count, val count)."""
     if not 0 < val_ratio < 1:
         raise ValueError(f"--val-ratio must be between 0 and 1 (exclusive), got {val_ratio}")
-    voc_dir, _ = _resolve_voc_folder(voc_root, year)
+    voc_dir, _ = resolve_voc_folder(voc_root, year)
     annotations = voc_dir / "Annotations"
     if not annotations.is_dir():
         raise FileNotFoundError(f"annotation folder {annotations} does not exist")

@@ -1,1 +1,6 @@
-"""Training utilities: VOC transforms, aspect-ratio batching and COCO-style evaluation."""
+"""Everything around the network: data formats, the training engine, evaluation, inference and pictures.
+
+Subpackages by concern: ``data/`` (readers, catalog, transforms, samplers), ``model/`` (the model
+schema and builder), ``engine/`` (training), ``evaluation/``, ``inference/`` (loading a detector,
+ONNX) and ``vis/`` (drawing, curves). ``checkpoint`` is the one checkpoint format.
+"""

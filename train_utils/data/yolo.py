@@ -15,7 +15,7 @@ import re
 from pathlib import Path
 from typing import Callable, Optional, Union
 
-from .detection_dataset import Annotations, DetectionDataSet, RawImage, RawObject, choose_classes, index_images
+from train_utils.data.dataset import Annotations, DetectionDataSet, RawImage, RawObject, choose_classes, index_images
 
 _OWNER = "YoloDataSet"
 _NAMES_KEY = re.compile(r"^names\s*:(.*)$")

@@ -3,8 +3,8 @@ import argparse
 import os
 from typing import Any, Dict, Optional, Sequence
 
-from .dataset_factory import FORMATS, LAYOUT_HELP
-from .model_builder import BACKBONES, DETECTOR_KEYS, ROI_OPS, TORCHVISION_PREFIX, check_backbone_name
+from train_utils.data.catalog import FORMATS, LAYOUT_HELP
+from train_utils.model.builder import BACKBONES, DETECTOR_KEYS, ROI_OPS, TORCHVISION_PREFIX, check_backbone_name
 
 
 def int_list(text: str) -> list:

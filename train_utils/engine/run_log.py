@@ -4,7 +4,7 @@ import time
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence
 
-from .plot_curve import plot_loss_and_lr, plot_map
+from train_utils.vis.curves import plot_loss_and_lr, plot_map
 
 
 class RunLog:

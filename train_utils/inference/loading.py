@@ -9,13 +9,13 @@ from typing import Any, Optional
 
 import torch
 
-from my_dataset import load_class_names
+from train_utils.data.dataset import load_class_names
 from network_files import FasterRCNN
 
-from .checkpoint import load_checkpoint
-from .model_builder import build_model, official_frozen_bn_eps
-from .train_args import backbone_name, int_list
-from .trainer import resolve_device
+from train_utils.checkpoint import load_checkpoint
+from train_utils.model.builder import build_model, official_frozen_bn_eps
+from train_utils.engine.args import backbone_name, int_list
+from train_utils.device import resolve_device
 
 _PREDICTOR_KEY = "roi_heads.box_predictor.cls_score.weight"
 # Model config keys a bare state dict takes from the command line (with --backbone).

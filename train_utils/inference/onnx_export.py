@@ -23,7 +23,7 @@ from torch import Tensor, nn
 
 from network_files import FasterRCNN
 
-from .checkpoint import temporary_path
+from train_utils.checkpoint import temporary_path
 
 OPSET = 17
 INPUT_NAME = "image"

@@ -13,9 +13,9 @@ import math
 from pathlib import Path
 from typing import Any, Callable, NamedTuple, Optional, Union
 
-from .detection_dataset import Annotations, DetectionDataSet, RawImage, RawObject, choose_classes
+from train_utils.data.dataset import Annotations, DetectionDataSet, RawImage, RawObject, choose_classes
 
-_OWNER = "CocoDetectionDataSet"
+_OWNER = "CocoDataSet"
 
 
 class CocoIds(NamedTuple):
@@ -119,7 +119,7 @@ def read_coco(images_dir: Union[str, Path], annotation_json: Union[str, Path]) -
     return found, CocoIds([cid for cid, _ in categories], image_ids)
 
 
-class CocoDetectionDataSet(DetectionDataSet):
+class CocoDataSet(DetectionDataSet):
     """COCO detection dataset (see :class:`DetectionDataSet` for items and skipping).
 
     ids are the json's ``file_name``s and ``coco_image_ids[idx]`` the json's image id of item idx.

@@ -14,12 +14,12 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Callable, Optional, Sequence, Union
 
-from my_dataset import VOCDataSet, _resolve_voc_folder, read_voc
+from .voc import VOCDataSet, read_voc, resolve_voc_folder
 
-from .coco_dataset import CocoDetectionDataSet, read_coco
-from .detection_dataset import Annotations, DetectionDataSet
-from .labelme_dataset import LabelmeDataSet, read_labelme
-from .yolo_dataset import YoloDataSet, read_yolo
+from train_utils.data.coco import CocoDataSet, read_coco
+from train_utils.data.dataset import Annotations, DetectionDataSet
+from train_utils.data.labelme import LabelmeDataSet, read_labelme
+from train_utils.data.yolo import YoloDataSet, read_yolo
 
 FORMATS = ("voc", "coco", "yolo", "labelme")
 DEFAULT_VOC_CLASSES = "./pascal_voc_classes.json"
@@ -85,7 +85,7 @@ def build_dataset(
                                                skip_unknown_classes)
     elif fmt == "coco":
         images_dir, annotation_json = _coco_paths(data_path, split)
-        dataset = CocoDetectionDataSet(images_dir, annotation_json, transforms, classes_json=classes_json,
+        dataset = CocoDataSet(images_dir, annotation_json, transforms, classes_json=classes_json,
                                        skip_unknown_classes=skip_unknown_classes)
     elif fmt == "yolo":
         dataset = YoloDataSet(data_path, split_stem(split), transforms, classes_json=classes_json,
@@ -105,7 +105,7 @@ def read_annotations(fmt: str, data_path: PathLike, split: str, year: Optional[s
     for missing images or invalid annotations; they are listed)."""
     _check_format(fmt, year)
     if fmt == "voc":
-        voc_dir, _ = _resolve_voc_folder(data_path, year)
+        voc_dir, _ = resolve_voc_folder(data_path, year)
         return read_voc(voc_dir, voc_dir / "ImageSets" / "Main" / split)
     if fmt == "coco":
         return read_coco(*_coco_paths(data_path, split))[0]

@@ -1,35 +1,19 @@
-"""One training epoch and one COCO evaluation pass; shared by every training script."""
+"""One training epoch; shared by every training script."""
 import math
 import time
 from collections import defaultdict
-from contextlib import nullcontext
 from typing import Callable, Dict, List, Optional, Sequence
 
 import torch
 from torch import nn
 
-from . import distributed_utils as dist_utils
-from .coco_eval import CocoEvaluator
-from .progress import Progress
+from train_utils.engine import distributed as dist_utils
+from train_utils.device import autocast_context, move_to_device
+from train_utils.progress import Progress
 
 
 class NonFiniteLossError(RuntimeError):
     """Training produced a NaN/inf loss; the message names the loss terms and the images."""
-
-
-def autocast_context(device: torch.device, enabled: bool):
-    """fp16 autocast on CUDA, bf16 on CPU; a no-op when disabled."""
-    if not enabled:
-        return nullcontext()
-    dtype = torch.float16 if device.type == "cuda" else torch.bfloat16
-    return torch.autocast(device_type=device.type, dtype=dtype)
-
-
-def move_to_device(images: Sequence[torch.Tensor], targets: Sequence[Dict], device: torch.device):
-    non_blocking = device.type == "cuda"
-    images = [img.to(device, non_blocking=non_blocking) for img in images]
-    targets = [{k: v.to(device, non_blocking=non_blocking) for k, v in t.items()} for t in targets]
-    return images, targets
 
 
 def train_one_epoch(
@@ -98,34 +82,3 @@ def train_one_epoch(
     means = {k: v / max(count, 1) for k, v in sums.items()}
     means["lr"] = lr if count else optimizer.param_groups[0]["lr"]
     return means
-
-
-@torch.inference_mode()
-def evaluate(
-    model: nn.Module,
-    data_loader,
-    device: torch.device,
-    coco_gt,
-    amp: bool = False,
-    print_freq: int = 50,
-) -> CocoEvaluator:
-    """Run the model over ``data_loader`` and score it with pycocotools (every rank's shard is
-    gathered; each image counts once). Returns the accumulated, summarised evaluator."""
-    model.eval()
-    evaluator = CocoEvaluator(coco_gt, ("bbox",))
-    start, images_seen = time.time(), 0
-    progress = Progress(data_loader, len(data_loader), "Test", print_freq, dist_utils.is_main_process())
-    for images, targets in progress:
-        images, _ = move_to_device(images, [], device)
-        with autocast_context(device, amp):
-            outputs = model(images)
-        outputs = [{k: v.float().cpu() if v.is_floating_point() else v.cpu() for k, v in o.items()} for o in outputs]
-        evaluator.update({int(t["image_id"]): o for t, o in zip(targets, outputs)})
-        images_seen += len(images)
-    evaluator.synchronize_between_processes()
-    if dist_utils.is_main_process():
-        evaluator.accumulate()
-        evaluator.summarize()
-        elapsed = time.time() - start
-        print(f"evaluated {images_seen} images in {elapsed:.1f}s ({images_seen / max(elapsed, 1e-9):.2f} img/s per process)")
-    return evaluator

@@ -15,7 +15,7 @@ import math
 from pathlib import Path
 from typing import Callable, Optional, Union
 
-from .detection_dataset import (
+from train_utils.data.dataset import (
     Annotations,
     DetectionDataSet,
     RawImage,

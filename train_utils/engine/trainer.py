@@ -12,31 +12,24 @@ import torch
 from torch.utils.data import BatchSampler, DataLoader, DistributedSampler
 
 from backbone import weight_url
-from my_dataset import VOCDataSet
+from train_utils.data.dataset import DetectionDataSet
 
-from . import distributed_utils as dist_utils
-from .checkpoint import find_last_checkpoint, load_checkpoint, save_atomic
-from .coco_utils import get_coco_api_from_dataset
-from .dataset_factory import build_dataset
-from .group_by_aspect_ratio import GroupedBatchSampler, create_aspect_ratio_groups
-from .lr_schedule import WarmupSchedule, build_scheduler
-from .model_builder import BACKBONE_WEIGHT_KIND, build_model, count_parameters, load_detector_weights
-from .run_log import RunLog
-from .train_args import model_config_from_args
-from .train_eval_utils import NonFiniteLossError, evaluate, train_one_epoch
-from .transforms import get_transforms
+from train_utils.engine import distributed as dist_utils
+from train_utils.checkpoint import find_last_checkpoint, load_checkpoint, save_atomic
+from train_utils.evaluation.coco_api import get_coco_api_from_dataset
+from train_utils.data.catalog import build_dataset
+from train_utils.data.samplers import GroupedBatchSampler, create_aspect_ratio_groups
+from train_utils.engine.lr_schedule import WarmupSchedule, build_scheduler
+from train_utils.model.builder import BACKBONE_WEIGHT_KIND, build_model, count_parameters, load_detector_weights
+from train_utils.engine.run_log import RunLog
+from train_utils.engine.args import model_config_from_args
+from train_utils.device import resolve_device
+from train_utils.engine.loop import NonFiniteLossError, train_one_epoch
+from train_utils.evaluation.loop import evaluate
+from train_utils.data.transforms import get_transforms
 
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
-
-
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    device = torch.device(name)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"--device {name}: CUDA is not available on this machine (use --device cpu)")
-    return device
 
 
 def seed_everything(seed: int) -> None:
@@ -83,7 +76,7 @@ def build_loaders(args, train_set, val_set, world_size: int, rank: int, pin_memo
     else:
         batch_sampler = BatchSampler(train_sampler, args.batch_size, drop_last=True)
     workers = max(int(args.workers), 0)
-    common = dict(num_workers=workers, collate_fn=VOCDataSet.collate_fn, pin_memory=pin_memory,
+    common = dict(num_workers=workers, collate_fn=DetectionDataSet.collate_fn, pin_memory=pin_memory,
                   persistent_workers=workers > 0)
     train_loader = DataLoader(train_set, batch_sampler=batch_sampler, **common)
     # Evaluation: one image per step (padding never differs between single- and multi-process runs).

@@ -1,0 +1,30 @@
+"""Devices: choosing one from a flag, moving batches onto it, mixed precision on it."""
+from contextlib import nullcontext
+from typing import Dict, Sequence
+
+import torch
+
+
+def resolve_device(name: str) -> torch.device:
+    """The device a `--device` value names; "auto" is the first GPU when there is one, else the CPU."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(name)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"--device {name}: CUDA is not available on this machine (use --device cpu)")
+    return device
+
+
+def autocast_context(device: torch.device, enabled: bool):
+    """fp16 autocast on CUDA, bf16 on CPU; a no-op when disabled."""
+    if not enabled:
+        return nullcontext()
+    dtype = torch.float16 if device.type == "cuda" else torch.bfloat16
+    return torch.autocast(device_type=device.type, dtype=dtype)
+
+
+def move_to_device(images: Sequence[torch.Tensor], targets: Sequence[Dict], device: torch.device):
+    non_blocking = device.type == "cuda"
+    images = [img.to(device, non_blocking=non_blocking) for img in images]
+    targets = [{k: v.to(device, non_blocking=non_blocking) for k, v in t.items()} for t in targets]
+    return images, targets

@@ -1,0 +1,1 @@
+"""Scoring detections: COCO evaluation (pycocotools), VOC AP and the evaluation loop."""

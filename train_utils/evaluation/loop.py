@@ -1,0 +1,41 @@
+"""One evaluation pass: the model over a loader, scored with pycocotools."""
+import time
+
+import torch
+from torch import nn
+
+from train_utils.device import autocast_context, move_to_device
+from train_utils.engine import distributed as dist_utils
+from train_utils.evaluation.coco_eval import CocoEvaluator
+from train_utils.progress import Progress
+
+
+@torch.inference_mode()
+def evaluate(
+    model: nn.Module,
+    data_loader,
+    device: torch.device,
+    coco_gt,
+    amp: bool = False,
+    print_freq: int = 50,
+) -> CocoEvaluator:
+    """Run the model over ``data_loader`` and score it with pycocotools (every rank's shard is
+    gathered; each image counts once). Returns the accumulated, summarised evaluator."""
+    model.eval()
+    evaluator = CocoEvaluator(coco_gt, ("bbox",))
+    start, images_seen = time.time(), 0
+    progress = Progress(data_loader, len(data_loader), "Test", print_freq, dist_utils.is_main_process())
+    for images, targets in progress:
+        images, _ = move_to_device(images, [], device)
+        with autocast_context(device, amp):
+            outputs = model(images)
+        outputs = [{k: v.float().cpu() if v.is_floating_point() else v.cpu() for k, v in o.items()} for o in outputs]
+        evaluator.update({int(t["image_id"]): o for t, o in zip(targets, outputs)})
+        images_seen += len(images)
+    evaluator.synchronize_between_processes()
+    if dist_utils.is_main_process():
+        evaluator.accumulate()
+        evaluator.summarize()
+        elapsed = time.time() - start
+        print(f"evaluated {images_seen} images in {elapsed:.1f}s ({images_seen / max(elapsed, 1e-9):.2f} img/s per process)")
+    return evaluator

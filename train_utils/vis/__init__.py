@@ -1,0 +1,1 @@
+"""Pictures: detections drawn on images, training curves."""
