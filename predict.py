@@ -24,17 +24,17 @@ from typing import Any, Callable, Optional, Sequence
 
 import numpy as np
 import torch
-from PIL import Image, ImageOps
+from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 
 from train_utils.data.dataset import load_class_names
+from train_utils.data.images import DECODE_ERRORS, decode_image
+from train_utils.cli import HelpFormatter, import_plugins, model_flags_given
 from train_utils.inference.loading import add_model_arguments, load_detector
 from train_utils.vis.draw import draw_detections
 from train_utils.inference.onnx_export import OnnxDetector
 
 JPEG_SUFFIXES = (".jpg", ".jpeg")
-# What PIL raises on files it cannot identify or decode (UnidentifiedImageError is an OSError).
-_DECODE_ERRORS = (OSError, SyntaxError, ValueError, Image.DecompressionBombError)
 
 
 # ------------------------------------------------------------------------------ inputs and outputs
@@ -80,16 +80,6 @@ def output_names(inputs: Sequence[Path], output_dir: Path) -> dict[Path, Path]:
     return names
 
 
-def read_image(path: Path) -> Image.Image:
-    """The upright RGB image a viewer shows (EXIF orientation applied, alpha dropped)."""
-    with Image.open(path) as image:
-        image.load()
-        upright = ImageOps.exif_transpose(image)
-        if upright.mode in ("P", "PA"):  # palette transparency is only handled via RGBA
-            upright = upright.convert("RGBA")
-        return upright.convert("RGB")
-
-
 class ImageFiles(Dataset):
     """``files[i] -> (i, uint8 [3, H, W] tensor or None, error message or None)``; never raises on a
     bad file, so one unreadable file does not stop a DataLoader."""
@@ -102,8 +92,8 @@ class ImageFiles(Dataset):
 
     def __getitem__(self, index: int) -> tuple[int, Optional[torch.Tensor], Optional[str]]:
         try:
-            array = np.asarray(read_image(self.files[index]))
-        except _DECODE_ERRORS as exc:
+            array = np.asarray(decode_image(self.files[index], exif_transpose=True))  # what a viewer shows
+        except DECODE_ERRORS as exc:
             return index, None, f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else 'unreadable'}"
         return index, torch.from_numpy(array.copy()).permute(2, 0, 1), None
 
@@ -115,8 +105,7 @@ def _single(item):
 
 # ------------------------------------------------------------------------------ script
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0],
-                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0], formatter_class=HelpFormatter)
     parser.add_argument("inputs", nargs="+", metavar="INPUT", help="image file, folder or glob pattern")
     source = parser.add_mutually_exclusive_group(required=True)
     source.add_argument("--weights", "--weights-path", dest="weights",
@@ -131,7 +120,7 @@ def build_parser() -> argparse.ArgumentParser:
                              "(default: OUTPUT_DIR/predictions.json)")
     parser.add_argument("--no-draw", action="store_true", help="do not write drawn images")
     parser.add_argument("--workers", type=int, default=2, help="image decoding worker processes (at least 1)")
-    add_model_arguments(parser)
+    add_model_arguments(parser, one_token=True)  # list flags must not swallow the INPUTs
     return parser
 
 
@@ -151,9 +140,6 @@ def coco_records(image: str, boxes: torch.Tensor, labels: torch.Tensor, scores: 
 
 
 Detect = Callable[[torch.Tensor], dict[str, torch.Tensor]]
-# Model flags an ONNX file has baked in.
-_EXPORT_FIXED = ("min_size", "max_size", "backbone", "width_mult", "feature_stride", "representation_size",
-                 "anchor_sizes")
 
 
 def load_predictor(args: argparse.Namespace) -> tuple[Detect, list[str], torch.device]:
@@ -164,7 +150,7 @@ def load_predictor(args: argparse.Namespace) -> tuple[Detect, list[str], torch.d
         model = detector.model
         model.roi_heads.score_thresh = min(model.roi_heads.score_thresh, args.score_thresh)
         return (lambda image: model([image])[0]), detector.class_names, next(model.parameters()).device
-    fixed = [f"--{key.replace('_', '-')}" for key in _EXPORT_FIXED if getattr(args, key) is not None]
+    fixed = model_flags_given(args)  # an ONNX file has the model and its settings baked in
     if fixed:
         raise ValueError(f"{args.onnx}: the model and its image sizes are fixed at export; "
                          f"{', '.join(fixed)} cannot change them (re-export instead)")
@@ -192,6 +178,17 @@ def json_output_path(args: argparse.Namespace) -> Optional[Path]:
         raise ValueError(f"--save-json {path}: the path must end in .json (to save to the default place, "
                          "put --save-json after the inputs)")
     return path
+
+
+def draw_and_save(pixels: torch.Tensor, boxes: torch.Tensor, labels: torch.Tensor, scores: torch.Tensor,
+                  class_names: Sequence[str], args: argparse.Namespace, target: Path) -> str:
+    """Draw the detections on the uint8 [3, H, W] image and save it to ``target``; returns the
+    " -> target" note of the progress line."""
+    image = Image.fromarray(pixels.permute(1, 2, 0).numpy())
+    drawn = draw_detections(image, boxes.tolist(), labels.tolist(), scores.tolist(), class_names,
+                            args.line_thickness, args.font_size)
+    drawn.save(target, **({"quality": 95} if target.suffix.lower() in JPEG_SUFFIXES else {}))
+    return f" -> {target}"
 
 
 def run(args: argparse.Namespace) -> int:
@@ -235,14 +232,7 @@ def run(args: argparse.Namespace) -> int:
         results.extend(coco_records(str(file), boxes, labels, scores, class_names))
         done += 1
         detections += len(scores)
-        written = ""
-        if not args.no_draw:
-            image = Image.fromarray(pixels.permute(1, 2, 0).numpy())
-            drawn = draw_detections(image, boxes.tolist(), labels.tolist(), scores.tolist(), class_names,
-                                    args.line_thickness, args.font_size)
-            options = {"quality": 95} if targets[file].suffix.lower() in JPEG_SUFFIXES else {}
-            drawn.save(targets[file], **options)
-            written = f" -> {targets[file]}"
+        written = "" if args.no_draw else draw_and_save(pixels, boxes, labels, scores, class_names, args, targets[file])
         print(f"[{done + skipped}/{len(files)}] {file}: {len(scores)} detections, {took * 1000:.0f} ms{written}")
     elapsed = time.perf_counter() - start
 
@@ -257,6 +247,7 @@ def run(args: argparse.Namespace) -> int:
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     """Script entry: exit code 1 when nothing could be processed or on a setup error."""
+    import_plugins(argv)
     args = build_parser().parse_args(argv)
     try:
         processed = run(args)

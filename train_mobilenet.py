@@ -4,11 +4,10 @@
 
 See `--help` for every flag; the engine lives in train_utils/engine/trainer.py.
 """
-from train_utils.engine.args import build_parser, parse
+from train_utils.engine.args import parse_training_args
 from train_utils.engine.trainer import main
 
-DEFAULTS = dict(backbone="mobilenet_v2", lr=0.005, batch_size=8, epochs=20, lr_steps=[14, 18], min_size=[800])
+DEFAULTS = dict(backbone="mobilenet_v2", lr=0.005, batch_size=8, epochs=20, lr_steps=[14, 18])
 
 if __name__ == "__main__":
-    parser = build_parser("Faster R-CNN with a MobileNetV2 backbone", DEFAULTS)
-    main(parse(parser))
+    main(parse_training_args("Faster R-CNN with a MobileNetV2 backbone", DEFAULTS))

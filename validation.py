@@ -31,8 +31,9 @@ from torch.utils.data import DataLoader
 
 from train_utils.data.dataset import DetectionDataSet, load_class_dict
 from train_utils.evaluation.coco_api import get_coco_api_from_dataset
+from train_utils.cli import HelpFormatter, import_plugins
 from train_utils.inference.loading import add_model_arguments, load_detector
-from train_utils.data.catalog import FORMATS, LAYOUT_HELP, build_dataset
+from train_utils.data.catalog import build_dataset, format_names, get_format, layout_help
 from train_utils.evaluation.loop import evaluate
 from train_utils.data.transforms import get_transforms
 from train_utils.evaluation.voc_eval import RULES, mean_ap, voc_ap_per_class
@@ -123,16 +124,17 @@ def format_table(rows: Sequence[ClassResult], voc_metric: str) -> str:
 
 # ------------------------------------------------------------------------------ script
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0],
-                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0], formatter_class=HelpFormatter)
     parser.add_argument("--weights-path", "--weights", dest="weights_path", required=True,
                         help="checkpoint written by a training script, or a bare state dict")
     parser.add_argument("--data-path", default=None,
                         help="folder holding VOCdevkit; default: the data folder the checkpoint was trained on")
     parser.add_argument("--year", default=None, help="VOC year folder (found automatically when only one exists)")
-    parser.add_argument("--split", default="val.txt", help="id list in ImageSets/Main to evaluate")
-    parser.add_argument("--dataset-format", choices=FORMATS, default=None,
-                        help=f"annotation format of --data-path (default: the checkpoint's, else voc). {LAYOUT_HELP}")
+    parser.add_argument("--split", default=None,
+                        help="split to evaluate (voc: a file in ImageSets/Main); default: the checkpoint's "
+                             "--val-split, else the format's validation split")
+    parser.add_argument("--dataset-format", choices=format_names(), default=None,
+                        help=f"annotation format of --data-path (default: the checkpoint's, else voc). {layout_help()}")
     parser.add_argument("--batch-size", type=int, default=1, help="images per forward pass")
     parser.add_argument("--workers", "-j", type=int, default=2, help="data loading worker processes")
     parser.add_argument("--output", default="record_mAP.txt", help="summary file; the JSON goes beside it")
@@ -178,19 +180,27 @@ def write_record(path: Path, summary: Sequence[str], rows: Sequence[ClassResult]
     path.write_text("\n".join(lines) + "\n")
 
 
+def evaluation_dataset(args: argparse.Namespace, detector) -> tuple[DetectionDataSet, str, str]:
+    """(the dataset to score, its data folder, its split): each of folder, year, format and split is the flag's,
+    else the one the checkpoint was trained with (its validation split), else the format's default."""
+    train_args = detector.train_args
+    data_path, year = args.data_path, args.year
+    if data_path is None:
+        data_path, year = train_args.get("data_path"), year or train_args.get("year")
+        if data_path is None:
+            raise ValueError(f"{args.weights_path} records no data folder: pass --data-path")
+    fmt = args.dataset_format or train_args.get("dataset_format", "voc")
+    split = args.split or train_args.get("val_split") or get_format(fmt).default_splits[1]
+    suggested = args.classes_json or train_args.get("classes_json")
+    with classes_json_for(detector.class_names, suggested) as classes_json:
+        dataset = build_dataset(fmt, data_path, split, get_transforms(train=False), classes_json, year)
+    return dataset, str(data_path), split
+
+
 def run(args: argparse.Namespace) -> dict[str, Any]:
     """Evaluate as the flags say, print and write the results; returns the JSON record."""
     detector = load_detector(args, args.weights_path)
-    data_path, year = args.data_path, args.year
-    if data_path is None:
-        data_path = detector.train_args.get("data_path")
-        year = year or detector.train_args.get("year")
-        if data_path is None:
-            raise ValueError(f"{args.weights_path} records no data folder: pass --data-path")
-    suggested = args.classes_json or detector.train_args.get("classes_json")
-    with classes_json_for(detector.class_names, suggested) as classes_json:
-        dataset = build_dataset(args.dataset_format or detector.train_args.get("dataset_format", "voc"), data_path,
-                                args.split, get_transforms(train=False), classes_json, year)
+    dataset, data_path, split = evaluation_dataset(args, detector)
     device = next(detector.model.parameters()).device
     workers = max(int(args.workers), 0)
     loader = DataLoader(dataset, batch_size=max(int(args.batch_size), 1), shuffle=False, num_workers=workers,
@@ -219,8 +229,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     stats = evaluator.stats
     record = {
         "weights": str(args.weights_path),
-        "data_path": str(data_path),
-        "split": args.split,
+        "data_path": data_path,
+        "split": split,
         "num_images": len(dataset),
         "coco_stats": stats,
         "coco_stat_names": list(COCO_STAT_NAMES),
@@ -241,6 +251,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     """Script entry; known problems are one ``error: ...`` line and exit code 1."""
+    import_plugins(argv)
     args = build_parser().parse_args(argv)
     try:
         run(args)

@@ -1,10 +1,12 @@
 """MobileNetV2 (Sandler et al., 2018) with torchvision's state dict layout, and its detection backbone."""
+from dataclasses import dataclass
 from typing import Callable, Optional
 
 import torch
 from torch import Tensor, nn
 
 from .conv_bn import ConvBNSequential
+from .registry import SINGLE_LEVEL_ANCHORS, DetectorParts, option, register_backbone
 from .weight_files import load_weight_file
 
 NormLayer = Callable[[int], nn.Module]
@@ -133,24 +135,41 @@ class MobileNetV2(nn.Module):
 def mobilenet_v2_backbone(
     weights_path: Optional[str] = None,
     norm_layer: Optional[NormLayer] = None,
-    alpha: float = 1.0,
-    output_stride: int = 32,
+    width_mult: float = 1.0,
+    feature_stride: int = 32,
 ) -> nn.Module:
     """MobileNetV2 conv features for a single-level detector, with an ``out_channels`` attribute.
 
-    ``output_stride=32`` (default) keeps every layer: x [N, 3, H, W] -> [N, 1280, H/32, W/32].
-    ``output_stride=16`` stops after the last stride-16 stage (the 96-channel blocks, scaled by
-    ``alpha``): a lighter trunk with a finer feature map, useful for small images and CPUs.
+    ``width_mult`` scales every layer's channels (MobileNetV2's alpha).
+    ``feature_stride=32`` (default) keeps every layer: x [N, 3, H, W] -> [N, 1280, H/32, W/32].
+    ``feature_stride=16`` stops after the last stride-16 stage (the 96-channel blocks, scaled by
+    ``width_mult``): a lighter trunk with a finer feature map, useful for small images and CPUs.
     """
-    if output_stride not in (16, 32):
-        raise ValueError(f"mobilenet_v2_backbone: output_stride must be 16 or 32, got {output_stride}")
-    model = MobileNetV2(alpha=alpha, weights_path=weights_path, norm_layer=norm_layer)
+    if feature_stride not in (16, 32):
+        raise ValueError(f"mobilenet_v2_backbone: feature_stride must be 16 or 32, got {feature_stride}")
+    model = MobileNetV2(alpha=width_mult, weights_path=weights_path, norm_layer=norm_layer)
     features = model.features
-    if output_stride == 16:
+    if feature_stride == 16:
         # Stem + the blocks of the first five stages (16, 24, 32, 64, 96 channels).
         stride16_blocks = 1 + sum(n for _, _, n, _ in _STAGES[:5])
         features = features[:stride16_blocks]
-        features.out_channels = _make_divisible(_STAGES[4][1] * alpha, 8)
+        features.out_channels = _make_divisible(_STAGES[4][1] * width_mult, 8)
     else:
         features.out_channels = model.last_channel
     return features
+
+
+@dataclass(frozen=True)
+class MobileNetV2Options:
+    width_mult: float = option(1.0, "MobileNetV2 width multiplier (alpha)")
+    feature_stride: int = option(32, "MobileNetV2: 16 stops the trunk after the stride-16 stages "
+                                     "(lighter, finer map)", choices=(16, 32))
+
+
+@register_backbone("mobilenet_v2", weights="mobilenet_v2", options=MobileNetV2Options,
+                   help="MobileNetV2 conv features, one map (WZ's light detector)")
+def build_mobilenet_v2(weights_path: Optional[str], trainable_layers: int, width_mult: float,
+                       feature_stride: int) -> DetectorParts:
+    """The whole trunk trains (``trainable_layers`` does not apply), BatchNorm included."""
+    backbone = mobilenet_v2_backbone(weights_path, width_mult=width_mult, feature_stride=feature_stride)
+    return DetectorParts(backbone, SINGLE_LEVEL_ANCHORS, ["0"])

@@ -10,6 +10,7 @@ from torch import Tensor, nn
 from .conv_bn import ConvBNSequential, conv_bn
 from .feature_pyramid_network import BackboneWithFPN, ExtraFPNBlock, LastLevelMaxPool
 from .frozen_bn import FrozenBatchNorm2d
+from .registry import FPN_ANCHORS, DetectorParts, register_backbone, validate_trainable_layers
 from .weight_files import load_weight_file
 
 NormLayer = Callable[[int], nn.Module]
@@ -128,8 +129,7 @@ _STAGES_FROM_TOP = ("layer4", "layer3", "layer2", "layer1", "conv1")
 def freeze_resnet_stages(model: ResNet, trainable_layers: int) -> None:
     """Keep gradients only in the last `trainable_layers` stages (0..5), torchvision's rule: 3 trains
     layer2..layer4; 5 trains everything, the stem's bn1 included."""
-    if not 0 <= trainable_layers <= 5:
-        raise ValueError(f"freeze_resnet_stages: trainable_layers must be 0..5, got {trainable_layers}")
+    validate_trainable_layers(trainable_layers, "freeze_resnet_stages: trainable_layers")
     trainable = list(_STAGES_FROM_TOP[:trainable_layers])
     if trainable_layers == 5:
         trainable.append("bn1")
@@ -140,7 +140,7 @@ def freeze_resnet_stages(model: ResNet, trainable_layers: int) -> None:
 
 
 def resnet50_fpn_backbone(
-    pretrain_path: str = "",
+    weights_path: Optional[str] = None,
     norm_layer: NormLayer = FrozenBatchNorm2d,
     trainable_layers: int = 3,
     returned_layers: Optional[list[int]] = None,
@@ -149,7 +149,7 @@ def resnet50_fpn_backbone(
     """ResNet-50 + FPN with the first stages frozen, as torchvision's resnet_fpn_backbone("resnet50").
 
     Args:
-        pretrain_path: resnet50-0676ba61.pth to load (strictly) before freezing; "" for random init.
+        weights_path: resnet50-0676ba61.pth to load (strictly) before freezing; None for random init.
         norm_layer: normalisation of the ResNet; FrozenBatchNorm2d by default.
         trainable_layers: how many stages, counted from layer4 back to conv1, keep gradients (0..5).
         returned_layers: which of layer1..layer4 feed the FPN (values 1..4); all four by default.
@@ -158,16 +158,15 @@ def resnet50_fpn_backbone(
     Returns:
         module mapping [N, 3, H, W] to an OrderedDict "0", "1", ... (+ "pool") of 256-channel maps.
     """
-    if not 0 <= trainable_layers <= 5:
-        raise ValueError(f"resnet50_fpn_backbone: trainable_layers must be 0..5, got {trainable_layers}")
+    validate_trainable_layers(trainable_layers, "resnet50_fpn_backbone: trainable_layers")
     if returned_layers is None:
         returned_layers = [1, 2, 3, 4]
     if not returned_layers or min(returned_layers) < 1 or max(returned_layers) > 4:
         raise ValueError(f"resnet50_fpn_backbone: returned_layers must lie in 1..4, got {returned_layers}")
 
     resnet = ResNet(Bottleneck, [3, 4, 6, 3], include_top=True, norm_layer=norm_layer)
-    if pretrain_path:
-        resnet.load_state_dict(load_weight_file(pretrain_path, "resnet50"), strict=True)
+    if weights_path:
+        resnet.load_state_dict(load_weight_file(weights_path, "resnet50"), strict=True)
 
     freeze_resnet_stages(resnet, trainable_layers)
 
@@ -177,3 +176,10 @@ def resnet50_fpn_backbone(
     # layer k outputs 256 * 2 ** (k - 1) channels.
     in_channels_list = [256 * 2 ** (k - 1) for k in returned_layers]
     return BackboneWithFPN(resnet, return_layers, in_channels_list, 256, extra_blocks=extra_blocks)
+
+
+@register_backbone("resnet50_fpn", weights="resnet50", help="ResNet-50 + FPN, torchvision's detector")
+def build_resnet50_fpn(weights_path: Optional[str], trainable_layers: int) -> DetectorParts:
+    """Four FPN levels pooled by the RoI heads, one anchor size per level."""
+    backbone = resnet50_fpn_backbone(weights_path, FrozenBatchNorm2d, trainable_layers)
+    return DetectorParts(backbone, FPN_ANCHORS, ["0", "1", "2", "3"])

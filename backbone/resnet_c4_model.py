@@ -11,6 +11,7 @@ from typing import Optional
 from torch import Tensor, nn
 
 from .frozen_bn import FrozenBatchNorm2d
+from .registry import SINGLE_LEVEL_ANCHORS, DetectorParts, register_backbone
 from .resnet50_fpn_model import Bottleneck, NormLayer, ResNet, freeze_resnet_stages
 from .weight_files import load_weight_file
 
@@ -71,3 +72,15 @@ def resnet_c4(
     trunk.out_channels = 256 * Bottleneck.expansion
     head = ResNetC4Head(model.layer4, 512 * Bottleneck.expansion)
     return trunk, head
+
+
+def _register_c4(arch: str) -> None:
+    @register_backbone(f"{arch}_c4", weights=arch, help=f"{arch} C4 trunk with layer4 as the box head (the paper's)")
+    def build(weights_path: Optional[str], trainable_layers: int) -> DetectorParts:
+        """One stride-16 map; RoIs pooled to 14x14 for layer4."""
+        trunk, head = resnet_c4(arch, weights_path, trainable_layers)
+        return DetectorParts(trunk, SINGLE_LEVEL_ANCHORS, ["0"], box_head=head, pool_size=14)
+
+
+for _arch in RESNET_BLOCKS:
+    _register_c4(_arch)

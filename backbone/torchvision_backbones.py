@@ -22,8 +22,8 @@ Default nodes (finest first; --no-fpn uses the last one):
 Each node is the last layer at its stride (the output of that stage).
 """
 import math
-import os
-from typing import Optional, Sequence
+from dataclasses import dataclass
+from typing import Optional, Sequence, Tuple
 
 import torch
 import torchvision
@@ -32,6 +32,14 @@ from torchvision.models.feature_extraction import create_feature_extractor
 
 from .feature_pyramid_network import FeaturePyramidNetwork, LastLevelMaxPool
 from .frozen_bn import FrozenBatchNorm2d
+from .registry import (
+    SINGLE_LEVEL_ANCHORS,
+    BackboneFamily,
+    BackboneSpec,
+    DetectorParts,
+    option,
+    register_backbone_family,
+)
 from .weight_files import WEIGHT_FILE_NAMES, load_weight_file
 
 _RESNET_NODES = ["layer1", "layer2", "layer3", "layer4"]
@@ -55,21 +63,9 @@ def classifier_names() -> list[str]:
     return torchvision.models.list_models(module=torchvision.models)
 
 
-def _official_url(name: str) -> str:
-    """Download address of the ImageNet weights torchvision lists first for `name`."""
-    return next(iter(torchvision.models.get_model_weights(name))).url
-
-
-def read_classifier_weights(path: str, name: str) -> dict[str, Tensor]:
-    """The state dict in `path` for torchvision classifier `name` (a {"model": ...} checkpoint is unwrapped)."""
-    if name in WEIGHT_FILE_NAMES:
-        return load_weight_file(path, name)
-    if not os.path.isfile(path):
-        raise FileNotFoundError(
-            f"weight file '{path}' not found; download the {name} weights from {_official_url(name)}"
-        )
-    state = torch.load(path, map_location="cpu", weights_only=True)
-    return state.get("model", state) if isinstance(state, dict) else state
+def _official_url(name: str) -> Optional[str]:
+    """Download address of the ImageNet weights torchvision lists first for `name` (None if none)."""
+    return next((weights.url for weights in torchvision.models.get_model_weights(name)), None)
 
 
 def freeze_batch_norms(module: nn.Module) -> None:
@@ -157,7 +153,7 @@ def torchvision_backbone(
 
     classifier = torchvision.models.get_model(name, weights=None)
     if weights_path:
-        classifier.load_state_dict(read_classifier_weights(weights_path, name), strict=True)
+        classifier.load_state_dict(load_weight_file(weights_path, url=_official_url(name)), strict=True)
     freeze_batch_norms(classifier)
     try:
         body = create_feature_extractor(
@@ -176,3 +172,43 @@ def torchvision_backbone(
     pyramid = FeaturePyramidNetwork(channels, fpn_channels, extra_blocks=LastLevelMaxPool())
     return TorchvisionBackbone(body, pyramid, fpn_channels, strides + [2 * strides[-1]])
 
+
+PREFIX = "tv:"
+
+
+@dataclass(frozen=True)
+class TorchvisionOptions:
+    return_nodes: Optional[Tuple[str, ...]] = option(
+        None, "tv: backbones: graph nodes feeding the detector, finest first, e.g. "
+              "'features.6,features.12,features.16' (defaults per network in the README)")
+    fpn: bool = option(True, "tv: backbones: FPN over the return nodes, or --no-fpn for the last node alone")
+
+
+def _build_family_member(name: str, weights_path: Optional[str], trainable_layers: int,
+                         return_nodes: Optional[Sequence[str]], fpn: bool) -> DetectorParts:
+    """With an FPN, one anchor size per level of 8x its stride (32..512 for a ResNet)."""
+    backbone = torchvision_backbone(name, return_nodes=return_nodes, fpn=fpn, weights_path=weights_path)
+    if backbone.fpn is None:
+        return DetectorParts(backbone, SINGLE_LEVEL_ANCHORS, backbone.featmap_names)
+    anchors = tuple((8 * stride,) for stride in backbone.strides)
+    return DetectorParts(backbone, anchors, backbone.featmap_names)
+
+
+def _resolve(full_name: str) -> BackboneSpec:
+    """The registry entry of ``tv:<name>`` for any torchvision classifier."""
+    name = full_name[len(PREFIX):]
+    if name not in classifier_names():
+        raise ValueError(f"unknown backbone '{full_name}': not a torchvision classification model "
+                         "(see torchvision.models.list_models(module=torchvision.models))")
+
+    def build(weights_path: Optional[str], trainable_layers: int, return_nodes: Optional[Sequence[str]],
+              fpn: bool) -> DetectorParts:
+        return _build_family_member(name, weights_path, trainable_layers, return_nodes, fpn)
+
+    weights = name if name in WEIGHT_FILE_NAMES else None
+    return BackboneSpec(full_name, build, weights, _official_url(name), TorchvisionOptions,
+                        f"torchvision's {name}")
+
+
+register_backbone_family(BackboneFamily(PREFIX, _resolve, TorchvisionOptions,
+                                        "any torchvision classifier (e.g. tv:resnet34, tv:mobilenet_v3_large)"))

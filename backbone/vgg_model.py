@@ -4,6 +4,7 @@ from typing import Optional, Union
 import torch
 from torch import Tensor, nn
 
+from .registry import SINGLE_LEVEL_ANCHORS, DetectorParts, register_backbone
 from .weight_files import load_weight_file
 
 # Conv output channels per layer; "M" is a 2x2 max pool.
@@ -89,3 +90,14 @@ def vgg_backbone(model_name: str = "vgg16", weights_path: Optional[str] = None) 
     del features[-1]
     features.out_channels = 512
     return features
+
+
+def _register_vgg(name: str) -> None:
+    @register_backbone(name, weights=name, help=f"{name} conv layers, stride 16")
+    def build(weights_path: Optional[str], trainable_layers: int) -> DetectorParts:
+        """Every conv layer trains (``trainable_layers`` does not apply)."""
+        return DetectorParts(vgg_backbone(name, weights_path), SINGLE_LEVEL_ANCHORS, ["0"])
+
+
+for _name in _CONFIGS:
+    _register_vgg(_name)

@@ -3,8 +3,8 @@
 No weights ship with the project; users download the files below by hand and pass their path.
 """
 import os
-import pickle
 from collections.abc import Mapping
+from typing import Any, Dict, Optional
 
 import torch
 
@@ -37,24 +37,43 @@ def weight_url(kind: str) -> str:
     return WEIGHT_URLS[WEIGHT_FILE_NAMES[kind]]
 
 
-def load_weight_file(path: str, kind: str) -> dict[str, torch.Tensor]:
-    """Read a state dict (or a {"model": state_dict} training checkpoint) onto the CPU.
+class WeightFileError(ValueError):
+    """A weights or checkpoint file that cannot be used; the message is one line naming the file."""
+
+
+class MissingWeightFileError(WeightFileError, FileNotFoundError):
+    """The file does not exist; the message says where to download it when that is known."""
+
+
+def read_weight_file(path: str, url: Optional[str] = None) -> Any:
+    """What ``path`` holds, loaded onto the CPU with ``weights_only=True`` (tensors and plain
+    containers only). The one place that reads weight and checkpoint files."""
+    if not os.path.isfile(path):
+        hint = f"; download it from {url}" if url else ""
+        raise MissingWeightFileError(f"weight file '{path}' not found{hint}")
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # truncated file, not a torch file, pickled foreign objects
+        first_line = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        raise WeightFileError(f"cannot read weight file '{path}': {first_line}") from None
+
+
+def state_dict_of(raw: Any, path: str) -> Dict[str, torch.Tensor]:
+    """The state dict in a loaded file: the file itself, or its ``"model"`` entry (WZ's and our
+    training checkpoints)."""
+    if isinstance(raw, Mapping) and isinstance(raw.get("model"), Mapping):
+        raw = raw["model"]
+    if not isinstance(raw, Mapping) or not all(isinstance(v, torch.Tensor) for v in raw.values()):
+        raise WeightFileError(f"weight file '{path}' holds a {type(raw).__name__}, not a state dict of tensors")
+    return dict(raw)
+
+
+def load_weight_file(path: str, kind: Optional[str] = None, url: Optional[str] = None) -> Dict[str, torch.Tensor]:
+    """The state dict in ``path`` (a ``{"model": state_dict}`` checkpoint is unwrapped).
 
     Args:
         path: the .pth file.
-        kind: model key from WEIGHT_FILE_NAMES, used to point at the download URL when the
-            file is missing.
+        kind: model key from WEIGHT_FILE_NAMES; a missing file's message then names its official URL.
+        url: the download address to name instead, for other files.
     """
-    url = weight_url(kind)
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"weight file '{path}' not found; download the {kind} weights from {url}")
-    try:
-        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as err:
-        first_line = str(err).strip().splitlines()[0]
-        raise RuntimeError(f"weight file '{path}' is not a plain tensor checkpoint: {first_line}") from err
-    if isinstance(checkpoint, Mapping) and isinstance(checkpoint.get("model"), Mapping):
-        checkpoint = checkpoint["model"]
-    if not isinstance(checkpoint, Mapping):
-        raise TypeError(f"weight file '{path}' holds a {type(checkpoint).__name__}, not a state dict")
-    return checkpoint
+    return state_dict_of(read_weight_file(path, url or (weight_url(kind) if kind else None)), path)

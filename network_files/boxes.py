@@ -11,12 +11,7 @@ from torchvision.ops import batched_nms, box_iou, nms
 
 from .tracing import Size
 
-__all__ = ["box_area", "box_iou", "batched_nms", "nms", "clip_boxes_to_image", "remove_small_boxes"]
-
-
-def box_area(boxes: Tensor) -> Tensor:
-    """Area of each box: ``[N, 4] -> [N]``."""
-    return (boxes[:, 2] - boxes[:, 0]) * (boxes[:, 3] - boxes[:, 1])
+__all__ = ["box_iou", "batched_nms", "nms", "clip_boxes_to_image", "remove_small_boxes"]
 
 
 def clip_boxes_to_image(boxes: Tensor, size: Tuple[Size, Size]) -> Tensor:

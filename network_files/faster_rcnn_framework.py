@@ -134,57 +134,49 @@ class FasterRCNN(FasterRCNNBase):
         bbox_reg_weights: Optional[Tuple[float, float, float, float]] = None,
         **transform_kwargs,
     ) -> None:
-        if not hasattr(backbone, "out_channels"):
-            raise ValueError("the backbone needs an 'out_channels' attribute (channels of its feature maps)")
-        if num_classes is not None and box_predictor is not None:
-            raise ValueError("give either num_classes or box_predictor, not both")
-        if num_classes is None and box_predictor is None:
-            raise ValueError("num_classes is required when box_predictor is not given")
-
+        _check_arguments(backbone, num_classes, box_predictor)
         out_channels = backbone.out_channels
         if rpn_anchor_generator is None:
             rpn_anchor_generator = AnchorsGenerator(((32,), (64,), (128,), (256,), (512,)), ((0.5, 1.0, 2.0),) * 5)
         if rpn_head is None:
             rpn_head = RPNHead(out_channels, rpn_anchor_generator.num_anchors_per_location()[0])
         rpn = RegionProposalNetwork(
-            rpn_anchor_generator,
-            rpn_head,
-            rpn_fg_iou_thresh,
-            rpn_bg_iou_thresh,
-            rpn_batch_size_per_image,
-            rpn_positive_fraction,
-            dict(training=rpn_pre_nms_top_n_train, testing=rpn_pre_nms_top_n_test),
-            dict(training=rpn_post_nms_top_n_train, testing=rpn_post_nms_top_n_test),
-            rpn_nms_thresh,
-            score_thresh=rpn_score_thresh,
-        )
+            rpn_anchor_generator, rpn_head, rpn_fg_iou_thresh, rpn_bg_iou_thresh, rpn_batch_size_per_image,
+            rpn_positive_fraction, dict(training=rpn_pre_nms_top_n_train, testing=rpn_pre_nms_top_n_test),
+            dict(training=rpn_post_nms_top_n_train, testing=rpn_post_nms_top_n_test), rpn_nms_thresh,
+            score_thresh=rpn_score_thresh)
 
-        if box_roi_pool is None:
-            box_roi_pool = MultiScaleRoIAlign(featmap_names=["0", "1", "2", "3"], output_size=7, sampling_ratio=2)
-        if box_head is None:
-            resolution = box_roi_pool.output_size[0]
-            box_head = TwoMLPHead(out_channels * resolution**2, 1024)
-        if box_predictor is None:
-            box_predictor = FastRCNNPredictor(1024, num_classes)
+        box_roi_pool, box_head, box_predictor = _default_box_parts(box_roi_pool, box_head, box_predictor,
+                                                                   out_channels, num_classes)
         roi_heads = RoIHeads(
-            box_roi_pool,
-            box_head,
-            box_predictor,
-            box_fg_iou_thresh,
-            box_bg_iou_thresh,
-            box_batch_size_per_image,
-            box_positive_fraction,
-            bbox_reg_weights,
-            box_score_thresh,
-            box_nms_thresh,
-            box_detections_per_img,
-        )
+            box_roi_pool, box_head, box_predictor, box_fg_iou_thresh, box_bg_iou_thresh, box_batch_size_per_image,
+            box_positive_fraction, bbox_reg_weights, box_score_thresh, box_nms_thresh, box_detections_per_img)
 
-        transform = GeneralizedRCNNTransform(
-            min_size,
-            max_size,
-            image_mean if image_mean is not None else [0.485, 0.456, 0.406],
-            image_std if image_std is not None else [0.229, 0.224, 0.225],
-            **transform_kwargs,
-        )
+        mean = image_mean if image_mean is not None else [0.485, 0.456, 0.406]
+        std = image_std if image_std is not None else [0.229, 0.224, 0.225]
+        transform = GeneralizedRCNNTransform(min_size, max_size, mean, std, **transform_kwargs)
         super().__init__(backbone, rpn, roi_heads, transform)
+
+
+def _check_arguments(backbone: nn.Module, num_classes: Optional[int], box_predictor: Optional[nn.Module]) -> None:
+    if not hasattr(backbone, "out_channels"):
+        raise ValueError("the backbone needs an 'out_channels' attribute (channels of its feature maps)")
+    if num_classes is not None and box_predictor is not None:
+        raise ValueError("give either num_classes or box_predictor, not both")
+    if num_classes is None and box_predictor is None:
+        raise ValueError("num_classes is required when box_predictor is not given")
+
+
+def _default_box_parts(box_roi_pool: Optional[nn.Module], box_head: Optional[nn.Module],
+                       box_predictor: Optional[nn.Module], out_channels: int,
+                       num_classes: Optional[int]) -> Tuple[nn.Module, nn.Module, nn.Module]:
+    """torchvision's defaults for the parts not given: RoIAlign 7x7 over "0".."3", a 1024-wide
+    two-layer head and its predictor."""
+    if box_roi_pool is None:
+        box_roi_pool = MultiScaleRoIAlign(featmap_names=["0", "1", "2", "3"], output_size=7, sampling_ratio=2)
+    if box_head is None:
+        resolution = box_roi_pool.output_size[0]
+        box_head = TwoMLPHead(out_channels * resolution**2, 1024)
+    if box_predictor is None:
+        box_predictor = FastRCNNPredictor(1024, num_classes)
+    return box_roi_pool, box_head, box_predictor

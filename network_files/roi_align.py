@@ -604,29 +604,3 @@ def _torchvision_pyramid(
         result[members] = pooled.to(result.dtype)
     return result
 
-
-def roi_align(
-    input: Tensor,
-    boxes: BoxesArg,
-    output_size: SizeArg,
-    spatial_scale: float = 1.0,
-    sampling_ratio: int = -1,
-    aligned: bool = False,
-) -> Tensor:
-    """RoIAlign (Mask R-CNN), a drop-in for ``torchvision.ops.roi_align``.
-
-    input: Tensor[N, C, H, W] feature map.
-    boxes: Tensor[K, 5] (batch_index, x1, y1, x2, y2) or a list of Tensor[L_i, 4] per image,
-        in image coordinates.
-    output_size: PH or (PH, PW) bins.
-    spatial_scale: feature size / image size.
-    sampling_ratio: samples per bin along each axis; <= 0 uses ceil(roi size / bins) per RoI.
-    aligned: shift boxes by -0.5 pixel (Detectron2 convention) and allow boxes smaller than a pixel.
-    Returns Tensor[K, C, PH, PW] in the dtype of input.
-    """
-    rois = boxes_to_rois(boxes)
-    if not _uses_fast_path([input]):
-        return torchvision.ops.roi_align(input, rois, _pair(output_size), spatial_scale, sampling_ratio, aligned)
-    if input.dim() != 4:
-        raise ValueError(f"roi_align: input must be [N, C, H, W], got {list(input.shape)}")
-    return pyramid_roi_align([input], rois, None, [spatial_scale], output_size, sampling_ratio, aligned)

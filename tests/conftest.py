@@ -81,13 +81,16 @@ def write_fake_vgg16_file(path: Path, seed: int) -> dict:
     return state
 
 
-TINY_TRAIN_FLAGS = [
-    "--backbone-weights", "none", "--feature-stride", "16", "--width-mult", "0.5",
+# MobileNetV2's own options; other backbones refuse them.
+MOBILENET_OPTIONS = ["--feature-stride", "16", "--width-mult", "0.5"]
+TINY_COMMON_FLAGS = [
+    "--backbone-weights", "none",
     "--representation-size", "64", "--min-size", "128", "--max-size", "128", "-b", "4",
     "--workers", "0", "--anchor-sizes", "32,64,128", "--box-batch-size-per-image", "32",
     "--rpn-pre-nms-top-n-train", "300", "--rpn-post-nms-top-n-train", "100",
     "--rpn-pre-nms-top-n-test", "200", "--rpn-post-nms-top-n-test", "50", "--print-freq", "2",
 ]
+TINY_TRAIN_FLAGS = TINY_COMMON_FLAGS + MOBILENET_OPTIONS
 
 
 @pytest.fixture(scope="session")

@@ -21,6 +21,7 @@ from backbone import (
     LastLevelMaxPool,
     MobileNetV2,
     ResNet,
+    WeightFileError,
     load_weight_file,
     mobilenet_v2_backbone,
     resnet50_fpn_backbone,
@@ -194,7 +195,7 @@ def test_resnet50_weight_file_loads_into_fpn_backbone(tmp_path):
     path = tmp_path / "resnet50-0676ba61.pth"
     torch.save(saved, path)
 
-    model = resnet50_fpn_backbone(pretrain_path=str(path))
+    model = resnet50_fpn_backbone(weights_path=str(path))
     body = model.body.state_dict()
     assert not any(k.endswith("num_batches_tracked") for k in body)
     expected_keys = {k for k in saved if not k.endswith("num_batches_tracked") and not k.startswith("fc.")}
@@ -284,7 +285,7 @@ def test_old_fpn_key_layout_loads_from_coco_style_checkpoint(tmp_path, tv_fpn, i
 @pytest.mark.parametrize(
     "build, file_name",
     [
-        (lambda p: resnet50_fpn_backbone(pretrain_path=p), "resnet50-0676ba61.pth"),
+        (lambda p: resnet50_fpn_backbone(weights_path=p), "resnet50-0676ba61.pth"),
         (lambda p: MobileNetV2(weights_path=p), "mobilenet_v2-b0353104.pth"),
         (lambda p: vgg_backbone("vgg19", weights_path=p), "vgg19-dcbb9e9d.pth"),
         (
@@ -307,7 +308,7 @@ def test_missing_weight_file_names_path_and_url(tmp_path, build, file_name):
 def test_non_state_dict_file_is_rejected(tmp_path):
     path = tmp_path / "list.pth"
     torch.save([torch.zeros(1)], path)
-    with pytest.raises(TypeError, match="list.pth"):
+    with pytest.raises(WeightFileError, match="list.pth"):
         load_weight_file(str(path), "resnet50")
 
 

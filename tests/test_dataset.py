@@ -11,6 +11,7 @@ from PIL import Image, ImageFile
 from torch.utils.data import ConcatDataset, SequentialSampler, Subset
 
 from my_dataset import VOCDataSet, load_class_dict
+from train_utils.data.images import decode_image
 from train_utils.data.samplers import GroupedBatchSampler, compute_aspect_ratios, create_aspect_ratio_groups
 from train_utils.data.transforms import Compose, ToTensor
 from voc_factory import VocItem, VocObject, image_pixels, write_classes_json, write_voc
@@ -206,6 +207,38 @@ def test_no_readable_image_is_an_error(tmp_path):
     dataset = make_dataset(tmp_path / "t")
     with pytest.warns(UserWarning), pytest.raises(RuntimeError, match="none of the 1 images"):
         dataset[0]
+
+
+def test_decompression_bomb_is_a_counted_skip(tmp_path, monkeypatch):
+    write_voc(tmp_path, [VocItem("small", width=32, height=24, objects=[VocObject("dog", (1, 1, 9, 9))]),
+                         VocItem("big", width=128, height=96, objects=[VocObject("cat", (2, 2, 80, 60))]),
+                         VocItem("last", width=32, height=24, objects=[VocObject("cat", (3, 3, 9, 9))])])
+    loaded = make_dataset(tmp_path)
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 2000)  # 128 x 96 is over twice that: PIL refuses it
+    with pytest.warns(UserWarning, match=r"skipping unreadable image .*big\.jpg \(.*decompression bomb"):
+        _, target = loaded[1]
+    assert int(target["image_id"]) == 2 and loaded.skipped["unreadable_images"] == 1  # the next image
+    with pytest.warns(UserWarning, match=r"skipped 1 unreadable images: big\.jpg: cannot open: .*decompression bomb"):
+        dataset = make_dataset(tmp_path)
+    assert dataset.ids == ["small", "last"] and dataset.skipped["unreadable_images"] == 1
+
+
+def test_decode_image_gives_rgb_and_transposes_on_request(tmp_path):
+    pixels = np.random.default_rng(0).integers(0, 256, (12, 20, 3), dtype=np.uint8)
+    palette = Image.fromarray(pixels).quantize(16)
+    palette.save(tmp_path / "palette.png", transparency=0)
+    lookup = np.array(palette.getpalette(), dtype=np.uint8).reshape(-1, 3)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # palette transparency goes through RGBA, without PIL's warning
+        decoded = decode_image(tmp_path / "palette.png", exif_transpose=False)
+    assert decoded.mode == "RGB" and np.array_equal(np.asarray(decoded), lookup[np.asarray(palette)])
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    Image.fromarray(pixels).save(tmp_path / "rotated.jpg", exif=exif.tobytes())
+    stored = decode_image(tmp_path / "rotated.jpg", exif_transpose=False)
+    upright = decode_image(tmp_path / "rotated.jpg", exif_transpose=True)
+    assert stored.size == (20, 12) and upright.size == (12, 20)
+    assert np.array_equal(np.asarray(upright), np.rot90(np.asarray(stored), k=-1))
 
 
 @pytest.mark.parametrize("form", ["parent", "devkit", "year"])

@@ -16,9 +16,9 @@ from conftest import ROOT, TINY_TRAIN_FLAGS
 
 import validation
 from my_dataset import VOCDataSet
-from train_utils.checkpoint import load_checkpoint
+from train_utils.checkpoint import read_checkpoint
 from train_utils.evaluation.coco_api import get_coco_api_from_dataset
-from train_utils.model.builder import model_from_checkpoint
+from train_utils.inference.loading import load_model
 from train_utils.evaluation.loop import evaluate
 from train_utils.data.transforms import get_transforms
 
@@ -46,10 +46,10 @@ def test_torchrun_two_processes(demo_voc, tmp_path):
     assert len(list(out.glob("results*.txt"))) == 1
     assert len((out / "metrics.jsonl").read_text().splitlines()) == 1
 
-    ckpt = load_checkpoint(str(out / "last.pth"))
-    assert not any(key.startswith("module.") for key in ckpt["model"]), "the unwrapped model is saved"
+    ckpt = read_checkpoint(str(out / "last.pth"))
+    assert not any(key.startswith("module.") for key in ckpt.model), "the unwrapped model is saved"
     # 19 training images shard to 10 per process (the sampler pads); 2 per step -> 5 steps.
-    assert ckpt["lr_scheduler"]["last_epoch"] == 5
+    assert ckpt.lr_scheduler["last_epoch"] == 5
 
     # The checkpoint loads in validation.py and gives exactly the COCO numbers of the distributed run.
     record_path = tmp_path / "record_mAP.txt"
@@ -57,7 +57,7 @@ def test_torchrun_two_processes(demo_voc, tmp_path):
                             "--output", str(record_path), "--workers", "0"]) == 0
     record = json.loads(record_path.with_suffix(".json").read_text())
     assert record["num_images"] == 5
-    assert record["coco_stats"] == pytest.approx(ckpt["coco_stats"], abs=1e-9)
+    assert record["coco_stats"] == pytest.approx(ckpt.coco_stats, abs=1e-9)
 
 
 def _evaluate_shard(rank: int, world_size: int, port: int, checkpoint: str, data: str, result_file: str) -> None:
@@ -65,7 +65,7 @@ def _evaluate_shard(rank: int, world_size: int, port: int, checkpoint: str, data
     torch.set_num_threads(1)
     dist.init_process_group("gloo", rank=rank, world_size=world_size)
     try:
-        model = model_from_checkpoint(load_checkpoint(checkpoint))
+        model = load_model(checkpoint)
         dataset = VOCDataSet(data, transforms=get_transforms(False), txt_name="val.txt",
                              classes_json=str(Path(data) / "classes.json"))
         sampler = DistributedSampler(dataset, num_replicas=world_size, rank=rank, shuffle=False)
@@ -88,7 +88,7 @@ def test_uneven_dataset_is_evaluated_without_duplicates(trained_run, demo_voc, t
     assert distributed["shard_sizes"] == 3  # 6 slots for 5 images
     assert distributed["image_ids"] == [0, 1, 2, 3, 4]
 
-    model = model_from_checkpoint(load_checkpoint(str(trained_run / "last.pth")))
+    model = load_model(str(trained_run / "last.pth"))
     dataset = VOCDataSet(demo_voc, transforms=get_transforms(False), txt_name="val.txt",
                          classes_json=str(demo_voc / "classes.json"))
     loader = DataLoader(dataset, batch_size=1, collate_fn=VOCDataSet.collate_fn)

@@ -6,8 +6,7 @@ from backbone import FrozenBatchNorm2d, mobilenet_v2_backbone, resnet50_fpn_back
 from backbone.conv_bn import ConvBNSequential, conv_bn, folded_parameters
 from my_dataset import VOCDataSet
 from network_files import fast_path
-from train_utils.checkpoint import load_checkpoint
-from train_utils.model.builder import model_from_checkpoint
+from train_utils.inference.loading import load_model
 from train_utils.data.transforms import get_transforms
 
 
@@ -90,7 +89,7 @@ def test_trained_detector_detections_match_reference(trained_run, demo_voc):
     """A real trained checkpoint gives the same detections: same count, the same score sequence
     (to 1e-5), and every detection has a twin with the same label, box within 1e-3 px and score.
     Only detections whose scores tie within float rounding may swap places."""
-    model = model_from_checkpoint(load_checkpoint(str(trained_run / "last.pth"))).eval()
+    model = load_model(str(trained_run / "last.pth"))
     dataset = VOCDataSet(demo_voc, transforms=get_transforms(False), txt_name="val.txt",
                          classes_json=str(demo_voc / "classes.json"))
     images = [dataset[i][0] for i in range(len(dataset))]

@@ -524,7 +524,7 @@ def test_training_and_validation_on_coco_match_the_voc_run(demo_voc, trained_run
     # Same images, targets and order in another format: the same training, weight for weight.
     for key, value in voc_run["model"].items():
         assert torch.equal(coco_run["model"][key], value), key
-    assert coco_run["coco_stats"] == pytest.approx(voc_run["coco_stats"], abs=1e-12)
+    assert coco_run["metrics"]["coco_stats"] == pytest.approx(voc_run["metrics"]["coco_stats"], abs=1e-12)
 
     record_path = tmp_path / "record_mAP.txt"
     code = validation.main(["--weights-path", str(out / "model-0.pth"), "--dataset-format", "coco",
@@ -533,4 +533,4 @@ def test_training_and_validation_on_coco_match_the_voc_run(demo_voc, trained_run
     assert code == 0
     record = json.loads(record_path.with_suffix(".json").read_text())
     assert record["num_images"] == 5
-    np.testing.assert_allclose(record["coco_stats"], coco_run["coco_stats"], rtol=0, atol=1e-9)
+    np.testing.assert_allclose(record["coco_stats"], coco_run["metrics"]["coco_stats"], rtol=0, atol=1e-9)

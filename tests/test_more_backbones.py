@@ -18,9 +18,10 @@ from torchvision.ops import roi_pool
 from torchvision.ops.poolers import _setup_scales
 
 from backbone import DEFAULT_RETURN_NODES, FrozenBatchNorm2d, torchvision_backbone
-from conftest import ROOT, TINY_TRAIN_FLAGS, write_fake_vgg16_file
+from conftest import ROOT, TINY_COMMON_FLAGS, TINY_TRAIN_FLAGS, write_fake_vgg16_file
 from network_files import MultiScaleRoIAlign, MultiScaleRoIPool
-from train_utils.model.builder import build_model, model_from_checkpoint
+from train_utils.inference.loading import load_model
+from train_utils.model.builder import build_model
 from train_utils.engine.args import build_parser, parse
 
 # A detector small enough for a CPU training step on 128-pixel images.
@@ -344,7 +345,7 @@ def test_multiscale_roi_pool_single_level_and_state():
 def test_train_script_one_epoch_and_checkpoint_rebuilds(flags, pooler, demo_voc, tmp_path):
     cmd = [sys.executable, str(ROOT / "train_mobilenet.py"), "--data-path", str(demo_voc),
            "--classes-json", str(demo_voc / "classes.json"), "--output-dir", str(tmp_path), "--epochs", "1",
-           *TINY_TRAIN_FLAGS, *flags]
+           *(TINY_TRAIN_FLAGS if flags[1] == "mobilenet_v2" else TINY_COMMON_FLAGS), *flags]
     done = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, f"training failed:\n{done.stdout[-2000:]}\n{done.stderr[-3000:]}"
 
@@ -352,8 +353,8 @@ def test_train_script_one_epoch_and_checkpoint_rebuilds(flags, pooler, demo_voc,
     config = checkpoint["model_config"]
     assert config["backbone"] == flags[1]
     assert config["roi_op"] == ("pool" if pooler is MultiScaleRoIPool else "align")
-    assert config["fpn"] is (False if "--no-fpn" in flags else None)
-    model = model_from_checkpoint(checkpoint)  # strict load
+    assert config["backbone_options"].get("fpn") is (False if "--no-fpn" in flags else None)
+    model = load_model(str(tmp_path / "last.pth"))  # strict load
     assert type(model.roi_heads.box_roi_pool) is pooler
     record = json.loads((tmp_path / "metrics.jsonl").read_text().splitlines()[0])
     assert record["epoch"] == 0 and len(record["coco"]) == 12

@@ -16,7 +16,7 @@ from network_files import fast_path
 from network_files.tracing import size_tensor
 from network_files.transform import GeneralizedRCNNTransform
 from tools import export_onnx as export_tool
-from train_utils.checkpoint import load_checkpoint
+from train_utils.checkpoint import read_checkpoint
 from train_utils.model.builder import build_model
 from train_utils.inference.onnx_export import (
     BOX_RTOL, OnnxDetector, export_metadata, export_onnx, match_detections,
@@ -128,13 +128,13 @@ def test_traced_resize_and_padding_equal_eager_for_new_sizes(min_size, max_size)
 def test_export_tool_and_predict_onnx_give_the_checkpoint_detections(trained_run, demo_voc, tmp_path, capsys):
     weights = trained_run / "best.pth"
     output = tmp_path / "exported" / "model.onnx"
-    assert export_tool.main(["--weights", str(weights), "--output", str(output), "--score-thresh", "0.01"]) == 0
+    assert export_tool.main(["--weights", str(weights), "--output", str(output), "--box-score-thresh", "0.01"]) == 0
     printed = capsys.readouterr().out
     assert printed.count(": ok") == 2, printed
 
-    checkpoint = load_checkpoint(str(weights))
+    checkpoint = read_checkpoint(str(weights))
     metadata = dict(OnnxDetector(output).metadata)
-    assert json.loads(metadata["class_names"]) == checkpoint["class_names"]
+    assert json.loads(metadata["class_names"]) == checkpoint.class_names
     assert metadata["score_thresh"] == "0.01" and metadata["backbone"] == "mobilenet_v2"
     assert not [p for p in output.parent.iterdir() if p.name != "model.onnx"]  # no temporary left
 

@@ -11,9 +11,10 @@ import torch
 from PIL import Image
 
 import predict
-from train_utils.checkpoint import load_checkpoint
+from backbone import read_weight_file
 from train_utils.vis.draw import class_colour, draw_detections, outline_pixels, text_colour
-from train_utils.model.builder import DETECTOR_KEYS, model_from_checkpoint
+from train_utils.inference.loading import load_model
+from train_utils.model.config import ModelConfig
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY_ARCH = ["--backbone", "mobilenet_v2", "--width-mult", "0.5", "--feature-stride", "16",
@@ -25,7 +26,7 @@ EXIF_ORIENTATION = 0x0112
 def confident_checkpoint(trained_run, tmp_path_factory) -> Path:
     """The trained checkpoint with a box classifier that calls every proposal "circle" (label 1,
     score ~0.99) and at most 3 detections per image, so every image gets boxes to check."""
-    checkpoint = load_checkpoint(str(trained_run / "best.pth"))
+    checkpoint = read_weight_file(str(trained_run / "best.pth"))
     checkpoint["model"]["roi_heads.box_predictor.cls_score.weight"].zero_()
     checkpoint["model"]["roi_heads.box_predictor.cls_score.bias"].copy_(torch.tensor([0.0, 6.0, 0.0, 0.0]))
     checkpoint["model_config"]["box_detections_per_img"] = 3
@@ -110,7 +111,7 @@ def test_predict_on_a_mixed_folder(confident_checkpoint, tmp_path):
     source = {name: str(folder / name) for name in names - {"rgb_1.jpg"}} | {"rgb_1.jpg": str(other / "rgb.jpg")}
     assert {r["image"] for r in records} == set(source.values())
 
-    model = model_from_checkpoint(load_checkpoint(str(confident_checkpoint))).eval()
+    model = load_model(str(confident_checkpoint))
     colour = np.array(class_colour(1))
     for name in sorted(names):
         mine = [r for r in records if r["image"] == source[name]]
@@ -149,8 +150,8 @@ def test_predict_fails_when_nothing_is_readable(confident_checkpoint, tmp_path, 
 
 
 def test_predict_with_bare_state_dict(confident_checkpoint, tmp_path):
-    checkpoint = load_checkpoint(str(confident_checkpoint))
-    checkpoint["model_config"].update({key: None for key in DETECTOR_KEYS})
+    checkpoint = read_weight_file(str(confident_checkpoint))
+    checkpoint["model_config"].update({key: None for key in ModelConfig(num_classes=2).detector_kwargs()})
     torch.save(checkpoint, tmp_path / "full.pth")
     torch.save(checkpoint["model"], tmp_path / "bare.pth")
     classes = tmp_path / "classes.json"
@@ -170,7 +171,7 @@ def test_predict_with_bare_state_dict(confident_checkpoint, tmp_path):
 
 
 def test_predict_bare_state_dict_needs_backbone(confident_checkpoint, tmp_path, capsys):
-    torch.save(load_checkpoint(str(confident_checkpoint))["model"], tmp_path / "bare.pth")
+    torch.save(read_weight_file(str(confident_checkpoint))["model"], tmp_path / "bare.pth")
     Image.fromarray(noise(32, 32, 0)).save(tmp_path / "a.png")
     assert predict.main(["--weights", str(tmp_path / "bare.pth"), str(tmp_path / "a.png")]) == 1
     assert "pass --backbone and --classes-json" in capsys.readouterr().err
@@ -224,3 +225,15 @@ def test_class_colours_are_distinct_and_text_contrasts():
             assert np.abs(np.subtract(colours[first], colours[second])).sum() > 30
     assert text_colour((255, 255, 0)) == (0, 0, 0)
     assert text_colour((0, 0, 160)) == (255, 255, 255)
+
+
+def test_predict_loads_neither_pycocotools_nor_matplotlib():
+    """`import predict` and `predict.py --help` stay light: evaluation and plotting are not imported."""
+    probe = ("import runpy, sys\n"
+             "sys.argv = ['predict.py', '--help']\n"
+             "try:\n    runpy.run_path('predict.py', run_name='__main__')\nexcept SystemExit:\n    pass\n"
+             "import predict\n"
+             "print(sorted({m.split('.')[0] for m in sys.modules} & {'pycocotools', 'matplotlib'}))")
+    done = subprocess.run([sys.executable, "-c", probe], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "--weights" in done.stdout and done.stdout.strip().splitlines()[-1] == "[]"

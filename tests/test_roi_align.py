@@ -9,7 +9,35 @@ from torch import Tensor
 
 from network_files import roi_align as roi_align_module
 from network_files.poolers import MultiScaleRoIAlign, map_levels
-from network_files.roi_align import roi_align
+
+
+def roi_align(
+    input: Tensor,
+    boxes,
+    output_size,
+    spatial_scale: float = 1.0,
+    sampling_ratio: int = -1,
+    aligned: bool = False,
+) -> Tensor:
+    """RoIAlign through our pooling kernel on one level, called like ``torchvision.ops.roi_align``.
+
+    input: Tensor[N, C, H, W] feature map.
+    boxes: Tensor[K, 5] (batch_index, x1, y1, x2, y2) or a list of Tensor[L_i, 4] per image,
+        in image coordinates.
+    output_size: PH or (PH, PW) bins.
+    spatial_scale: feature size / image size.
+    sampling_ratio: samples per bin along each axis; <= 0 uses ceil(roi size / bins) per RoI.
+    aligned: shift boxes by -0.5 pixel (Detectron2 convention) and allow boxes smaller than a pixel.
+    Returns Tensor[K, C, PH, PW] in the dtype of input.
+    """
+    rois = roi_align_module.boxes_to_rois(boxes)
+    if not roi_align_module._uses_fast_path([input]):
+        return torchvision.ops.roi_align(input, rois, roi_align_module._pair(output_size), spatial_scale,
+                                         sampling_ratio, aligned)
+    if input.dim() != 4:
+        raise ValueError(f"roi_align: input must be [N, C, H, W], got {list(input.shape)}")
+    return roi_align_module.pyramid_roi_align([input], rois, None, [spatial_scale], output_size, sampling_ratio,
+                                              aligned)
 
 
 def make_rois(num_images: int, image_h: int, image_w: int, seed: int) -> Tensor:

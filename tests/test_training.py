@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import ROOT, TINY_TRAIN_FLAGS
+from conftest import ROOT, TINY_COMMON_FLAGS, TINY_TRAIN_FLAGS
 
 # 19 training images, batch 4 -> 4 iterations per epoch. The warmup (7 iterations) and the LR
 # step (epoch 1) both straddle the epoch boundary where the resumed run restarts.
@@ -21,7 +21,7 @@ SCHEDULE = ["--lr", "0.01", "--warmup-iters", "7", "--lr-scheduler", "multistep"
 def train(script: str, demo_voc: Path, out: Path, *extra: str, timeout: int = 600) -> subprocess.CompletedProcess:
     cmd = [sys.executable, str(ROOT / script), "--data-path", str(demo_voc),
            "--classes-json", str(demo_voc / "classes.json"), "--output-dir", str(out),
-           *TINY_TRAIN_FLAGS, *SCHEDULE, *extra]
+           *(TINY_COMMON_FLAGS if script == "train_resnet50_fpn.py" else TINY_TRAIN_FLAGS), *SCHEDULE, *extra]
     done = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=timeout)
     assert done.returncode == 0, f"{script} failed:\n{done.stdout[-2000:]}\n{done.stderr[-3000:]}"
     return done
@@ -54,9 +54,10 @@ def test_outputs_of_a_run(uninterrupted):
     assert ckpt["class_names"] == ["circle", "square", "triangle"]
     assert ckpt["model_config"]["backbone"] == "mobilenet_v2"
     assert ckpt["model_config"]["num_classes"] == 4
-    assert ckpt["model_config"]["min_size"] == 128 and ckpt["model_config"]["max_size"] == 128
+    assert ckpt["model_config"]["min_size"] == [128] and ckpt["model_config"]["max_size"] == 128
     assert ckpt["args"]["epochs"] == 2 and ckpt["args"]["lr"] == 0.01
-    assert len(ckpt["coco_stats"]) == 12
+    assert ckpt["format_version"] == 2
+    assert len(ckpt["metrics"]["coco_stats"]) == 12
     assert ckpt["lr_scheduler"]["last_epoch"] == 8  # 2 epochs x 4 iterations
 
     records = metrics(out)
@@ -77,7 +78,7 @@ def test_outputs_of_a_run(uninterrupted):
     assert values[13] == pytest.approx(0.005)
 
     best = load(out / "best.pth")
-    assert best["coco_stats"][1] == max(r["coco"][1] for r in records)
+    assert best["metrics"]["coco_stats"][1] == best["metrics"]["best_ap50"] == max(r["coco"][1] for r in records)
 
 
 @pytest.mark.parametrize("script", ["train_mobilenet.py", "train_resnet50_fpn.py", "train_multi_GPU.py"])
@@ -101,6 +102,62 @@ def test_resume_continues_exactly(script, demo_voc, uninterrupted, tmp_path):
             assert torch.allclose(resumed["model"][key].float(), value.float(), atol=1e-6), key
     else:
         assert resumed["model_config"]["backbone"] == "resnet50_fpn"
+
+
+# The detector keywords the first checkpoint layout stored (None: FasterRCNN's default).
+LEGACY_DETECTOR_KEYS = ("rpn_pre_nms_top_n_train", "rpn_pre_nms_top_n_test", "rpn_post_nms_top_n_train",
+                        "rpn_post_nms_top_n_test", "box_batch_size_per_image", "box_detections_per_img",
+                        "box_score_thresh")
+
+
+def legacy_checkpoint(current: dict) -> dict:
+    """``current`` (format 2) in the layout the training scripts wrote before the checkpoint
+    schema: no format_version, the metrics at the top level, and a flat model_config holding
+    MobileNetV2's and the tv: options for any backbone, a bare int for one min_size, None for
+    defaults."""
+    config, options = current["model_config"], current["model_config"]["backbone_options"]
+    flat = {
+        "backbone": config["backbone"], "num_classes": config["num_classes"],
+        "min_size": config["min_size"][0] if len(config["min_size"]) == 1 else config["min_size"],
+        "max_size": config["max_size"], "trainable_layers": config["trainable_layers"],
+        "width_mult": options.get("width_mult", 1.0), "feature_stride": options.get("feature_stride", 32),
+        "representation_size": config["representation_size"], "anchor_sizes": config["anchor_sizes"],
+        "aspect_ratios": None, "roi_op": config["roi_op"], "return_nodes": None, "fpn": None,
+        **{key: current["args"][key] for key in LEGACY_DETECTOR_KEYS},
+    }
+    kept = ("model", "optimizer", "lr_scheduler", "scaler", "epoch", "args", "class_names", "rng_state")
+    return {**{key: current[key] for key in kept}, "model_config": flat, **current["metrics"]}
+
+
+def test_checkpoint_of_the_first_layout_evaluates_predicts_and_resumes(demo_voc, uninterrupted, tmp_path):
+    import predict
+    import validation
+
+    legacy = legacy_checkpoint(load(uninterrupted / "model-0.pth"))
+    assert "format_version" not in legacy and legacy["model_config"]["min_size"] == 128
+    out = tmp_path / "run"
+    out.mkdir()
+    torch.save(legacy, out / "last.pth")
+
+    records = []
+    for weights in (uninterrupted / "model-0.pth", out / "last.pth"):
+        report = tmp_path / f"{weights.parent.name}.txt"
+        assert validation.main(["--weights-path", str(weights), "--workers", "0", "--output", str(report)]) == 0
+        records.append(json.loads(report.with_suffix(".json").read_text()))
+    assert records[1]["coco_stats"] == records[0]["coco_stats"] == pytest.approx(legacy["coco_stats"], abs=1e-9)
+
+    voc = demo_voc / "VOCdevkit" / "VOC2012"
+    image = str(voc / "JPEGImages" / f"{(voc / 'ImageSets' / 'Main' / 'val.txt').read_text().split()[0]}.jpg")
+    for weights, name in ((uninterrupted / "model-0.pth", "new.json"), (out / "last.pth", "old.json")):
+        assert predict.main(["--weights", str(weights), "--no-draw", "--workers", "1", "--score-thresh", "0",
+                             "--save-json", str(tmp_path / name), image]) == 0
+    assert json.loads((tmp_path / "old.json").read_text()) == json.loads((tmp_path / "new.json").read_text())
+
+    train("train_mobilenet.py", demo_voc, out, "--epochs", "2", "--resume", "auto")
+    resumed, reference = load(out / "model-1.pth"), load(uninterrupted / "model-1.pth")
+    assert resumed["format_version"] == 2 and resumed["epoch"] == 1
+    for key, value in reference["model"].items():
+        assert torch.allclose(resumed["model"][key].float(), value.float(), atol=1e-6), key
 
 
 def test_killed_mid_epoch_resumes_from_last_checkpoint(demo_voc, tmp_path):
@@ -194,11 +251,12 @@ def test_missing_detector_weights_names_the_url(demo_voc, tmp_path):
 
 
 def test_atomic_writes_get_the_usual_file_mode_and_leave_nothing_on_failure(tmp_path):
-    from train_utils.checkpoint import load_checkpoint, save_atomic, temporary_path
+    from backbone import read_weight_file
+    from train_utils.checkpoint import save_atomic, temporary_path
 
     target = tmp_path / "out" / "last.pth"
     save_atomic({"epoch": 3}, str(target))
-    assert load_checkpoint(str(target)) == {"epoch": 3}
+    assert read_weight_file(str(target)) == {"epoch": 3}
     mask = os.umask(0)
     os.umask(mask)
     assert target.stat().st_mode & 0o777 == 0o666 & ~mask  # not mkstemp's 0600
@@ -207,5 +265,5 @@ def test_atomic_writes_get_the_usual_file_mode_and_leave_nothing_on_failure(tmp_
         with temporary_path(str(target)) as tmp:
             tmp.write_bytes(b"half written")
             raise RuntimeError("interrupted")
-    assert load_checkpoint(str(target)) == {"epoch": 3}  # the old file is intact
+    assert read_weight_file(str(target)) == {"epoch": 3}  # the old file is intact
     assert sorted(p.name for p in target.parent.iterdir()) == ["last.pth"]

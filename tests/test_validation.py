@@ -14,8 +14,9 @@ from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
 
 import validation
-from train_utils.checkpoint import load_checkpoint
-from train_utils.model.builder import DETECTOR_KEYS, model_from_checkpoint
+from backbone import read_weight_file
+from train_utils.inference.loading import load_model
+from train_utils.model.config import ModelConfig
 from train_utils.evaluation.voc_eval import average_precision, class_average_precision, voc_ap_per_class
 
 TINY_ARCH = ["--backbone", "mobilenet_v2", "--width-mult", "0.5", "--feature-stride", "16",
@@ -181,7 +182,7 @@ def independent_ground_truth(demo_voc: Path) -> COCO:
 
 def independent_detections(checkpoint_path: Path, demo_voc: Path) -> list[dict]:
     """Run the checkpoint's model on every val image, one at a time, in COCO results format."""
-    model = model_from_checkpoint(load_checkpoint(str(checkpoint_path))).eval()
+    model = load_model(str(checkpoint_path))
     voc, ids = read_split(demo_voc)
     results = []
     with torch.inference_mode():
@@ -259,9 +260,9 @@ def test_validation_matches_pycocotools_directly(trained_run, demo_voc, tmp_path
 
 
 def test_bare_state_dict_gives_the_checkpoint_results(trained_run, tmp_path):
-    checkpoint = load_checkpoint(str(trained_run / "best.pth"))
+    checkpoint = read_weight_file(str(trained_run / "best.pth"))
     # The same weights twice: a training checkpoint with default detector settings, and bare.
-    checkpoint["model_config"].update({key: None for key in DETECTOR_KEYS})
+    checkpoint["model_config"].update({key: None for key in ModelConfig(num_classes=2).detector_kwargs()})
     torch.save(checkpoint, tmp_path / "full.pth")
     torch.save(checkpoint["model"], tmp_path / "bare.pth")
     data = ["--data-path", checkpoint["args"]["data_path"], "--workers", "0", "--voc-metric", "07"]
@@ -280,10 +281,10 @@ def test_bare_state_dict_gives_the_checkpoint_results(trained_run, tmp_path):
 
 def test_validation_errors_are_one_line(trained_run, tmp_path, capsys):
     bare = tmp_path / "bare.pth"
-    torch.save(load_checkpoint(str(trained_run / "best.pth"))["model"], bare)
-    classes = load_checkpoint(str(trained_run / "best.pth"))["args"]["classes_json"]
+    torch.save(read_weight_file(str(trained_run / "best.pth"))["model"], bare)
+    classes = read_weight_file(str(trained_run / "best.pth"))["args"]["classes_json"]
     cases = [
-        (["--weights-path", str(tmp_path / "nope.pth")], "error: checkpoint not found: "),
+        (["--weights-path", str(tmp_path / "nope.pth")], f"error: weight file '{tmp_path / 'nope.pth'}' not found"),
         (["--weights-path", str(bare), "--classes-json", classes], "pass --backbone and --classes-json"),
         (["--weights-path", str(bare), "--classes-json", classes, "--backbone", "mobilenet_v2"],
          "does not fit a 'mobilenet_v2' detector built with default settings"),

@@ -186,6 +186,7 @@ def data_case(repeats: int) -> Dict[str, float]:
     from my_dataset import VOCDataSet
     from tools.make_demo_voc import make_demo_voc
     from train_utils.model.builder import build_model
+    from train_utils.model.config import ModelConfig
     from train_utils.data.transforms import get_transforms
 
     with tempfile.TemporaryDirectory() as tmp:
@@ -200,9 +201,10 @@ def data_case(repeats: int) -> Dict[str, float]:
                 loaded += 1
         load_rate = loaded / (time.perf_counter() - start)
 
-        model = build_model(dict(backbone="mobilenet_v2", num_classes=dataset.num_classes + 1, min_size=192,
-                                 max_size=192, feature_stride=16, representation_size=256,
-                                 box_batch_size_per_image=64, anchor_sizes=[32, 64, 128]))
+        model = build_model(ModelConfig(num_classes=dataset.num_classes + 1, backbone="mobilenet_v2",
+                                        backbone_options={"feature_stride": 16}, min_size=(192,), max_size=192,
+                                        representation_size=256, box_batch_size_per_image=64,
+                                        anchor_sizes=(32, 64, 128)))
         batch = [dataset[i] for i in range(8)]
         step = train_step(model, [b[0] for b in batch], [b[1] for b in batch])
         step()

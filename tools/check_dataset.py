@@ -1,6 +1,6 @@
 """Lint a detection dataset before training on it and print a report.
 
-    python tools/check_dataset.py PATH [--format voc|coco|yolo|labelme] [--split S [S ...]]
+    python tools/check_dataset.py PATH [--format FORMAT] [--split S [S ...]]
                                        [--classes-json FILE] [--year YEAR] [--max-listed N]
 
 PATH and --split mean what --data-path and --train-split mean for the training scripts (see
@@ -28,18 +28,9 @@ if str(ROOT) not in sys.path:
 
 import numpy as np  # noqa: E402
 
-from train_utils.data.catalog import DEFAULT_VOC_CLASSES, FORMATS, LAYOUT_HELP, read_annotations  # noqa: E402
-from train_utils.data.dataset import (  # noqa: E402
-    DECODE_ERRORS,
-    RawImage,
-    choose_classes,
-    clip_boxes,
-    load_rgb,
-    read_image_header,
-    settle_size,
-)
-
-DEFAULT_SPLITS = {"voc": "train.txt", "coco": "train", "yolo": "train", "labelme": ""}
+from train_utils.data.catalog import format_names, get_format, layout_help, read_annotations  # noqa: E402
+from train_utils.data.dataset import RawImage, choose_classes, clip_boxes, settle_size  # noqa: E402
+from train_utils.data.images import DECODE_ERRORS, decode_image, read_image_header  # noqa: E402
 
 
 @dataclass
@@ -113,7 +104,7 @@ def check_image(raw: RawImage, class_dict: dict[str, int], report: Report, unkno
     try:
         stored_h, stored_w, orientation = read_image_header(raw.image_path)
         size, transpose = settle_size((stored_h, stored_w), orientation, raw.declared_size, raw.exif_upright)
-        load_rgb(raw.image_path, transpose)
+        decode_image(raw.image_path, transpose)
     except DECODE_ERRORS as err:
         report.errors["corrupt images"].append(f"{raw.image_path}: {err}")
         return
@@ -140,10 +131,10 @@ def check_dataset(fmt: str, data_path: str, splits: Sequence[str], classes_json:
     report = Report()
     hashes: dict[str, list[str]] = defaultdict(list)
     unknown: dict[str, list[str]] = defaultdict(list)
+    default_classes_json = get_format(fmt).default_classes_json
     for split in splits:
         annotations = read_annotations(fmt, data_path, split, year)
-        class_dict, source = choose_classes(annotations.class_names,
-                                            classes_json or (DEFAULT_VOC_CLASSES if fmt == "voc" else None),
+        class_dict, source = choose_classes(annotations.class_names, classes_json or default_classes_json,
                                             annotations.class_source)
         report.splits.append(f"{annotations.split_file} (classes from {source})")
         report.class_names += [name for name in class_dict if name not in report.class_names]
@@ -164,18 +155,18 @@ def check_dataset(fmt: str, data_path: str, splits: Sequence[str], classes_json:
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0], epilog=LAYOUT_HELP)
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0], epilog=layout_help())
     parser.add_argument("path", help="the dataset folder (what --data-path is for training)")
-    parser.add_argument("--format", default="voc", choices=FORMATS)
+    parser.add_argument("--format", default="voc", choices=format_names())
+    train_splits = ", ".join(f"{get_format(name).default_splits[0]!r} for {name}" for name in format_names())
     parser.add_argument("--split", nargs="+", default=None,
-                        help="splits to check (default: train.txt for voc, train for coco/yolo, "
-                             "every json for labelme)")
+                        help=f"splits to check (default: the format's training split: {train_splits})")
     parser.add_argument("--classes-json", default=None,
-                        help="{class name: id} file; default: pascal_voc_classes.json for voc, the data's own classes")
+                        help="{class name: id} file (default: as for training, see below)")
     parser.add_argument("--year", default=None, help="VOC year folder")
     parser.add_argument("--max-listed", type=int, default=20, help="entries shown per kind of problem")
     args = parser.parse_args(argv)
-    splits = args.split if args.split is not None else [DEFAULT_SPLITS[args.format]]
+    splits = args.split if args.split is not None else [get_format(args.format).default_splits[0]]
     try:
         report = check_dataset(args.format, args.path, splits, args.classes_json, args.year)
     except (FileNotFoundError, ValueError) as err:

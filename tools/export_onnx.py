@@ -22,6 +22,7 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
+from train_utils.cli import HelpFormatter, import_plugins  # noqa: E402
 from train_utils.inference.loading import add_model_arguments, load_detector  # noqa: E402
 from train_utils.inference.onnx_export import (  # noqa: E402
     BOX_RTOL, OPSET, OnnxDetector, export_metadata, export_onnx, match_detections,
@@ -32,14 +33,9 @@ SCORE_ATOL = 1e-4
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0],
-                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0], formatter_class=HelpFormatter)
     parser.add_argument("--weights", required=True, help="checkpoint of a training script, or a bare state dict")
     parser.add_argument("--output", default=None, help="ONNX file to write (default: WEIGHTS with .onnx)")
-    parser.add_argument("--score-thresh", type=float, default=None,
-                        help="lowest score the exported model returns (default: the model's, 0.05)")
-    parser.add_argument("--detections-per-img", type=int, default=None,
-                        help="most detections per image (default: the model's, 100)")
     parser.add_argument("--opset", type=int, default=OPSET, help="ONNX opset version")
     parser.add_argument("--no-check", action="store_true", help="skip the onnxruntime comparison")
     add_model_arguments(parser, with_device=False)
@@ -73,17 +69,14 @@ def check_export(model: torch.nn.Module, onnx_path: Path) -> bool:
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
+    import_plugins(argv)
     args = build_parser().parse_args(argv)
     args.device = "cpu"  # tracing runs on the CPU; the file runs anywhere
     output = Path(args.output) if args.output else Path(args.weights).with_suffix(".onnx")
     try:
         detector = load_detector(args, args.weights)
         model = detector.model
-        if args.score_thresh is not None:
-            model.roi_heads.score_thresh = args.score_thresh
-        if args.detections_per_img is not None:
-            model.roi_heads.detections_per_img = args.detections_per_img
-        metadata = export_metadata(model, detector.class_names, detector.config["backbone"])
+        metadata = export_metadata(model, detector.class_names, detector.config.backbone)
         export_onnx(model, output, metadata, opset=args.opset)
     except (OSError, ValueError, ImportError) as exc:  # OSError: also an unwritable --output
         print(f"error: {exc}", file=sys.stderr)

@@ -1,12 +1,127 @@
-"""Atomic checkpoint files: written to a temporary name, then renamed over the target."""
+"""The checkpoint format: one versioned schema, written and read here only.
+
+On disk (format 2) a checkpoint is a dict of tensors and plain values, loadable with
+``torch.load(..., weights_only=True)``:
+
+| key | what |
+| --- | --- |
+| ``format_version`` | 2 |
+| ``model`` | the detector's state dict (torchvision's keys) |
+| ``model_config`` | :meth:`ModelConfig.to_dict` |
+| ``class_names`` | label ``i`` is ``class_names[i - 1]`` |
+| ``epoch`` | the last completed epoch (counted from 0) |
+| ``optimizer``, ``lr_scheduler``, ``scaler`` | training state (``scaler``: None without CUDA AMP) |
+| ``rng_state`` | torch's CPU random state |
+| ``args`` | the training flags |
+| ``metrics`` | ``{"coco_stats": the 12 COCO numbers or None, "best_ap50": float}`` |
+| ``plugins`` | modules the run imported with ``--plugin`` (backbones, formats) |
+
+:func:`read_checkpoint` also reads format 1 (the same keys without ``format_version``, the metrics
+at the top level and the backbone options inside a flat ``model_config``), WZ-style files
+(``{"model", "optimizer", "lr_scheduler", "epoch"}``) and bare state dicts such as the official
+torchvision files. Every problem is a :class:`WeightFileError` whose one-line message names the file.
+Files are written atomically: to a temporary name, then renamed over the target.
+"""
 import os
 import re
 import tempfile
 from contextlib import contextmanager
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Dict, Iterator, Optional
+from typing import Any, Dict, Iterator, List, Optional
 
 import torch
+
+from backbone.weight_files import WeightFileError, read_weight_file, state_dict_of
+from train_utils.model.config import ModelConfig
+
+FORMAT_VERSION = 2
+_TRAINING_KEYS = ("optimizer", "lr_scheduler", "scaler", "rng_state")
+
+
+@dataclass
+class Checkpoint:
+    """A detector's weights and what travels with them (None where the file has no such part)."""
+
+    model: Dict[str, torch.Tensor]
+    config: Optional[ModelConfig] = None
+    class_names: Optional[List[str]] = None
+    epoch: Optional[int] = None
+    optimizer: Optional[Dict[str, Any]] = None
+    lr_scheduler: Optional[Dict[str, Any]] = None
+    scaler: Optional[Dict[str, Any]] = None
+    rng_state: Optional[torch.Tensor] = None
+    args: Dict[str, Any] = field(default_factory=dict)
+    coco_stats: Optional[List[float]] = None
+    best_ap50: float = -1.0
+    plugins: List[str] = field(default_factory=list)
+
+    def can_resume(self) -> bool:
+        """Whether training can continue from this file (our training checkpoints)."""
+        return None not in (self.config, self.epoch, self.optimizer, self.lr_scheduler)
+
+    def to_dict(self) -> Dict[str, Any]:
+        """The on-disk form (see the module docstring)."""
+        return {
+            "format_version": FORMAT_VERSION,
+            "model": self.model,
+            "model_config": self.config.to_dict() if self.config is not None else None,
+            "class_names": self.class_names,
+            "epoch": self.epoch,
+            **{key: getattr(self, key) for key in _TRAINING_KEYS},
+            "args": self.args,
+            "metrics": {"coco_stats": self.coco_stats, "best_ap50": self.best_ap50},
+            "plugins": self.plugins,
+        }
+
+
+def save_checkpoint(checkpoint: Checkpoint, path: str) -> None:
+    """Write ``checkpoint`` to ``path`` atomically."""
+    save_atomic(checkpoint.to_dict(), path)
+
+
+def read_checkpoint(path: str) -> Checkpoint:
+    """Any file this project can use as detector weights (see the module docstring)."""
+    raw = read_weight_file(path)
+    if isinstance(raw, dict) and "model_config" in raw:
+        return _from_training_file(raw, path)
+    return Checkpoint(model=state_dict_of(raw, path), epoch=_int_or_none(raw, "epoch"),
+                      optimizer=_get(raw, "optimizer"), lr_scheduler=_get(raw, "lr_scheduler"))
+
+
+def _from_training_file(raw: Dict[str, Any], path: str) -> Checkpoint:
+    """Format 1 or 2 of our training scripts."""
+    version = raw.get("format_version", 1)
+    if not isinstance(version, int) or version > FORMAT_VERSION:
+        raise WeightFileError(f"{path}: checkpoint format {version} is newer than this code reads "
+                              f"({FORMAT_VERSION}); update the project")
+    metrics = raw.get("metrics") if version >= 2 else raw
+    try:
+        config = ModelConfig.from_dict(raw["model_config"]) if raw["model_config"] is not None else None
+    except (ValueError, TypeError) as exc:
+        plugins = " ".join(f"--plugin {name}" for name in raw.get("plugins") or [])
+        hint = f" (it was trained with {plugins}: pass the same)" if plugins else ""
+        raise WeightFileError(f"{path}: unusable model_config: {exc}{hint}") from None
+    return Checkpoint(
+        model=state_dict_of(raw, path),
+        config=config,
+        class_names=list(raw["class_names"]) if raw.get("class_names") is not None else None,
+        epoch=_int_or_none(raw, "epoch"),
+        **{key: raw.get(key) for key in _TRAINING_KEYS},
+        args=dict(raw.get("args") or {}),
+        coco_stats=(metrics or {}).get("coco_stats"),
+        best_ap50=float((metrics or {}).get("best_ap50", -1.0)),
+        plugins=list(raw.get("plugins") or []),
+    )
+
+
+def _get(raw: Any, key: str) -> Any:
+    return raw.get(key) if isinstance(raw, dict) else None
+
+
+def _int_or_none(raw: Any, key: str) -> Optional[int]:
+    value = _get(raw, key)
+    return int(value) if isinstance(value, (int, float)) else None
 
 
 @contextmanager
@@ -39,16 +154,6 @@ def save_atomic(obj: Any, path: str) -> None:
     """``torch.save`` to ``path`` so that a crash never leaves a truncated file behind."""
     with temporary_path(path) as tmp:
         torch.save(obj, tmp)
-
-
-def load_checkpoint(path: str, map_location: str = "cpu") -> Dict[str, Any]:
-    """Load a checkpoint safely (``weights_only=True``), with a clear error when it is unusable."""
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"checkpoint not found: {path}")
-    try:
-        return torch.load(path, map_location=map_location, weights_only=True)
-    except Exception as exc:  # truncated file, not a torch file, foreign pickled objects
-        raise ValueError(f"cannot read checkpoint {path}: {str(exc).splitlines()[0]}") from None
 
 
 def find_last_checkpoint(output_dir: str) -> Optional[str]:

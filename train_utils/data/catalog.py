@@ -1,66 +1,144 @@
-"""One entry point from (format, --data-path, split) to a dataset, for the training scripts,
-validation.py and tools/check_dataset.py.
+"""The catalog of dataset formats: from (format, --data-path, split) to a dataset, for the training
+scripts, validation.py and tools/check_dataset.py.
 
-What ``data_path`` and ``split`` mean per format (``SPLIT`` is the split with any ``.txt`` removed):
+A format is one reader ``read(data_path, split, **options) -> Annotations`` registered under a
+name, with its default splits and a line of layout help. The dataset is then built from the
+reader's :class:`Annotations` the same way for every format, so adding a format is one module::
 
-- voc: the folder holding VOCdevkit (or VOCdevkit, or VOC20xx); split = ``ImageSets/Main/<split>``.
-- coco: a folder with ``annotations/instances_SPLIT.json`` and the image folder ``SPLIT/``.
-- yolo: a folder with ``images/SPLIT/``, ``labels/SPLIT/`` and ``classes.txt`` (or ``data.yaml``).
-- labelme: a folder of labelme jsons beside their images; split = a txt of json stems relative
-  to the folder ('' = every json).
+    from train_utils.data.catalog import register_format
+    from train_utils.data.dataset import Annotations
+
+    @register_format("csv", default_splits=("train.csv", "val.csv"),
+                     layout="--data-path holds the csv files and a split is one of them")
+    def read_csv(data_path, split) -> Annotations:
+        ...
+
+The built-in formats (voc, coco, yolo, labelme) register themselves in their own modules, which
+``train_utils/data/__init__.py`` imports; Python runs it before any module of the package, this one
+included, so the catalog is never seen without them.
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Optional, Sequence, Union
 
-from .voc import VOCDataSet, read_voc, resolve_voc_folder
-
-from train_utils.data.coco import CocoDataSet, read_coco
 from train_utils.data.dataset import Annotations, DetectionDataSet
-from train_utils.data.labelme import LabelmeDataSet, read_labelme
-from train_utils.data.yolo import YoloDataSet, read_yolo
-
-FORMATS = ("voc", "coco", "yolo", "labelme")
-DEFAULT_VOC_CLASSES = "./pascal_voc_classes.json"
-LAYOUT_HELP = (
-    "voc: --data-path holds VOCdevkit and a split is a file in ImageSets/Main; "
-    "coco: --data-path holds annotations/instances_SPLIT.json and the images in SPLIT/; "
-    "yolo: --data-path holds images/SPLIT/, labels/SPLIT/ and classes.txt (or data.yaml); "
-    "labelme: --data-path is the folder of labelme jsons and their images, a split is a txt of json "
-    "stems in it ('' = all). SPLIT is the split name without .txt (train.txt -> train). "
-    "--classes-json is required for voc (default pascal_voc_classes.json) and optional for the others, "
-    "which otherwise take their class names from the data"
-)
 
 PathLike = Union[str, Path]
+Reader = Callable[..., Annotations]
 
 
-def split_stem(split: str) -> str:
-    """The split name without a ``.txt`` suffix (``train.txt`` -> ``train``)."""
-    return split[:-len(".txt")] if split.endswith(".txt") else split
+@dataclass(frozen=True)
+class DatasetFormat:
+    """One annotation format of the catalog.
+
+    read: ``read(data_path, split, **options) -> Annotations``; split is as the user typed it
+    (e.g. "train.txt" or "val") and each format interprets it. default_splits: the (train, val)
+    splits used when none is named. layout: what ``data_path`` and a split are, for ``--help``.
+    options: the extra keyword options ``read`` accepts (e.g. ``("year",)``). default_classes_json:
+    the classes json used when none is given (None: the class names of the data). dataset_type:
+    the dataset class built from the annotations (its name and wording appear in its errors).
+    """
+
+    name: str
+    read: Reader
+    default_splits: tuple[str, str]
+    layout: str
+    options: tuple[str, ...] = ()
+    default_classes_json: Optional[str] = None
+    dataset_type: type[DetectionDataSet] = DetectionDataSet
 
 
-def _check_format(fmt: str, year: Optional[str]) -> None:
-    if fmt not in FORMATS:
-        raise ValueError(f"unknown dataset format {fmt!r}; choose one of {', '.join(FORMATS)}")
-    if year is not None and fmt != "voc":
-        raise ValueError(f"a year ({year}) only applies to the voc format, not {fmt}")
+_FORMATS: dict[str, DatasetFormat] = {}  # in registration order (the order of --help and errors)
 
 
-def _coco_paths(data_path: PathLike, split: str) -> tuple[Path, Path]:
-    """(image folder, annotation json) of a COCO split."""
-    name = split_stem(split)
-    if not name:
-        raise ValueError("coco needs a split name such as 'train' or 'val'")
-    return Path(data_path) / name, Path(data_path) / "annotations" / f"instances_{name}.json"
+def _reader_name(read: Reader) -> str:
+    """``module.qualname`` of a reader, for messages."""
+    return f"{getattr(read, '__module__', '?')}.{getattr(read, '__qualname__', repr(read))}"
 
 
-def _labelme_split(data_path: PathLike, split: str) -> Optional[Path]:
-    """The split file of a labelme folder (relative paths are inside the folder); None for ''."""
-    if not split:
-        return None
-    return Path(split) if Path(split).is_absolute() else Path(data_path) / split
+def _check_entry(entry: DatasetFormat) -> None:
+    """Raise a one-line ValueError naming the format when an entry is malformed."""
+    problem = None
+    if not isinstance(entry.name, str) or not entry.name or entry.name != entry.name.strip():
+        problem = "the name must be a non-empty string without surrounding spaces"
+    elif not callable(entry.read):
+        problem = f"the reader {entry.read!r} is not callable"
+    elif len(entry.default_splits) != 2 or not all(isinstance(s, str) for s in entry.default_splits):
+        problem = f"default_splits must be (train, val) strings, got {entry.default_splits!r}"
+    elif not all(isinstance(o, str) and o.isidentifier() for o in entry.options):
+        problem = f"options must be keyword names, got {entry.options!r}"
+    elif not (isinstance(entry.dataset_type, type) and issubclass(entry.dataset_type, DetectionDataSet)):
+        problem = f"dataset_type must be a DetectionDataSet subclass, got {entry.dataset_type!r}"
+    if problem:
+        raise ValueError(f"dataset format {entry.name!r}: {problem}")
+
+
+def register_format(name: str, read: Optional[Reader] = None, *, default_splits: Sequence[str], layout: str,
+                    options: Sequence[str] = (), default_classes_json: Optional[str] = None,
+                    dataset_type: type[DetectionDataSet] = DetectionDataSet,
+                    replace: bool = False) -> Union[Reader, Callable[[Reader], Reader]]:
+    """Register ``read`` as the reader of format ``name`` and return it; without ``read``, return a
+    decorator doing so. A name already registered is an error unless ``replace`` is True."""
+
+    def add(reader: Reader) -> Reader:
+        entry = DatasetFormat(name, reader, tuple(default_splits), layout, tuple(options), default_classes_json,
+                              dataset_type)
+        _check_entry(entry)
+        if name in _FORMATS and not replace:
+            raise ValueError(f"dataset format {name!r} is already registered (reader "
+                             f"{_reader_name(_FORMATS[name].read)}); pass replace=True to replace it")
+        _FORMATS[name] = entry
+        return reader
+
+    return add if read is None else add(read)
+
+
+def unregister_format(name: str) -> DatasetFormat:
+    """Remove format ``name`` from the catalog and return its entry."""
+    entry = get_format(name)
+    del _FORMATS[name]
+    return entry
+
+
+def get_format(name: str) -> DatasetFormat:
+    """The entry of format ``name``; ValueError listing the registered names when unknown."""
+    if name not in _FORMATS:
+        raise ValueError(f"unknown dataset format {name!r}; choose one of {', '.join(_FORMATS) or 'none registered'}")
+    return _FORMATS[name]
+
+
+def format_names() -> tuple[str, ...]:
+    """The registered format names in registration order."""
+    return tuple(_FORMATS)
+
+
+def layout_help() -> str:
+    """``--help`` text on what --data-path, a split and --classes-json mean for each format."""
+    layouts = "; ".join(f"{entry.name}: {entry.layout}" for entry in _FORMATS.values())
+    defaults = [f"{entry.default_classes_json} for {entry.name}" for entry in _FORMATS.values()
+                if entry.default_classes_json]
+    classes = (f"--classes-json defaults to {', '.join(defaults)}; the other formats" if defaults
+               else "Without --classes-json the formats")
+    return (f"{layouts}. SPLIT is the split name without .txt (train.txt -> train). "
+            f"{classes} take their class names from the data")
+
+
+def _read(entry: DatasetFormat, data_path: PathLike, split: str, year: Optional[str]) -> Annotations:
+    """Call the entry's reader with the options given (None = not given); an option the format
+    does not declare is a ValueError naming the formats that take it."""
+    options = {key: value for key, value in {"year": year}.items() if value is not None}
+    for key, value in options.items():
+        if key not in entry.options:
+            owners = [other.name for other in _FORMATS.values() if key in other.options]
+            where = f"the {' and '.join(owners)} format{'s' if len(owners) > 1 else ''}" if owners else "no format"
+            raise ValueError(f"a {key} ({value}) only applies to {where}, not {entry.name}")
+    annotations = entry.read(data_path, split, **options)
+    if not isinstance(annotations, Annotations):
+        raise TypeError(f"the {entry.name} reader {_reader_name(entry.read)} returned "
+                        f"{type(annotations).__name__}, not Annotations")
+    return annotations
 
 
 def build_dataset(
@@ -73,26 +151,16 @@ def build_dataset(
     skip_unknown_classes: bool = False,
     expected_class_names: Optional[Sequence[str]] = None,
 ) -> DetectionDataSet:
-    """The dataset of ``split`` in ``data_path`` read as ``fmt`` (see the module docstring).
+    """The dataset of ``split`` in ``data_path`` read as format ``fmt`` (see :func:`layout_help`).
 
-    classes_json: for voc the classes file (None = pascal_voc_classes.json); for the other
-    formats an optional file imposing names and labels. expected_class_names: the class list the
-    dataset must end up with (e.g. the training split's), checked so labels always agree.
+    classes_json: a file imposing names and labels (None = the format's default_classes_json, else
+    the class names of the data). expected_class_names: the class list the dataset must end up with
+    (e.g. the training split's), checked so labels always agree.
     """
-    _check_format(fmt, year)
-    if fmt == "voc":
-        dataset: DetectionDataSet = VOCDataSet(data_path, year, transforms, split, classes_json or DEFAULT_VOC_CLASSES,
-                                               skip_unknown_classes)
-    elif fmt == "coco":
-        images_dir, annotation_json = _coco_paths(data_path, split)
-        dataset = CocoDataSet(images_dir, annotation_json, transforms, classes_json=classes_json,
-                                       skip_unknown_classes=skip_unknown_classes)
-    elif fmt == "yolo":
-        dataset = YoloDataSet(data_path, split_stem(split), transforms, classes_json=classes_json,
-                              skip_unknown_classes=skip_unknown_classes)
-    else:
-        dataset = LabelmeDataSet(data_path, _labelme_split(data_path, split), transforms, classes_json,
-                                 skip_unknown_classes)
+    entry = get_format(fmt)
+    annotations = _read(entry, data_path, split, year)
+    dataset = entry.dataset_type.from_annotations(annotations, transforms, classes_json or entry.default_classes_json,
+                                                  skip_unknown_classes)
     if expected_class_names is not None and list(dataset.class_names) != list(expected_class_names):
         raise ValueError(f"{dataset.split_file} has classes {dataset.class_names} but {list(expected_class_names)} "
                          f"were expected (the training split's); give every split the same classes or pass "
@@ -103,12 +171,4 @@ def build_dataset(
 def read_annotations(fmt: str, data_path: PathLike, split: str, year: Optional[str] = None) -> Annotations:
     """What the dataset of the same arguments would read, problems included (nothing is raised
     for missing images or invalid annotations; they are listed)."""
-    _check_format(fmt, year)
-    if fmt == "voc":
-        voc_dir, _ = resolve_voc_folder(data_path, year)
-        return read_voc(voc_dir, voc_dir / "ImageSets" / "Main" / split)
-    if fmt == "coco":
-        return read_coco(*_coco_paths(data_path, split))[0]
-    if fmt == "yolo":
-        return read_yolo(data_path, split_stem(split))
-    return read_labelme(data_path, _labelme_split(data_path, split))
+    return _read(get_format(fmt), data_path, split, year)

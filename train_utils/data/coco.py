@@ -5,25 +5,20 @@ Categories become contiguous labels 1..K in category-id order (``category_to_lab
 converted from ``[x, y, w, h]`` to xyxy; crowd annotations keep ``iscrowd=1`` (or are dropped with
 ``skip_crowd``); images without annotations are kept with empty targets. The json's
 ``width``/``height`` are checked against each image like VOC's ``<size>``.
+
+Registered in the catalog as "coco" (reader :func:`read_coco_split`).
 """
 from __future__ import annotations
 
 import json
 import math
 from pathlib import Path
-from typing import Any, Callable, NamedTuple, Optional, Union
+from typing import Any, Callable, Optional, Union
 
-from train_utils.data.dataset import Annotations, DetectionDataSet, RawImage, RawObject, choose_classes
+from train_utils.data.catalog import register_format
+from train_utils.data.dataset import Annotations, DetectionDataSet, RawImage, RawObject, split_stem
 
 _OWNER = "CocoDataSet"
-
-
-class CocoIds(NamedTuple):
-    """COCO ids beside :class:`Annotations`: category id of each class (label order) and the
-    image id of each image file name."""
-
-    category_ids: list[int]
-    image_ids: dict[str, Any]
 
 
 def _load(path: Path) -> dict:
@@ -75,13 +70,17 @@ def _box(bbox: object) -> Optional[tuple[float, float, float, float]]:
     return x, y, x + w, y + h
 
 
-def read_coco(images_dir: Union[str, Path], annotation_json: Union[str, Path]) -> tuple[Annotations, CocoIds]:
-    """Read a COCO instances file; images are ``images_dir / file_name``."""
+def read_coco(images_dir: Union[str, Path], annotation_json: Union[str, Path]) -> Annotations:
+    """Read a COCO instances file; images are ``images_dir / file_name``.
+
+    extras: ``category_ids`` (the category id of each class, in class order) and ``image_ids``
+    (the json's image id of each file name).
+    """
     images_dir, path = Path(images_dir), Path(annotation_json)
     data = _load(path)
     categories = _categories(data, path)
     names = dict(categories)
-    found = Annotations([], [name for _, name in categories], path, path, images_dir)
+    found = Annotations([], [name for _, name in categories], path, path, images_dir, skipped={"crowd_objects": 0})
     by_id: dict[Any, RawImage] = {}
     image_ids: dict[str, Any] = {}
     for number, image in enumerate(data["images"]):
@@ -116,7 +115,25 @@ def read_coco(images_dir: Union[str, Path], annotation_json: Union[str, Path]) -
         else:
             by_id[image_id].objects.append(RawObject(names[category_id], box, int(crowd), where))
     found.images = list(by_id.values())
-    return found, CocoIds([cid for cid, _ in categories], image_ids)
+    found.extras.update(category_ids=[cid for cid, _ in categories], image_ids=image_ids)
+    return found
+
+
+def read_coco_split(data_path: Union[str, Path], split: str) -> Annotations:
+    """The catalog reader: ``data_path/annotations/instances_SPLIT.json`` with its images in
+    ``data_path/SPLIT/`` (SPLIT = split without ``.txt``)."""
+    name = split_stem(split)
+    if not name:
+        raise ValueError("coco needs a split name such as 'train' or 'val'")
+    return read_coco(Path(data_path) / name, Path(data_path) / "annotations" / f"instances_{name}.json")
+
+
+def _drop_crowd(annotations: Annotations) -> None:
+    """Remove crowd objects, counted in ``skipped["crowd_objects"]``."""
+    for raw in annotations.images:
+        kept = [obj for obj in raw.objects if not obj.iscrowd]
+        annotations.skipped["crowd_objects"] += len(raw.objects) - len(kept)
+        raw.objects = kept
 
 
 class CocoDataSet(DetectionDataSet):
@@ -140,21 +157,22 @@ class CocoDataSet(DetectionDataSet):
         classes_json: Optional[Union[str, Path]] = None,
         skip_unknown_classes: bool = False,
     ) -> None:
-        self.img_root = Path(images_dir)
-        self.split_file = Path(annotation_json)
-        self.transforms = transforms
-        annotations, coco_ids = read_coco(self.img_root, self.split_file)
-        self._set_classes(*choose_classes(annotations.class_names, classes_json, self.split_file))
-        category_of = dict(zip(annotations.class_names, coco_ids.category_ids))
+        annotations = read_coco(images_dir, annotation_json)
+        if skip_crowd:
+            _drop_crowd(annotations)
+        self._setup(annotations, transforms, classes_json, skip_unknown_classes)
+
+    def _setup(self, annotations: Annotations, transforms: Optional[Callable],
+               classes_json: Optional[Union[str, Path]], skip_unknown_classes: bool) -> None:
+        super()._setup(annotations, transforms, classes_json, skip_unknown_classes)
+        category_of = dict(zip(annotations.class_names, annotations.extras["category_ids"]))
         self.label_to_category = {label: category_of[name] for name, label in self.class_dict.items()
                                   if name in category_of}
         self.category_to_label = {cid: label for label, cid in self.label_to_category.items()}
-        dropped = 0
-        if skip_crowd:
-            for raw in annotations.images:
-                kept = [obj for obj in raw.objects if not obj.iscrowd]
-                dropped += len(raw.objects) - len(kept)
-                raw.objects = kept
-        annotations.skipped["crowd_objects"] = dropped
-        self._build(annotations, skip_unknown_classes)
-        self.coco_image_ids = [coco_ids.image_ids[file_name] for file_name in self.ids]
+        self.coco_image_ids = [annotations.extras["image_ids"][file_name] for file_name in self.ids]
+
+
+register_format(
+    "coco", read_coco_split, default_splits=("train", "val"), dataset_type=CocoDataSet,
+    layout="--data-path holds annotations/instances_SPLIT.json and the images in SPLIT/",
+)

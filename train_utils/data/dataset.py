@@ -1,11 +1,13 @@
 """The contract every detection dataset of this project follows, and the machinery they share.
 
-Each annotation format (VOC, COCO, YOLO, labelme) only knows how to read its files into
-:class:`Annotations` (one :class:`RawImage` per image, boxes as written). :class:`DetectionDataSet`
-turns those into ready targets the same way for every format: one error per kind of fatal problem
-(missing files, invalid annotations, unknown classes), image headers read without decoding pixels,
-sizes checked against what the annotation declares (with the EXIF rotation rule), boxes clipped
-and degenerate ones dropped, and an image that fails to decode later replaced by the next one.
+Each annotation format (VOC, COCO, YOLO, labelme, or any format registered in
+``train_utils.data.catalog``) only knows how to read its files into :class:`Annotations` (one
+:class:`RawImage` per image, boxes as written). :class:`DetectionDataSet` turns those into ready
+targets the same way for every format: one error per kind of fatal problem (missing files, invalid
+annotations, unknown classes), image headers read without decoding pixels, sizes checked against
+what the annotation declares (with the EXIF rotation rule), boxes clipped and degenerate ones
+dropped, and an image that fails to decode (:mod:`train_utils.data.images`) later replaced by the
+next one.
 ``tools/check_dataset.py`` builds its lint on the same readers and helpers.
 """
 from __future__ import annotations
@@ -15,21 +17,20 @@ import os
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, NamedTuple, Optional, Sequence, Union
+from typing import Any, Callable, NamedTuple, Optional, Sequence, Union
 
 import numpy as np
 import torch
-from PIL import Image, ImageOps
 from torch.utils.data import Dataset
+
+from train_utils.data.images import DECODE_ERRORS, decode_image, read_image_header
 
 Target = dict[str, torch.Tensor]
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp")  # preference order if a stem has several files
 STRAY_FILES = {"desktop.ini", "thumbs.db"}
-DECODE_ERRORS = (OSError, SyntaxError, ValueError)  # what PIL raises on unreadable image data
 ROTATING_ORIENTATIONS = {5, 6, 7, 8}  # EXIF orientations that swap width and height
-_EXIF_ORIENTATION_TAG = 0x0112
-_REPO_DIR = Path(__file__).resolve().parents[1]
+_REPO_DIR = Path(__file__).resolve().parents[2]
 _LISTED = 5  # how many offending files an error or warning names
 
 
@@ -38,6 +39,11 @@ def first_few(items: Sequence[str]) -> str:
     """Comma-separated first few entries, with a count of the rest."""
     shown = ", ".join(items[:_LISTED])
     return shown + (f", ... ({len(items) - _LISTED} more)" if len(items) > _LISTED else "")
+
+
+def split_stem(split: str) -> str:
+    """The split name without a ``.txt`` suffix (``train.txt`` -> ``train``)."""
+    return split[:-len(".txt")] if split.endswith(".txt") else split
 
 
 def resolve_classes_json(json_path: Union[str, Path]) -> Path:
@@ -129,17 +135,6 @@ def index_images(folder: Path, owner: str) -> dict[str, Path]:
 
 
 # ---------------------------------------------------------------------------- images and boxes
-def read_image_header(source: Path) -> tuple[int, int, Optional[int]]:
-    """(stored height, stored width, EXIF orientation or None) without decoding pixels.
-
-    Raises one of ``DECODE_ERRORS`` when the file is not a readable image.
-    """
-    with Image.open(source) as image:
-        # Only look for EXIF when the header carries it: PIL decodes a PNG to search for it otherwise.
-        orientation = image.getexif().get(_EXIF_ORIENTATION_TAG) if "exif" in image.info else None
-        return image.height, image.width, orientation
-
-
 def settle_size(stored: tuple[int, int], orientation: Optional[int], declared: Optional[tuple[int, int]],
                 exif_upright: bool) -> tuple[Optional[tuple[int, int]], bool]:
     """((height, width) of the image as returned, whether to EXIF-transpose it on load).
@@ -157,14 +152,6 @@ def settle_size(stored: tuple[int, int], orientation: Optional[int], declared: O
     if declared is not None and declared != size:
         return None, transpose
     return size, transpose
-
-
-def load_rgb(source: Path, transpose: bool) -> Image.Image:
-    """Decode an image to RGB, EXIF-transposed when ``transpose``."""
-    with Image.open(source) as image:
-        if transpose:
-            return ImageOps.exif_transpose(image).convert("RGB")
-        return image.convert("RGB")
 
 
 def clip_boxes(boxes: np.ndarray, height: int, width: int) -> tuple[np.ndarray, np.ndarray]:
@@ -212,6 +199,7 @@ class Annotations:
     missing / invalid: one description per missing file / invalid annotation (naming the file).
     skipped: format-specific counts of what the reader left out (e.g. unsupported labelme shapes).
     notes: harmless oddities worth a warning in the checker (e.g. a label file without image).
+    extras: format-specific facts for the format's dataset class (e.g. COCO's category ids).
     """
 
     images: list[RawImage]
@@ -223,6 +211,7 @@ class Annotations:
     invalid: list[str] = field(default_factory=list)
     skipped: dict[str, int] = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)
+    extras: dict[str, Any] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -255,8 +244,10 @@ class DetectionDataSet(Dataset):
     and the next readable index is returned instead (with DataLoader workers each worker keeps its
     own record). ``skipped`` counts what was left out; ``summary()`` says it in one line.
 
-    Subclasses set ``transforms``, ``split_file`` (what defines the image list), ``img_root``,
-    call :meth:`_set_classes`, then :meth:`_build` with their reader's :class:`Annotations`.
+    Build one with :meth:`from_annotations` from any reader's :class:`Annotations` (that is what
+    the catalog does); the format classes read their files in ``__init__`` and call :meth:`_setup`,
+    which subclasses extend to keep format-specific attributes. ``split_file`` is what defines the
+    image list, ``classes_json`` where the class names come from.
     """
 
     _missing_kind = "files"  # "N <kind> listed in <split_file> are missing"
@@ -267,6 +258,25 @@ class DetectionDataSet(Dataset):
     split_file: Path
     img_root: Path
     classes_json: Path
+
+    @classmethod
+    def from_annotations(cls, annotations: Annotations, transforms: Optional[Callable] = None,
+                         classes_json: Optional[Union[str, Path]] = None,
+                         skip_unknown_classes: bool = False) -> DetectionDataSet:
+        """The dataset of what a reader found. classes_json (optional) imposes names and labels;
+        without it the reader's own class list is numbered 1..K (a reader without one needs it)."""
+        dataset = cls.__new__(cls)
+        dataset._setup(annotations, transforms, classes_json, skip_unknown_classes)
+        return dataset
+
+    def _setup(self, annotations: Annotations, transforms: Optional[Callable],
+               classes_json: Optional[Union[str, Path]], skip_unknown_classes: bool) -> None:
+        """Choose the classes, then check every image and build the records."""
+        self.transforms = transforms
+        self.split_file = annotations.split_file
+        self.img_root = annotations.img_root
+        self._set_classes(*choose_classes(annotations.class_names, classes_json, annotations.class_source))
+        self._build(annotations, skip_unknown_classes)
 
     def _set_classes(self, class_dict: dict[str, int], source: Path) -> None:
         self.classes_json = source
@@ -395,7 +405,7 @@ class DetectionDataSet(Dataset):
                 continue
             record = self._records[current]
             try:
-                image = load_rgb(record.image_path, record.exif_transpose)
+                image = decode_image(record.image_path, record.exif_transpose)
             except DECODE_ERRORS as err:
                 self._record_unreadable(current, err)
                 continue

@@ -7,6 +7,8 @@ types are skipped and counted. Classes come from a WZ classes json or, without o
 labels of every json in the folder (so every split of the folder gets the same labels). An
 optional split file lists json stems. As labelme does, boxes refer to the EXIF-transposed image,
 and ``imageWidth``/``imageHeight`` are checked against it.
+
+Registered in the catalog as "labelme" (reader :func:`read_labelme_split`).
 """
 from __future__ import annotations
 
@@ -15,15 +17,8 @@ import math
 from pathlib import Path
 from typing import Callable, Optional, Union
 
-from train_utils.data.dataset import (
-    Annotations,
-    DetectionDataSet,
-    RawImage,
-    RawObject,
-    choose_classes,
-    index_images,
-    read_id_list,
-)
+from train_utils.data.catalog import register_format
+from train_utils.data.dataset import Annotations, DetectionDataSet, RawImage, RawObject, index_images, read_id_list
 
 _OWNER = "LabelmeDataSet"
 _MIN_POINTS = {"rectangle": 2, "polygon": 3}
@@ -119,6 +114,14 @@ def read_labelme(root: Union[str, Path], split_file: Optional[Union[str, Path]] 
     return found
 
 
+def read_labelme_split(data_path: Union[str, Path], split: str) -> Annotations:
+    """The catalog reader: the labelme folder ``data_path``; split is a txt of json stems (a relative
+    path is inside the folder), '' for every json."""
+    if not split:
+        return read_labelme(data_path)
+    return read_labelme(data_path, Path(split) if Path(split).is_absolute() else Path(data_path) / split)
+
+
 class LabelmeDataSet(DetectionDataSet):
     """labelme detection dataset (see :class:`DetectionDataSet` for items and skipping).
 
@@ -137,9 +140,16 @@ class LabelmeDataSet(DetectionDataSet):
         classes_json: Optional[Union[str, Path]] = None,
         skip_unknown_classes: bool = False,
     ) -> None:
-        self.root = self.img_root = Path(root)
-        self.transforms = transforms
-        annotations = read_labelme(self.root, split_file)
-        self.split_file = annotations.split_file
-        self._set_classes(*choose_classes(annotations.class_names, classes_json, annotations.class_source))
-        self._build(annotations, skip_unknown_classes)
+        self._setup(read_labelme(root, split_file), transforms, classes_json, skip_unknown_classes)
+
+    def _setup(self, annotations: Annotations, transforms: Optional[Callable],
+               classes_json: Optional[Union[str, Path]], skip_unknown_classes: bool) -> None:
+        self.root = annotations.img_root  # the labelme folder
+        super()._setup(annotations, transforms, classes_json, skip_unknown_classes)
+
+
+register_format(
+    "labelme", read_labelme_split, default_splits=("", ""), dataset_type=LabelmeDataSet,
+    layout="--data-path is the folder of labelme jsons and their images, a split is a txt of json "
+           "stems in it ('' = all)",
+)

@@ -13,8 +13,8 @@ stored pixels, so by default EXIF orientation is ignored. Only when the XML ``<s
 stored size with width and height swapped and the file carries a rotating EXIF orientation (5-8)
 was the image annotated upright; then the image is EXIF-transposed on load.
 
-The other formats (COCO, YOLO, labelme) live in ``train_utils`` and are re-exported at the bottom;
-all share :class:`train_utils.data.dataset.DetectionDataSet`.
+Registered in the catalog as "voc" (reader :func:`read_voc_split`, option ``year``); every format
+shares :class:`train_utils.data.dataset.DetectionDataSet`.
 """
 from __future__ import annotations
 
@@ -25,17 +25,8 @@ from typing import Callable, Optional, Union
 import numpy as np
 from lxml import etree
 
-from .dataset import (
-    Annotations,
-    DetectionDataSet,
-    RawImage,
-    RawObject,
-    index_images,
-    load_class_dict,
-    load_class_names,
-    read_id_list,
-    resolve_classes_json,
-)
+from train_utils.data.catalog import register_format
+from train_utils.data.dataset import Annotations, DetectionDataSet, RawImage, RawObject, index_images, read_id_list
 
 _YEAR_FOLDER = re.compile(r"^VOC(\d{4})$")
 _XML_PARSER = etree.XMLParser(resolve_entities=False, no_network=True)  # no external entities
@@ -163,6 +154,15 @@ def read_voc(voc_dir: Path, split_file: Path) -> Annotations:
     return found
 
 
+def read_voc_split(data_path: Union[str, Path], split: str, year: Optional[str] = None) -> Annotations:
+    """The catalog reader: split is a file of ``ImageSets/Main`` in the ``VOC<year>`` folder found
+    from ``data_path`` (see :func:`resolve_voc_folder`); ``extras["year"]`` is the year found."""
+    voc_dir, found_year = resolve_voc_folder(data_path, None if year is None else str(year))
+    annotations = read_voc(voc_dir, voc_dir / "ImageSets" / "Main" / split)
+    annotations.extras["year"] = found_year
+    return annotations
+
+
 class VOCDataSet(DetectionDataSet):
     """PASCAL VOC detection dataset (see :class:`DetectionDataSet` for items and skipping).
 
@@ -182,11 +182,18 @@ class VOCDataSet(DetectionDataSet):
         classes_json: Union[str, Path] = "./pascal_voc_classes.json",
         skip_unknown_classes: bool = False,
     ) -> None:
-        self.root, self.year = resolve_voc_folder(voc_root, None if year is None else str(year))
-        self.img_root = self.root / "JPEGImages"
+        self._setup(read_voc_split(voc_root, txt_name, year), transforms, classes_json, skip_unknown_classes)
+
+    def _setup(self, annotations: Annotations, transforms: Optional[Callable],
+               classes_json: Optional[Union[str, Path]], skip_unknown_classes: bool) -> None:
+        self.root = annotations.img_root.parent  # the VOC<year> folder
+        self.year = annotations.extras.get("year")
         self.annotations_root = self.root / "Annotations"
-        self.split_file = self.root / "ImageSets" / "Main" / txt_name
-        self.transforms = transforms
-        classes_path = resolve_classes_json(classes_json)
-        self._set_classes(load_class_dict(classes_path), classes_path)
-        self._build(read_voc(self.root, self.split_file), skip_unknown_classes)
+        super()._setup(annotations, transforms, classes_json, skip_unknown_classes)
+
+
+register_format(
+    "voc", read_voc_split, default_splits=("train.txt", "val.txt"), options=("year",),
+    layout="--data-path holds VOCdevkit (or is VOCdevkit or VOC20xx) and a split is a file in ImageSets/Main",
+    default_classes_json="pascal_voc_classes.json", dataset_type=VOCDataSet,
+)

@@ -6,6 +6,8 @@ counted from 0 (label = class id + 1). Class names come from ``root/classes.txt`
 or the ``names:`` list of ``root/data.yaml`` (read without a yaml library: the flow list
 ``[a, b]``, a block of ``- a`` items or a block of ``0: a`` items). An image without label file
 has no objects. As ultralytics does, boxes refer to the EXIF-transposed image.
+
+Registered in the catalog as "yolo" (reader :func:`read_yolo_split`).
 """
 from __future__ import annotations
 
@@ -15,7 +17,8 @@ import re
 from pathlib import Path
 from typing import Callable, Optional, Union
 
-from train_utils.data.dataset import Annotations, DetectionDataSet, RawImage, RawObject, choose_classes, index_images
+from train_utils.data.catalog import register_format
+from train_utils.data.dataset import Annotations, DetectionDataSet, RawImage, RawObject, index_images, split_stem
 
 _OWNER = "YoloDataSet"
 _NAMES_KEY = re.compile(r"^names\s*:(.*)$")
@@ -129,7 +132,8 @@ def default_names_file(root: Path) -> Path:
 
 
 def read_yolo(root: Union[str, Path], split: str, classes_file: Optional[Union[str, Path]] = None) -> Annotations:
-    """Read ``root/images/<split>`` and the matching ``root/labels/<split>`` files."""
+    """Read ``root/images/<split>`` and the matching ``root/labels/<split>`` files (``extras["root"]``
+    is ``root``)."""
     root = Path(root)
     if not root.is_dir():
         raise FileNotFoundError(f"{_OWNER}: data folder {root} does not exist")
@@ -144,7 +148,7 @@ def read_yolo(root: Union[str, Path], split: str, classes_file: Optional[Union[s
     names_file = Path(classes_file) if classes_file is not None else default_names_file(root)
     names = read_class_names(names_file)
     images = index_images(image_dir, _OWNER)
-    found = Annotations([], names, names_file, image_dir, image_dir)
+    found = Annotations([], names, names_file, image_dir, image_dir, extras={"root": root})
     for stem in sorted(images):
         label_path = label_dir / f"{stem}.txt"
         objects: list[RawObject] = []
@@ -156,6 +160,12 @@ def read_yolo(root: Union[str, Path], split: str, classes_file: Optional[Union[s
     found.notes += [f"label file without image: {path}" for path in sorted(label_dir.glob("*.txt"))
                     if path.stem not in images]
     return found
+
+
+def read_yolo_split(data_path: Union[str, Path], split: str) -> Annotations:
+    """The catalog reader: ``data_path/images/SPLIT`` and ``data_path/labels/SPLIT`` (SPLIT = split
+    without ``.txt``), class names from ``data_path/classes.txt`` or ``data.yaml``."""
+    return read_yolo(data_path, split_stem(split))
 
 
 class YoloDataSet(DetectionDataSet):
@@ -177,9 +187,15 @@ class YoloDataSet(DetectionDataSet):
         classes_json: Optional[Union[str, Path]] = None,
         skip_unknown_classes: bool = False,
     ) -> None:
-        self.root = Path(root)
-        self.transforms = transforms
-        annotations = read_yolo(self.root, split, classes_file)
-        self.img_root = self.split_file = annotations.img_root
-        self._set_classes(*choose_classes(annotations.class_names, classes_json, annotations.class_source))
-        self._build(annotations, skip_unknown_classes)
+        self._setup(read_yolo(root, split, classes_file), transforms, classes_json, skip_unknown_classes)
+
+    def _setup(self, annotations: Annotations, transforms: Optional[Callable],
+               classes_json: Optional[Union[str, Path]], skip_unknown_classes: bool) -> None:
+        self.root = annotations.extras["root"]
+        super()._setup(annotations, transforms, classes_json, skip_unknown_classes)
+
+
+register_format(
+    "yolo", read_yolo_split, default_splits=("train", "val"), dataset_type=YoloDataSet,
+    layout="--data-path holds images/SPLIT/, labels/SPLIT/ and classes.txt (or data.yaml)",
+)

@@ -46,8 +46,7 @@ def train_one_epoch(
             loss_dict = model(images, targets)
         loss = sum(loss_dict.values())
 
-        reduced = dist_utils.reduce_dict(loss_dict)
-        reduced_values = {k: v.detach().item() for k, v in reduced.items()}
+        reduced_values = {k: v.detach().item() for k, v in dist_utils.reduce_dict(loss_dict).items()}
         total = sum(reduced_values.values())
         if not math.isfinite(total):
             ids = [int(t["image_id"]) for t in targets]
@@ -58,19 +57,7 @@ def train_one_epoch(
             )
 
         lr = optimizer.param_groups[0]["lr"]  # the rate this step uses
-        optimizer.zero_grad(set_to_none=True)
-        if scaler is not None:
-            scaler.scale(loss).backward()
-            if clip_grad_norm > 0:
-                scaler.unscale_(optimizer)
-                nn.utils.clip_grad_norm_(model.parameters(), clip_grad_norm)
-            scaler.step(optimizer)
-            scaler.update()
-        else:
-            loss.backward()
-            if clip_grad_norm > 0:
-                nn.utils.clip_grad_norm_(model.parameters(), clip_grad_norm)
-            optimizer.step()
+        optimizer_step(model, optimizer, loss, scaler, clip_grad_norm)
         scheduler.step()
 
         count += 1
@@ -82,3 +69,22 @@ def train_one_epoch(
     means = {k: v / max(count, 1) for k, v in sums.items()}
     means["lr"] = lr if count else optimizer.param_groups[0]["lr"]
     return means
+
+
+def optimizer_step(model: nn.Module, optimizer: torch.optim.Optimizer, loss: torch.Tensor,
+                   scaler: Optional[torch.amp.GradScaler], clip_grad_norm: float) -> None:
+    """Backward and one optimiser step, through the GradScaler (CUDA AMP) when there is one, with
+    the gradient norm clipped when ``clip_grad_norm`` > 0."""
+    optimizer.zero_grad(set_to_none=True)
+    if scaler is None:
+        loss.backward()
+        if clip_grad_norm > 0:
+            nn.utils.clip_grad_norm_(model.parameters(), clip_grad_norm)
+        optimizer.step()
+        return
+    scaler.scale(loss).backward()
+    if clip_grad_norm > 0:
+        scaler.unscale_(optimizer)
+        nn.utils.clip_grad_norm_(model.parameters(), clip_grad_norm)
+    scaler.step(optimizer)
+    scaler.update()

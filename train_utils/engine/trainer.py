@@ -1,35 +1,39 @@
-"""The training run behind every train_*.py script: data, model, optimiser, resume, epochs."""
+"""The training run behind every train_*.py script, as small steps and hooks.
+
+:class:`Trainer` builds its parts in order (``setup_device``, ``build_datasets``, ``build_model``,
+``build_optimizer``, ``build_schedule``, ``resume``), then runs the epochs, calling its hooks
+before and after each one. Subclass it and override a ``build_*`` step, or pass other hooks, to
+change one part without touching the rest. The process group is left in a ``finally``.
+"""
 import argparse
 import os
 import random
 import sys
 import time
 from pathlib import Path
-from typing import Any, Dict, Optional
+from typing import Any, Dict, List, Optional
 
 import numpy as np
 import torch
 from torch.utils.data import BatchSampler, DataLoader, DistributedSampler
 
-from backbone import weight_url
-from train_utils.data.dataset import DetectionDataSet
-
-from train_utils.engine import distributed as dist_utils
-from train_utils.checkpoint import find_last_checkpoint, load_checkpoint, save_atomic
-from train_utils.evaluation.coco_api import get_coco_api_from_dataset
+from backbone import MissingWeightFileError, WeightFileError, get_backbone, weight_url
+from train_utils.checkpoint import Checkpoint, find_last_checkpoint, read_checkpoint
+from train_utils.cli import model_config_from_args
 from train_utils.data.catalog import build_dataset
+from train_utils.data.dataset import DetectionDataSet
 from train_utils.data.samplers import GroupedBatchSampler, create_aspect_ratio_groups
-from train_utils.engine.lr_schedule import WarmupSchedule, build_scheduler
-from train_utils.model.builder import BACKBONE_WEIGHT_KIND, build_model, count_parameters, load_detector_weights
-from train_utils.engine.run_log import RunLog
-from train_utils.engine.args import model_config_from_args
-from train_utils.device import resolve_device
-from train_utils.engine.loop import NonFiniteLossError, train_one_epoch
-from train_utils.evaluation.loop import evaluate
 from train_utils.data.transforms import get_transforms
+from train_utils.device import resolve_device
+from train_utils.engine import distributed as dist_utils
+from train_utils.engine.hooks import CheckpointHook, FreezeBackboneHook, Hook, RunLogHook
+from train_utils.engine.loop import NonFiniteLossError, train_one_epoch
+from train_utils.engine.lr_schedule import WarmupSchedule, build_scheduler
+from train_utils.evaluation.coco_api import get_coco_api_from_dataset
+from train_utils.evaluation.loop import evaluate
+from train_utils.model.builder import build_model, count_parameters, load_detector_weights
 
-
-REPO_ROOT = Path(__file__).resolve().parents[1]
+REPO_ROOT = Path(__file__).resolve().parents[2]
 
 
 def seed_everything(seed: int) -> None:
@@ -42,53 +46,29 @@ def resolve_weight_files(args: argparse.Namespace) -> Optional[str]:
     """Check the weight files the flags name before any work; return the ImageNet backbone file
     to load, or None (from scratch, or the --weights detector file covers the backbone).
 
-    Without --backbone-weights, backbones with an official file look for it at WZ's place,
-    ``backbone/<model>.pth`` (e.g. backbone/resnet50.pth, backbone/mobilenet_v2.pth).
+    Without --backbone-weights, a backbone whose registry entry names a file looks for it at WZ's
+    place, ``backbone/<file>.pth`` (e.g. backbone/resnet50.pth, backbone/mobilenet_v2.pth).
     """
     if args.weights:
         if not os.path.isfile(args.weights):
-            raise FileNotFoundError(f"detector weights '{args.weights}' not found; the COCO detector is at "
-                                    f"{weight_url('fasterrcnn_resnet50_fpn_coco')}")
+            raise MissingWeightFileError(f"detector weights '{args.weights}' not found; the COCO detector is at "
+                                         f"{weight_url('fasterrcnn_resnet50_fpn_coco')}")
         return None
     if (args.backbone_weights or "").lower() == "none":
         return None
-    kind = BACKBONE_WEIGHT_KIND.get(args.backbone)
+    spec = get_backbone(args.backbone)
     if args.backbone_weights:
         path = args.backbone_weights
-    elif kind is not None:
-        path = str(REPO_ROOT / "backbone" / f"{kind}.pth")
+    elif spec.weights is not None:
+        path = str(REPO_ROOT / "backbone" / f"{spec.weights}.pth")
     else:
         raise ValueError(f"backbone '{args.backbone}' has no default ImageNet weights file: pass "
                          "--backbone-weights PATH, or --backbone-weights none to train from scratch")
     if not os.path.isfile(path):
-        hint = f"download {weight_url(kind)} and save it as {path}" if kind else "check the path"
-        raise FileNotFoundError(f"backbone weights '{path}' not found: {hint}, "
-                                "or pass --backbone-weights none to train from scratch")
+        hint = f"download {spec.url} and save it as {path}" if spec.url and not args.backbone_weights else "check the path"
+        raise MissingWeightFileError(f"backbone weights '{path}' not found: {hint}, "
+                                     "or pass --backbone-weights none to train from scratch")
     return path
-
-
-def build_loaders(args, train_set, val_set, world_size: int, rank: int, pin_memory: bool):
-    # A seeded sampler reshuffles per epoch (set_epoch), so a resumed run sees the same order.
-    train_sampler = DistributedSampler(train_set, num_replicas=world_size, rank=rank, shuffle=True, seed=args.seed)
-    if args.aspect_ratio_group_factor >= 0:
-        group_ids = create_aspect_ratio_groups(train_set, k=args.aspect_ratio_group_factor)
-        batch_sampler = GroupedBatchSampler(train_sampler, group_ids, args.batch_size)
-    else:
-        batch_sampler = BatchSampler(train_sampler, args.batch_size, drop_last=True)
-    workers = max(int(args.workers), 0)
-    common = dict(num_workers=workers, collate_fn=DetectionDataSet.collate_fn, pin_memory=pin_memory,
-                  persistent_workers=workers > 0)
-    train_loader = DataLoader(train_set, batch_sampler=batch_sampler, **common)
-    # Evaluation: one image per step (padding never differs between single- and multi-process runs).
-    val_sampler = DistributedSampler(val_set, num_replicas=world_size, rank=rank, shuffle=False)
-    val_loader = DataLoader(val_set, batch_size=1, sampler=val_sampler, **common)
-    return train_sampler, train_loader, val_loader
-
-
-def set_backbone_frozen(trainable: list, frozen: bool) -> None:
-    """Freeze/unfreeze the backbone parameters that are normally trained."""
-    for param in trainable:
-        param.requires_grad_(not frozen)
 
 
 def plain_args(args: argparse.Namespace) -> Dict[str, Any]:
@@ -96,129 +76,223 @@ def plain_args(args: argparse.Namespace) -> Dict[str, Any]:
     return {k: (list(v) if isinstance(v, tuple) else v) for k, v in vars(args).items()}
 
 
-def run_training(args: argparse.Namespace, distributed: bool = False) -> Dict[str, Any]:
-    """Train as the flags say; returns the last epoch's record. Rank 0 alone writes files."""
-    device = resolve_device(args.device)
-    info = dist_utils.init_distributed_mode(device.type, getattr(args, "dist_timeout", 30.0)) if distributed \
-        else {"rank": 0, "world_size": 1, "local_rank": 0}
-    rank, world_size = info["rank"], info["world_size"]
-    if device.type == "cuda" and world_size > 1:
-        device = torch.device("cuda", info["local_rank"])
-    is_main = rank == 0
-    seed_everything(args.seed + rank)
+class Trainer:
+    """Train a detector as ``args`` (the training flags) say. Rank 0 alone writes files."""
 
-    resume_path = find_last_checkpoint(args.output_dir) if args.resume == "auto" else args.resume
-    if args.resume == "auto" and resume_path is None and is_main:
-        print(f"--resume auto: no checkpoint in {args.output_dir}, starting from scratch")
-    checkpoint = load_checkpoint(resume_path) if resume_path else None
-    backbone_weights = None if checkpoint is not None else resolve_weight_files(args)  # fail fast
+    def __init__(self, args: argparse.Namespace, distributed: bool = False,
+                 hooks: Optional[List[Hook]] = None) -> None:
+        self.args = args
+        self.distributed = distributed
+        self.hooks = hooks
+        self.start_epoch = 0
+        self.best_ap50 = -1.0  # best COCO AP@0.5 so far
+        self.resume_from: Optional[Checkpoint] = None
+        self.backbone_weights: Optional[str] = None
 
-    train_set = build_dataset(args.dataset_format, args.data_path, args.train_split,
-                              get_transforms(True, args.augment), args.classes_json, args.year,
-                              args.skip_unknown_classes)
-    val_set = build_dataset(args.dataset_format, args.data_path, args.val_split, get_transforms(False),
-                            args.classes_json, args.year, args.skip_unknown_classes,
-                            expected_class_names=train_set.class_names)
-    if args.num_classes is not None and args.num_classes != train_set.num_classes:
-        raise ValueError(f"--num-classes {args.num_classes} but {train_set.classes_json} lists "
-                         f"{train_set.num_classes} classes")
-    if is_main:
-        print(f"train: {len(train_set)} images ({train_set.summary()}); val: {len(val_set)} images")
-    train_sampler, train_loader, val_loader = build_loaders(
-        args, train_set, val_set, world_size, rank, pin_memory=device.type == "cuda")
-    coco_gt = get_coco_api_from_dataset(val_set)
+    # ------------------------------------------------------------------ build steps
+    def setup_device(self) -> None:
+        """Device, process group (rank, world size) and seeds."""
+        self.device = resolve_device(self.args.device)
+        info = (dist_utils.init_distributed_mode(self.device.type, getattr(self.args, "dist_timeout", 30.0))
+                if self.distributed else {"rank": 0, "world_size": 1, "local_rank": 0})
+        self.rank, self.world_size = info["rank"], info["world_size"]
+        if self.device.type == "cuda" and self.world_size > 1:
+            self.device = torch.device("cuda", info["local_rank"])
+        self.is_main = self.rank == 0
+        seed_everything(self.args.seed + self.rank)
 
-    if checkpoint is not None:
-        config = checkpoint["model_config"]
-        model = build_model(config)
-    else:
-        config = model_config_from_args(args, train_set.num_classes + 1)
-        model = build_model(config, backbone_weights)
-        if args.weights:
-            load_detector_weights(model, args.weights, config)
-    model.to(device)
-    backbone_trainable = [p for p in model.backbone.parameters() if p.requires_grad]
-    params = [p for p in model.parameters() if p.requires_grad]
-    model_without_ddp = model
-    if world_size > 1:
-        if getattr(args, "sync_bn", False):
-            model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
-        model = torch.nn.parallel.DistributedDataParallel(
-            model, device_ids=[device.index] if device.type == "cuda" else None,
-            find_unused_parameters=args.freeze_backbone_epochs > 0)
-        model_without_ddp = model.module
+    def find_resume_checkpoint(self) -> Optional[str]:
+        """The file ``--resume`` names (``auto``: the last one in --output-dir), or None."""
+        args = self.args
+        if args.resume != "auto":
+            return args.resume or None
+        path = find_last_checkpoint(args.output_dir)
+        if path is None and self.is_main:
+            print(f"--resume auto: no checkpoint in {args.output_dir}, starting from scratch")
+        return path
 
-    if args.opt == "sgd":
-        optimizer = torch.optim.SGD(params, lr=args.lr, momentum=args.momentum, weight_decay=args.weight_decay)
-    else:
-        optimizer = torch.optim.AdamW(params, lr=args.lr, weight_decay=args.weight_decay)
-    iters_per_epoch = len(train_loader)
-    warmup = min(1000, iters_per_epoch - 1) if args.warmup_iters < 0 else args.warmup_iters
-    schedule = WarmupSchedule(iters_per_epoch, args.epochs, args.lr_scheduler, args.lr_steps,
-                              args.lr_step_size, args.lr_gamma, warmup)
-    scheduler = build_scheduler(optimizer, schedule)
-    scaler = torch.amp.GradScaler("cuda") if args.amp and device.type == "cuda" else None
+    def build_datasets(self) -> None:
+        args = self.args
+        common = dict(classes_json=args.classes_json, year=args.year, skip_unknown_classes=args.skip_unknown_classes)
+        self.train_set = build_dataset(args.dataset_format, args.data_path, args.train_split,
+                                       get_transforms(True, args.augment), **common)
+        self.val_set = build_dataset(args.dataset_format, args.data_path, args.val_split, get_transforms(False),
+                                     expected_class_names=self.train_set.class_names, **common)
+        if args.num_classes is not None and args.num_classes != self.train_set.num_classes:
+            raise ValueError(f"--num-classes {args.num_classes} but {self.train_set.classes_json} lists "
+                             f"{self.train_set.num_classes} classes")
+        if self.is_main:
+            print(f"train: {len(self.train_set)} images ({self.train_set.summary()}); "
+                  f"val: {len(self.val_set)} images")
 
-    start_epoch, best_ap50 = 0, -1.0
-    if checkpoint is not None:
-        model_without_ddp.load_state_dict(checkpoint["model"])
-        optimizer.load_state_dict(checkpoint["optimizer"])
+    def build_loaders(self) -> None:
+        """A seeded sampler reshuffles per epoch (set_epoch), so a resumed run sees the same order.
+        Evaluation takes one image per step (padding never differs between process counts)."""
+        args, train_set = self.args, self.train_set
+        self.train_sampler = DistributedSampler(train_set, self.world_size, self.rank, shuffle=True, seed=args.seed)
+        if args.aspect_ratio_group_factor >= 0:
+            group_ids = create_aspect_ratio_groups(train_set, k=args.aspect_ratio_group_factor)
+            batch_sampler = GroupedBatchSampler(self.train_sampler, group_ids, args.batch_size)
+        else:
+            batch_sampler = BatchSampler(self.train_sampler, args.batch_size, drop_last=True)
+        workers = max(int(args.workers), 0)
+        common = dict(num_workers=workers, collate_fn=DetectionDataSet.collate_fn,
+                      pin_memory=self.device.type == "cuda", persistent_workers=workers > 0)
+        self.train_loader = DataLoader(train_set, batch_sampler=batch_sampler, **common)
+        val_sampler = DistributedSampler(self.val_set, self.world_size, self.rank, shuffle=False)
+        self.val_loader = DataLoader(self.val_set, batch_size=1, sampler=val_sampler, **common)
+        self.coco_gt = get_coco_api_from_dataset(self.val_set)
+
+    def build_model(self) -> None:
+        """The detector of the resumed checkpoint, or of the flags (ImageNet backbone or --weights)."""
+        args = self.args
+        if self.resume_from is not None:
+            self.config = self.resume_from.config
+            self.model = build_model(self.config)
+        else:
+            self.config = model_config_from_args(args, self.train_set.num_classes + 1)
+            self.model = build_model(self.config, self.backbone_weights)
+            if args.weights:
+                self.config = load_detector_weights(self.model, args.weights, self.config)
+        self.model.to(self.device)
+        self.backbone_trainable = [p for p in self.model.backbone.parameters() if p.requires_grad]
+        self.model_without_ddp = self.model
+        if self.world_size > 1:
+            if getattr(args, "sync_bn", False):
+                self.model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(self.model)
+            self.model = torch.nn.parallel.DistributedDataParallel(
+                self.model, device_ids=[self.device.index] if self.device.type == "cuda" else None,
+                find_unused_parameters=args.freeze_backbone_epochs > 0)
+            self.model_without_ddp = self.model.module
+
+    def build_optimizer(self) -> None:
+        args = self.args
+        params = [p for p in self.model.parameters() if p.requires_grad]
+        if args.opt == "sgd":
+            self.optimizer = torch.optim.SGD(params, lr=args.lr, momentum=args.momentum, weight_decay=args.weight_decay)
+        else:
+            self.optimizer = torch.optim.AdamW(params, lr=args.lr, weight_decay=args.weight_decay)
+        self.scaler = torch.amp.GradScaler("cuda") if args.amp and self.device.type == "cuda" else None
+
+    def build_schedule(self) -> None:
+        """Warmup, then the chosen decay; the scheduler steps once per iteration."""
+        args = self.args
+        iters = len(self.train_loader)
+        warmup = min(1000, iters - 1) if args.warmup_iters < 0 else args.warmup_iters
+        schedule = WarmupSchedule(iters, args.epochs, args.lr_scheduler, args.lr_steps, args.lr_step_size,
+                                  args.lr_gamma, warmup)
+        self.scheduler = build_scheduler(self.optimizer, schedule)
+
+    def build_hooks(self) -> List[Hook]:
+        """Backbone freezing on every rank; the run log and checkpoints on rank 0."""
+        hooks: List[Hook] = [FreezeBackboneHook()]
+        if self.is_main:
+            hooks += [RunLogHook(), CheckpointHook()]
+        return hooks
+
+    def resume(self) -> None:
+        """Restore weights, optimiser, schedule position, scaler and RNG from ``resume_from``."""
+        ckpt = self.resume_from
+        if ckpt is None:
+            return
+        self.model_without_ddp.load_state_dict(ckpt.model)
+        self.optimizer.load_state_dict(ckpt.optimizer)
         # The schedule itself is rebuilt from the flags; only its position is restored.
-        scheduler.load_state_dict({**checkpoint["lr_scheduler"], "lr_lambdas": [None] * len(optimizer.param_groups)})
-        if scaler is not None and checkpoint.get("scaler"):
-            scaler.load_state_dict(checkpoint["scaler"])
-        if "rng_state" in checkpoint:
-            torch.set_rng_state(checkpoint["rng_state"])
-        start_epoch = int(checkpoint["epoch"]) + 1
-        best_ap50 = float(checkpoint.get("best_ap50", -1.0))
-        if is_main:
-            print(f"resumed from {resume_path} at epoch {start_epoch}")
+        self.scheduler.load_state_dict({**ckpt.lr_scheduler, "lr_lambdas": [None] * len(self.optimizer.param_groups)})
+        if self.scaler is not None and ckpt.scaler:
+            self.scaler.load_state_dict(ckpt.scaler)
+        if ckpt.rng_state is not None:
+            torch.set_rng_state(ckpt.rng_state)
+        self.start_epoch = ckpt.epoch + 1
+        self.best_ap50 = ckpt.best_ap50
+        if self.is_main:
+            print(f"resumed from {self.resume_path} at epoch {self.start_epoch}")
 
-    if is_main:
-        trainable, total = count_parameters(model_without_ddp)
-        print(f"model: {config['backbone']}, {config['num_classes']} classes incl. background, "
-              f"{trainable:,} of {total:,} parameters trainable; device {device}, world size {world_size}")
-    log = RunLog(args.output_dir, start_epoch) if is_main else None
-    record: Dict[str, Any] = {}
-    for epoch in range(start_epoch, args.epochs):
-        train_sampler.set_epoch(epoch)
-        set_backbone_frozen(backbone_trainable, epoch < args.freeze_backbone_epochs)
+    def setup(self) -> None:
+        """Every build step in order; the resume file and the weight files are checked first."""
+        self.setup_device()
+        self.resume_path = self.find_resume_checkpoint()
+        self.resume_from = self.load_resume_checkpoint(self.resume_path) if self.resume_path else None
+        # Fail on a missing weight file before reading any data.
+        self.backbone_weights = None if self.resume_from else resolve_weight_files(self.args)
+        self.build_datasets()
+        self.build_loaders()
+        self.build_model()
+        self.build_optimizer()
+        self.build_schedule()
+        self.resume()
+        if self.hooks is None:
+            self.hooks = self.build_hooks()
+
+    @staticmethod
+    def load_resume_checkpoint(path: str) -> Checkpoint:
+        ckpt = read_checkpoint(path)
+        if not ckpt.can_resume():
+            raise WeightFileError(f"{path} is not a training checkpoint of this project (no model config, "
+                                  "optimizer or epoch): use --weights to fine-tune from it instead")
+        return ckpt
+
+    # ------------------------------------------------------------------ the run
+    def checkpoint(self, epoch: int, coco_stats: Optional[List[float]]) -> Checkpoint:
+        """The state after ``epoch`` in the checkpoint schema."""
+        return Checkpoint(
+            model=self.model_without_ddp.state_dict(), config=self.config,
+            class_names=list(self.train_set.class_names), epoch=epoch,
+            optimizer=self.optimizer.state_dict(),
+            lr_scheduler={k: v for k, v in self.scheduler.state_dict().items() if k != "lr_lambdas"},
+            scaler=self.scaler.state_dict() if self.scaler is not None else None,
+            rng_state=torch.get_rng_state(), args=plain_args(self.args), coco_stats=coco_stats,
+            best_ap50=self.best_ap50, plugins=list(getattr(self.args, "plugin", []) or []))
+
+    def run_epoch(self, epoch: int) -> Dict[str, Any]:
+        """One epoch of training, then evaluation when it is due; returns the epoch's record."""
+        args = self.args
+        self.train_sampler.set_epoch(epoch)
         start = time.time()
-        train_stats = train_one_epoch(
-            model, optimizer, train_loader, device, epoch, scheduler, scaler, args.amp, args.clip_grad_norm,
-            args.print_freq, describe_images=lambda ids: ", ".join(train_set.ids[i] for i in ids))
-        train_stats["epoch_time"] = time.time() - start
+        stats = train_one_epoch(
+            self.model, self.optimizer, self.train_loader, self.device, epoch, self.scheduler, self.scaler,
+            args.amp, args.clip_grad_norm, args.print_freq,
+            describe_images=lambda ids: ", ".join(self.train_set.ids[i] for i in ids))
+        stats["epoch_time"] = time.time() - start
         coco_stats = None
         if (epoch + 1) % max(args.eval_interval, 1) == 0 or epoch + 1 == args.epochs:
-            dist_utils.broadcast_buffers(model_without_ddp)
-            evaluator = evaluate(model_without_ddp, val_loader, device, coco_gt, args.amp, args.print_freq)
-            coco_stats = evaluator.stats if is_main else None  # gathered and scored on rank 0
-        if is_main:
-            log.add(epoch, train_stats, coco_stats)
-            ap50 = coco_stats[1] if coco_stats is not None else None
-            state = {
-                "model": model_without_ddp.state_dict(),
-                "optimizer": optimizer.state_dict(),
-                "lr_scheduler": {k: v for k, v in scheduler.state_dict().items() if k != "lr_lambdas"},
-                "scaler": scaler.state_dict() if scaler is not None else None,
-                "epoch": epoch,
-                "args": plain_args(args),
-                "model_config": config,
-                "class_names": list(train_set.class_names),
-                "coco_stats": coco_stats,
-                "best_ap50": max(best_ap50, ap50 if ap50 is not None else -1.0),
-                "rng_state": torch.get_rng_state(),
-            }
-            save_atomic(state, os.path.join(args.output_dir, f"model-{epoch}.pth"))
-            save_atomic(state, os.path.join(args.output_dir, "last.pth"))
-            if ap50 is not None and ap50 > best_ap50:
-                best_ap50 = ap50
-                save_atomic(state, os.path.join(args.output_dir, "best.pth"))
-            record = {"epoch": epoch, **train_stats, "coco": coco_stats}
-    if is_main:
-        print(f"done: checkpoints, results, metrics.jsonl and curves in {args.output_dir}")
-    dist_utils.cleanup()
-    return record
+            dist_utils.broadcast_buffers(self.model_without_ddp)
+            evaluator = evaluate(self.model_without_ddp, self.val_loader, self.device, self.coco_gt,
+                                 args.amp, args.print_freq)
+            coco_stats = list(evaluator.stats) if self.is_main else None  # scored on rank 0
+        return {"epoch": epoch, **stats, "coco": coco_stats}
+
+    def train(self) -> Dict[str, Any]:
+        """Train as the flags say; returns the last epoch's record."""
+        try:
+            self.setup()
+            self.report_model()
+            for hook in self.hooks:
+                hook.before_train(self)
+            record: Dict[str, Any] = {}
+            for epoch in range(self.start_epoch, self.args.epochs):
+                for hook in self.hooks:
+                    hook.before_epoch(self, epoch)
+                record = self.run_epoch(epoch)
+                for hook in self.hooks:
+                    hook.after_epoch(self, record)
+            if self.is_main:
+                print(f"done: checkpoints, results, metrics.jsonl and curves in {self.args.output_dir}")
+            return record
+        finally:
+            dist_utils.cleanup()
+
+    def report_model(self) -> None:
+        if self.is_main:
+            trainable, total = count_parameters(self.model_without_ddp)
+            print(f"model: {self.config.backbone}, {self.config.num_classes} classes incl. background, "
+                  f"{trainable:,} of {total:,} parameters trainable; device {self.device}, "
+                  f"world size {self.world_size}")
+
+
+def run_training(args: argparse.Namespace, distributed: bool = False) -> Dict[str, Any]:
+    """Train as the flags say; returns the last epoch's record."""
+    return Trainer(args, distributed).train()
 
 
 def main(args: argparse.Namespace, distributed: bool = False) -> None:

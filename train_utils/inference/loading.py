@@ -1,43 +1,35 @@
-"""Rebuild a detector from a weights file for evaluation or prediction.
+"""Rebuild a detector from a weights file for evaluation, prediction or export.
 
-Reads checkpoints of our training scripts (model config and class names inside), WZ-style
-``{"model": ...}`` checkpoints and bare state dicts (architecture from the command line).
+Reads every file :func:`train_utils.checkpoint.read_checkpoint` reads: our training checkpoints
+(model config and class names inside), WZ-style ``{"model": ...}`` files and bare state dicts
+(architecture from the command line's model flags, class names from --classes-json).
 """
 import argparse
 from dataclasses import dataclass
-from typing import Any, Optional
+from typing import Any, Dict, List, Optional
 
 import torch
 
+from train_utils.checkpoint import Checkpoint, read_checkpoint
+from train_utils.cli import add_model_flags, add_plugin_flag, apply_model_flags, model_config_from_args
 from train_utils.data.dataset import load_class_names
+from train_utils.device import resolve_device
+from train_utils.model.builder import build_model, official_frozen_bn_eps
+from train_utils.model.config import ModelConfig
 from network_files import FasterRCNN
 
-from train_utils.checkpoint import load_checkpoint
-from train_utils.model.builder import build_model, official_frozen_bn_eps
-from train_utils.engine.args import backbone_name, int_list
-from train_utils.device import resolve_device
-
 _PREDICTOR_KEY = "roi_heads.box_predictor.cls_score.weight"
-# Model config keys a bare state dict takes from the command line (with --backbone).
-ARCHITECTURE_KEYS = ("width_mult", "feature_stride", "representation_size", "anchor_sizes")
-_ARCHITECTURE_FLAGS = ", ".join(["--backbone"] + [f"--{key.replace('_', '-')}" for key in ARCHITECTURE_KEYS])
 
 
-def add_model_arguments(parser: argparse.ArgumentParser, with_device: bool = True) -> None:
+def add_model_arguments(parser: argparse.ArgumentParser, with_device: bool = True, one_token: bool = False) -> None:
     """Flags shared by validation.py, predict.py and the export tool for rebuilding a detector
-    from a weights file (``--device`` only ``with_device``)."""
-    group = parser.add_argument_group("model (architecture flags are only needed for a bare state dict)")
-    group.add_argument("--classes-json", default=None,
-                       help="{class name: id 1..K} file; default: the class names stored in the checkpoint")
+    from a weights file (``--device`` only ``with_device``; ``one_token``: see ``add_model_flags``)."""
+    add_plugin_flag(parser)
+    parser.add_argument("--classes-json", default=None,
+                        help="{class name: id 1..K} file; default: the class names stored in the checkpoint")
     if with_device:
-        group.add_argument("--device", default="auto", help="'auto' (cuda when available), 'cuda', 'cuda:1' or 'cpu'")
-    group.add_argument("--min-size", type=int, default=None, help="shorter image side; default: the checkpoint's")
-    group.add_argument("--max-size", type=int, default=None, help="longer side bound; default: the checkpoint's")
-    group.add_argument("--backbone", type=backbone_name, default=None, help="backbone of a bare state dict")
-    group.add_argument("--width-mult", type=float, default=None, help="MobileNetV2 width multiplier")
-    group.add_argument("--feature-stride", type=int, choices=[16, 32], default=None, help="MobileNetV2 output stride")
-    group.add_argument("--representation-size", type=int, default=None, help="width of the box head")
-    group.add_argument("--anchor-sizes", type=int_list, default=None, help="anchor sizes, e.g. '32,64,128,256,512'")
+        parser.add_argument("--device", default="auto", help="'auto' (cuda when available), 'cuda', 'cuda:1' or 'cpu'")
+    add_model_flags(parser, training=False, one_token=one_token)
 
 
 @dataclass
@@ -46,25 +38,12 @@ class LoadedDetector:
     the configuration it was built from and the training flags stored with it ({} if none)."""
 
     model: FasterRCNN
-    class_names: list[str]
-    config: dict[str, Any]
-    train_args: dict[str, Any]
+    class_names: List[str]
+    config: ModelConfig
+    train_args: Dict[str, Any]
 
 
-def _split_weights_file(raw: Any, path: str) -> tuple[dict, Optional[dict], Optional[list], dict]:
-    """(state dict, model config or None, class names or None, training flags) of a loaded file."""
-    if not isinstance(raw, dict):
-        raise ValueError(f"{path} holds a {type(raw).__name__}, not a checkpoint or a state dict")
-    if "model_config" in raw:
-        return raw["model"], dict(raw["model_config"]), raw.get("class_names"), dict(raw.get("args") or {})
-    if isinstance(raw.get("model"), dict):  # WZ-style checkpoint: model, optimizer, lr_scheduler, epoch
-        return raw["model"], None, None, {}
-    if raw and all(isinstance(value, torch.Tensor) for value in raw.values()):
-        return raw, None, None, {}
-    raise ValueError(f"{path} is neither a training checkpoint nor a state dict of tensors")
-
-
-def _check_fit(model: torch.nn.Module, state: dict, path: str, config: dict) -> None:
+def _check_fit(model: torch.nn.Module, state: dict, path: str, config: ModelConfig) -> None:
     """Raise one clear line when ``state`` does not match ``model`` key for key and shape for shape."""
     own = model.state_dict()
     missing = [k for k in own if k not in state]
@@ -73,48 +52,63 @@ def _check_fit(model: torch.nn.Module, state: dict, path: str, config: dict) -> 
                 for k in own if k in state and state[k].shape != own[k].shape]
     if missing or unexpected or reshaped:
         raise ValueError(
-            f"{path} does not fit a '{config['backbone']}' detector built with {_describe(config)}: "
+            f"{path} does not fit a '{config.backbone}' detector built with {_describe(config)}: "
             f"{len(missing)} missing keys (e.g. {missing[:2]}), {len(unexpected)} unexpected "
             f"(e.g. {unexpected[:2]}), {len(reshaped)} of another shape (e.g. {reshaped[:2]}); "
-            f"check {_ARCHITECTURE_FLAGS}"
+            "check --backbone and the architecture flags (see --help)"
         )
 
 
-def _describe(config: dict) -> str:
+def _describe(config: ModelConfig) -> str:
     """The architecture settings of ``config`` that differ from the defaults, for error messages."""
-    described = [f"{key}={config[key]}" for key in ARCHITECTURE_KEYS if config.get(key) is not None]
-    return ", ".join(described) or "default settings"
+    default = ModelConfig(num_classes=config.num_classes, backbone=config.backbone).to_dict()
+    current = config.to_dict()
+    changed = [f"{key}={value}" for key, value in current.items() if value != default[key] and key != "frozen_bn_eps"]
+    return ", ".join(changed) or "default settings"
+
+
+def _bare_config(args: argparse.Namespace, ckpt: Checkpoint, names: List[str], path: str) -> ModelConfig:
+    """The architecture of a file without a model config: the model flags and the class list."""
+    if not args.backbone or not args.classes_json:
+        raise ValueError(f"{path} is a bare state dict without model configuration or class names: "
+                         "pass --backbone and --classes-json")
+    predictor = ckpt.model.get(_PREDICTOR_KEY)
+    if predictor is not None and predictor.shape[0] != len(names) + 1:
+        raise ValueError(f"{path} predicts {predictor.shape[0] - 1} classes but {args.classes_json} lists {len(names)}")
+    config = model_config_from_args(args, len(names) + 1)
+    eps = official_frozen_bn_eps(path, config.backbone)
+    return config if eps is None else config.replace(frozen_bn_eps=eps)
+
+
+def detector_from_checkpoint(ckpt: Checkpoint, path: str, args: argparse.Namespace) -> LoadedDetector:
+    """Rebuild the detector of ``ckpt`` (read from ``path``) as the model flags on ``args`` say."""
+    names: Optional[List[str]] = load_class_names(args.classes_json) if args.classes_json else ckpt.class_names
+    if ckpt.config is None:
+        config = _bare_config(args, ckpt, names or [], path)
+    elif names is None:
+        raise ValueError(f"{path} stores no class names: pass --classes-json")
+    elif len(names) != ckpt.config.num_classes - 1:
+        raise ValueError(f"{path} predicts {ckpt.config.num_classes - 1} classes but "
+                         f"{args.classes_json or 'its class list'} holds {len(names)}")
+    else:
+        config = apply_model_flags(ckpt.config, args, path)
+    model = build_model(config)
+    _check_fit(model, ckpt.model, path, config)
+    model.load_state_dict(ckpt.model)
+    model.to(resolve_device(args.device)).eval()
+    return LoadedDetector(model, list(names), config, ckpt.args)
 
 
 def load_detector(args: argparse.Namespace, weights_path: str) -> LoadedDetector:
     """Rebuild the detector of ``weights_path`` as the flags of :func:`add_model_arguments` say."""
-    state, config, names, train_args = _split_weights_file(load_checkpoint(weights_path), weights_path)
-    if args.classes_json:
-        names = load_class_names(args.classes_json)
-    if config is None:
-        if not args.backbone or not args.classes_json:
-            raise ValueError(f"{weights_path} is a bare state dict without model configuration or class names: "
-                             "pass --backbone and --classes-json")
-        config = {"backbone": args.backbone, "num_classes": len(names) + 1}
-        config.update({key: getattr(args, key) for key in ARCHITECTURE_KEYS if getattr(args, key) is not None})
-        predictor = state.get(_PREDICTOR_KEY)
-        if predictor is not None and predictor.shape[0] != len(names) + 1:
-            raise ValueError(f"{weights_path} predicts {predictor.shape[0] - 1} classes but "
-                             f"{args.classes_json} lists {len(names)}")
-    elif names is None:
-        raise ValueError(f"{weights_path} stores no class names: pass --classes-json")
-    elif len(names) != int(config["num_classes"]) - 1:
-        raise ValueError(f"{weights_path} predicts {int(config['num_classes']) - 1} classes but "
-                         f"{args.classes_json or 'its class list'} holds {len(names)}")
-    eps = official_frozen_bn_eps(weights_path, config["backbone"])
-    if eps is not None:
-        config["frozen_bn_eps"] = eps
-    if args.min_size is not None:
-        config["min_size"] = args.min_size
-    if args.max_size is not None:
-        config["max_size"] = args.max_size
-    model = build_model(config)
-    _check_fit(model, state, weights_path, config)
-    model.load_state_dict(state)
-    model.to(resolve_device(args.device)).eval()
-    return LoadedDetector(model, list(names), config, train_args)
+    return detector_from_checkpoint(read_checkpoint(weights_path), weights_path, args)
+
+
+def load_model(path: str, device: str = "cpu") -> FasterRCNN:
+    """The detector a training checkpoint holds, as trained, in eval mode on ``device``."""
+    ckpt = read_checkpoint(path)
+    if ckpt.config is None:
+        raise ValueError(f"{path} holds no model config; load a bare state dict with load_detector and --backbone")
+    model = build_model(ckpt.config)
+    model.load_state_dict(ckpt.model, strict=True)
+    return model.to(device).eval()

@@ -1,0 +1,166 @@
+"""Command-line pieces shared by every entry point: list flags, the help format, plugins, and the
+model flags derived from the model schema (:class:`ModelConfig`) and the backbone registry.
+
+Training scripts get every model flag with its default; validation.py, predict.py and the export
+tool get the architecture and inference flags with no default ("the checkpoint's").
+"""
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+import typing
+from typing import Any, Dict, List, Optional, Sequence
+
+from backbone import get_backbone
+from backbone.registry import all_option_fields, backbone_help
+from train_utils.model.config import ARCHITECTURE, INFERENCE, ModelConfig, settings
+
+
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Shows ``(default: X)`` only when there is a default and the help does not state it."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        if action.default in (None, argparse.SUPPRESS) or "default" in text or not text:
+            return text
+        return super()._get_help_string(action)
+
+
+class ListAction(argparse.Action):
+    """A list flag: ``--sizes 32,64,128``, ``--sizes 32 64 128`` and mixed forms all give [32, 64, 128].
+
+    ``one_token=True`` (for parsers with positional arguments, which space-separated values would
+    swallow) takes the comma-separated form only."""
+
+    def __init__(self, option_strings: Sequence[str], dest: str, item_type: type = str, one_token: bool = False,
+                 **kwargs: Any) -> None:
+        self.item_type = item_type
+        super().__init__(option_strings, dest, nargs=None if one_token else "+", **kwargs)
+
+    def __call__(self, parser, namespace, values, option_string=None) -> None:
+        values = [values] if isinstance(values, str) else values
+        items = [part for value in values for part in value.replace(",", " ").split()]
+        try:
+            setattr(namespace, self.dest, [self.item_type(item) for item in items])
+        except ValueError:
+            parser.error(f"{option_string}: expected {self.item_type.__name__} values, got {' '.join(values)}")
+
+
+def flag_name(setting: str) -> str:
+    return "--" + setting.replace("_", "-")
+
+
+def _add_setting(group, name: str, hint: Any, default: Any, help: str, choices: Optional[tuple],
+                 one_token: bool) -> None:
+    """One flag for a schema field of type ``hint`` (int, float, str, bool, tuples of those)."""
+    base = _unwrap_optional(hint)
+    if base is bool:
+        group.add_argument(flag_name(name), action=argparse.BooleanOptionalAction, default=default, help=help)
+    elif typing.get_origin(base) in (tuple, list):
+        group.add_argument(flag_name(name), action=ListAction, item_type=typing.get_args(base)[0], one_token=one_token,
+                           default=list(default) if default is not None else None, metavar="V", help=help)
+    else:
+        group.add_argument(flag_name(name), type=base, default=default, help=help,
+                           choices=list(choices) if choices else None)
+
+
+def _unwrap_optional(hint: Any) -> Any:
+    args = [a for a in typing.get_args(hint) if a is not type(None)]
+    return args[0] if typing.get_origin(hint) is typing.Union and len(args) == 1 else hint
+
+
+def backbone_name(text: str) -> str:
+    """argparse type: a registered backbone name."""
+    try:
+        return get_backbone(text).name
+    except ValueError as err:
+        raise argparse.ArgumentTypeError(str(err)) from err
+
+
+def add_model_flags(parser: argparse.ArgumentParser, training: bool, one_token: bool = False) -> None:
+    """The model flags (see the module docstring); ``one_token``: list flags take comma-separated
+    values only (for parsers with positional arguments)."""
+    title = "model" if training else "model (the checkpoint's unless given; architecture flags are for bare state dicts)"
+    group = parser.add_argument_group(title)
+    hints = typing.get_type_hints(ModelConfig)
+    for f in settings() if training else settings(ARCHITECTURE) + settings(INFERENCE):
+        default = f.default if training else None
+        if f.name == "backbone":
+            group.add_argument("--backbone", type=backbone_name, default=default, help=backbone_help())
+            continue
+        _add_setting(group, f.name, hints[f.name], default, f.metadata["help"], f.metadata["choices"], one_token)
+    for name, (f, hint, owners) in all_option_fields().items():
+        default = "" if f.default is None else f"; default {f.default!r}"
+        help = f"{f.metadata['help']} [{', '.join(owners)}{default}]"
+        _add_setting(group, name, hint, None, help, f.metadata["choices"], one_token)
+
+
+def _given_settings(args: argparse.Namespace) -> Dict[str, Any]:
+    """Model settings present on ``args`` with a value (backbone options under ``backbone_options``)."""
+    values = {f.name: getattr(args, f.name) for f in settings() if getattr(args, f.name, None) is not None}
+    options = {name: getattr(args, name) for name in all_option_fields() if getattr(args, name, None) is not None}
+    if options:
+        values["backbone_options"] = options
+    return values
+
+
+def model_config_from_args(args: argparse.Namespace, num_classes: int) -> ModelConfig:
+    """The training flags as a ModelConfig (ValueError naming the flag when a value is invalid)."""
+    return ModelConfig.from_dict({**_given_settings(args), "num_classes": num_classes})
+
+
+def apply_model_flags(config: ModelConfig, args: argparse.Namespace, source: str) -> ModelConfig:
+    """``config`` (stored in ``source``) with the inference flags given on the command line; an
+    architecture flag that disagrees with the stored model is a ValueError."""
+    given = _given_settings(args)
+    stored = config.to_dict()
+    _check_agrees(_stored_options(config), given.pop("backbone_options", {}), source)
+    architecture = {k: v for k, v in given.items() if ModelConfig.__dataclass_fields__[k].metadata["role"] == ARCHITECTURE}
+    _check_agrees(stored, architecture, source)
+    return ModelConfig.from_dict({**stored, **given})
+
+
+def _stored_options(config: ModelConfig) -> Dict[str, Any]:
+    """Every option of the config's backbone with its value (stored or default)."""
+    spec = get_backbone(config.backbone)
+    return {name: _plain(getattr(spec.make_options(config.backbone_options), name)) for name in spec.option_names()}
+
+
+def _check_agrees(stored: Dict[str, Any], given: Dict[str, Any], source: str) -> None:
+    """An architecture flag must say what the checkpoint says (it cannot change the weights)."""
+    for name, value in given.items():
+        if name not in stored:
+            raise ValueError(f"{flag_name(name)} does not apply to the model in {source}")
+        if _plain(value) != _plain(stored[name]):
+            raise ValueError(f"{flag_name(name)}: {source} was trained with {name}={stored[name]}; architecture "
+                             "flags apply to bare state dicts only")
+
+
+def _plain(value: Any) -> Any:
+    return list(value) if isinstance(value, (tuple, list)) else value
+
+
+def add_plugin_flag(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--plugin", action="append", default=[], metavar="MODULE",
+                        help="import MODULE first (repeatable): it may register backbones and dataset formats")
+
+
+def import_plugins(argv: Optional[Sequence[str]] = None) -> List[str]:
+    """Import the ``--plugin`` modules named in ``argv`` before the full parser is built, so their
+    backbones, options and formats show up in it. Returns the module names."""
+    pre = argparse.ArgumentParser(add_help=False)
+    add_plugin_flag(pre)
+    known, _ = pre.parse_known_args(list(sys.argv[1:] if argv is None else argv))
+    for module in known.plugin:
+        try:
+            importlib.import_module(module)
+        except ImportError as exc:
+            raise SystemExit(f"error: --plugin {module}: {exc}") from None
+    return list(known.plugin)
+
+
+def model_flags_given(args: argparse.Namespace) -> List[str]:
+    """The model flags given on the command line (for tools that cannot use them)."""
+    return [flag_name(f.name) for f in settings() if getattr(args, f.name, None) is not None] + \
+        [flag_name(name) for name in all_option_fields() if getattr(args, name, None) is not None]
