@@ -27,12 +27,13 @@ import torch
 from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 
+from train_utils.cli import HelpFormatter, model_flags_given
 from train_utils.data.dataset import load_class_names
 from train_utils.data.images import DECODE_ERRORS, decode_image
-from train_utils.cli import HelpFormatter, import_plugins, model_flags_given
 from train_utils.inference.loading import add_model_arguments, load_detector
-from train_utils.vis.draw import draw_detections
 from train_utils.inference.onnx_export import OnnxDetector
+from train_utils.plugins import import_plugins
+from train_utils.vis.draw import draw_detections
 
 JPEG_SUFFIXES = (".jpg", ".jpeg")
 

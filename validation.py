@@ -29,14 +29,15 @@ from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
 from torch.utils.data import DataLoader
 
-from train_utils.data.dataset import DetectionDataSet, load_class_dict
-from train_utils.evaluation.coco_api import get_coco_api_from_dataset
-from train_utils.cli import HelpFormatter, import_plugins
-from train_utils.inference.loading import add_model_arguments, load_detector
+from train_utils.cli import HelpFormatter
 from train_utils.data.catalog import build_dataset, format_names, get_format, layout_help
-from train_utils.evaluation.loop import evaluate
+from train_utils.data.dataset import DetectionDataSet, load_class_dict
 from train_utils.data.transforms import get_transforms
+from train_utils.evaluation.coco_api import get_coco_api_from_dataset
+from train_utils.evaluation.loop import evaluate
 from train_utils.evaluation.voc_eval import RULES, mean_ap, voc_ap_per_class
+from train_utils.inference.loading import add_model_arguments, load_detector
+from train_utils.plugins import import_plugins
 
 COCO_STAT_NAMES = (
     "AP@[.5:.95]", "AP@.5", "AP@.75", "AP small", "AP medium", "AP large",
@@ -183,15 +184,18 @@ def write_record(path: Path, summary: Sequence[str], rows: Sequence[ClassResult]
 def evaluation_dataset(args: argparse.Namespace, detector) -> tuple[DetectionDataSet, str, str]:
     """(the dataset to score, its data folder, its split): each of folder, year, format and split is the flag's,
     else the one the checkpoint was trained with (its validation split), else the format's default."""
-    train_args = detector.train_args
+    trained_on = detector.data
     data_path, year = args.data_path, args.year
     if data_path is None:
-        data_path, year = train_args.get("data_path"), year or train_args.get("year")
+        data_path, year = trained_on.get("path"), year or trained_on.get("year")
         if data_path is None:
             raise ValueError(f"{args.weights_path} records no data folder: pass --data-path")
-    fmt = args.dataset_format or train_args.get("dataset_format", "voc")
-    split = args.split or train_args.get("val_split") or get_format(fmt).default_splits[1]
-    suggested = args.classes_json or train_args.get("classes_json")
+    fmt = args.dataset_format or trained_on.get("format", "voc")
+    if fmt not in format_names() and detector.plugins:
+        raise ValueError(f"unknown dataset format {fmt!r}: {args.weights_path} was trained with "
+                         f"{' '.join('--plugin ' + name for name in detector.plugins)}; pass the same")
+    split = args.split or trained_on.get("val_split") or get_format(fmt).default_splits[1]
+    suggested = args.classes_json or trained_on.get("classes_json")
     with classes_json_for(detector.class_names, suggested) as classes_json:
         dataset = build_dataset(fmt, data_path, split, get_transforms(train=False), classes_json, year)
     return dataset, str(data_path), split

@@ -128,7 +128,7 @@ def test_traced_resize_and_padding_equal_eager_for_new_sizes(min_size, max_size)
 def test_export_tool_and_predict_onnx_give_the_checkpoint_detections(trained_run, demo_voc, tmp_path, capsys):
     weights = trained_run / "best.pth"
     output = tmp_path / "exported" / "model.onnx"
-    assert export_tool.main(["--weights", str(weights), "--output", str(output), "--box-score-thresh", "0.01"]) == 0
+    assert export_tool.main(["--weights", str(weights), "--output", str(output), "--score-thresh", "0.01"]) == 0  # the earlier name of --box-score-thresh
     printed = capsys.readouterr().out
     assert printed.count(": ok") == 2, printed
 

@@ -26,10 +26,10 @@ from train_utils.cli import (
     ListAction,
     add_model_flags,
     apply_model_flags,
-    import_plugins,
     model_config_from_args,
     model_flags_given,
 )
+from train_utils.plugins import import_plugins
 from train_utils.model.builder import anchor_generator, build_model
 from train_utils.model.config import ARCHITECTURE, INFERENCE, TRAINING, ModelConfig, settings
 

@@ -43,7 +43,7 @@ def uninterrupted(demo_voc, tmp_path_factory) -> Path:
     return out
 
 
-def test_outputs_of_a_run(uninterrupted):
+def test_outputs_of_a_run(uninterrupted, demo_voc):
     out = uninterrupted
     for name in ("model-0.pth", "model-1.pth", "last.pth", "best.pth", "metrics.jsonl", "loss_and_lr.png", "mAP.png"):
         assert (out / name).is_file(), name
@@ -57,6 +57,8 @@ def test_outputs_of_a_run(uninterrupted):
     assert ckpt["model_config"]["min_size"] == [128] and ckpt["model_config"]["max_size"] == 128
     assert ckpt["args"]["epochs"] == 2 and ckpt["args"]["lr"] == 0.01
     assert ckpt["format_version"] == 2
+    assert ckpt["data"] == {"format": "voc", "path": str(demo_voc), "year": None, "train_split": "train.txt",
+                            "val_split": "val.txt", "classes_json": str(demo_voc / "classes.json")}
     assert len(ckpt["metrics"]["coco_stats"]) == 12
     assert ckpt["lr_scheduler"]["last_epoch"] == 8  # 2 epochs x 4 iterations
 
@@ -267,3 +269,39 @@ def test_atomic_writes_get_the_usual_file_mode_and_leave_nothing_on_failure(tmp_
             raise RuntimeError("interrupted")
     assert read_weight_file(str(target)) == {"epoch": 3}  # the old file is intact
     assert sorted(p.name for p in target.parent.iterdir()) == ["last.pth"]
+
+
+def test_trainer_steps_and_extra_hooks(demo_voc, tmp_path):
+    """The Trainer in-process: an extra hook sees the run after the default hooks (checkpoint and
+    run log written), and an overridden build step replaces only that step."""
+    from train_utils.engine.args import parse_training_args
+    from train_utils.engine.hooks import Hook
+    from train_utils.engine.trainer import Trainer
+
+    class Recorder(Hook):
+        def __init__(self) -> None:
+            self.calls = []
+
+        def before_train(self, trainer) -> None:
+            self.calls.append(("before_train", trainer.start_epoch))
+
+        def before_epoch(self, trainer, epoch) -> None:
+            self.calls.append(("before_epoch", epoch))
+
+        def after_epoch(self, trainer, record) -> None:
+            self.calls.append(("after_epoch", record["epoch"], (Path(trainer.args.output_dir) / "last.pth").is_file()))
+
+    class AdamWTrainer(Trainer):
+        def build_optimizer(self) -> None:
+            super().build_optimizer()
+            self.optimizer = torch.optim.AdamW([p for p in self.model.parameters() if p.requires_grad], lr=1e-4)
+
+    args = parse_training_args("test", {"backbone": "mobilenet_v2"}, argv=[
+        "--data-path", str(demo_voc), "--classes-json", str(demo_voc / "classes.json"), "--output-dir", str(tmp_path),
+        "--epochs", "1", *TINY_TRAIN_FLAGS])
+    recorder = Recorder()
+    trainer = AdamWTrainer(args, extra_hooks=[recorder])
+    record = trainer.train()
+    assert recorder.calls == [("before_train", 0), ("before_epoch", 0), ("after_epoch", 0, True)]
+    assert type(trainer.optimizer) is torch.optim.AdamW and record["epoch"] == 0 and len(record["coco"]) == 12
+    assert load(tmp_path / "last.pth")["optimizer"]["param_groups"][0]["initial_lr"] == 1e-4

@@ -31,6 +31,7 @@ import numpy as np  # noqa: E402
 from train_utils.data.catalog import format_names, get_format, layout_help, read_annotations  # noqa: E402
 from train_utils.data.dataset import RawImage, choose_classes, clip_boxes, settle_size  # noqa: E402
 from train_utils.data.images import DECODE_ERRORS, decode_image, read_image_header  # noqa: E402
+from train_utils.plugins import add_plugin_flag, import_plugins  # noqa: E402
 
 
 @dataclass
@@ -155,7 +156,9 @@ def check_dataset(fmt: str, data_path: str, splits: Sequence[str], classes_json:
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
+    import_plugins(argv)
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0], epilog=layout_help())
+    add_plugin_flag(parser)
     parser.add_argument("path", help="the dataset folder (what --data-path is for training)")
     parser.add_argument("--format", default="voc", choices=format_names())
     train_splits = ", ".join(f"{get_format(name).default_splits[0]!r} for {name}" for name in format_names())

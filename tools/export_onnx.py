@@ -22,8 +22,9 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from train_utils.cli import HelpFormatter, import_plugins  # noqa: E402
+from train_utils.cli import HelpFormatter  # noqa: E402
 from train_utils.inference.loading import add_model_arguments, load_detector  # noqa: E402
+from train_utils.plugins import import_plugins  # noqa: E402
 from train_utils.inference.onnx_export import (  # noqa: E402
     BOX_RTOL, OPSET, OnnxDetector, export_metadata, export_onnx, match_detections,
 )
@@ -36,6 +37,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0], formatter_class=HelpFormatter)
     parser.add_argument("--weights", required=True, help="checkpoint of a training script, or a bare state dict")
     parser.add_argument("--output", default=None, help="ONNX file to write (default: WEIGHTS with .onnx)")
+    # Earlier names of --box-score-thresh and --box-detections-per-img.
+    parser.add_argument("--score-thresh", dest="box_score_thresh", type=float, help=argparse.SUPPRESS)
+    parser.add_argument("--detections-per-img", dest="box_detections_per_img", type=int, help=argparse.SUPPRESS)
     parser.add_argument("--opset", type=int, default=OPSET, help="ONNX opset version")
     parser.add_argument("--no-check", action="store_true", help="skip the onnxruntime comparison")
     add_model_arguments(parser, with_device=False)

@@ -13,6 +13,7 @@ On disk (format 2) a checkpoint is a dict of tensors and plain values, loadable 
 | ``optimizer``, ``lr_scheduler``, ``scaler`` | training state (``scaler``: None without CUDA AMP) |
 | ``rng_state`` | torch's CPU random state |
 | ``args`` | the training flags |
+| ``data`` | the training data: ``format``, ``path``, ``year``, ``train_split``, ``val_split``, ``classes_json`` |
 | ``metrics`` | ``{"coco_stats": the 12 COCO numbers or None, "best_ap50": float}`` |
 | ``plugins`` | modules the run imported with ``--plugin`` (backbones, formats) |
 
@@ -52,6 +53,7 @@ class Checkpoint:
     scaler: Optional[Dict[str, Any]] = None
     rng_state: Optional[torch.Tensor] = None
     args: Dict[str, Any] = field(default_factory=dict)
+    data: Dict[str, Any] = field(default_factory=dict)
     coco_stats: Optional[List[float]] = None
     best_ap50: float = -1.0
     plugins: List[str] = field(default_factory=list)
@@ -70,6 +72,7 @@ class Checkpoint:
             "epoch": self.epoch,
             **{key: getattr(self, key) for key in _TRAINING_KEYS},
             "args": self.args,
+            "data": self.data,
             "metrics": {"coco_stats": self.coco_stats, "best_ap50": self.best_ap50},
             "plugins": self.plugins,
         }
@@ -109,10 +112,18 @@ def _from_training_file(raw: Dict[str, Any], path: str) -> Checkpoint:
         epoch=_int_or_none(raw, "epoch"),
         **{key: raw.get(key) for key in _TRAINING_KEYS},
         args=dict(raw.get("args") or {}),
+        data=dict(raw["data"]) if version >= 2 else _data_of_format_1(raw.get("args") or {}),
         coco_stats=(metrics or {}).get("coco_stats"),
         best_ap50=float((metrics or {}).get("best_ap50", -1.0)),
         plugins=list(raw.get("plugins") or []),
     )
+
+
+def _data_of_format_1(args: Dict[str, Any]) -> Dict[str, Any]:
+    """The data section of a format-1 file, from the training flags it stored."""
+    names = {"format": "dataset_format", "path": "data_path", "year": "year", "train_split": "train_split",
+             "val_split": "val_split", "classes_json": "classes_json"}
+    return {key: args.get(flag) for key, flag in names.items() if args.get(flag) is not None}
 
 
 def _get(raw: Any, key: str) -> Any:

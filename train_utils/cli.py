@@ -7,8 +7,6 @@ tool get the architecture and inference flags with no default ("the checkpoint's
 from __future__ import annotations
 
 import argparse
-import importlib
-import sys
 import typing
 from typing import Any, Dict, List, Optional, Sequence
 
@@ -133,31 +131,13 @@ def _check_agrees(stored: Dict[str, Any], given: Dict[str, Any], source: str) ->
         if name not in stored:
             raise ValueError(f"{flag_name(name)} does not apply to the model in {source}")
         if _plain(value) != _plain(stored[name]):
-            raise ValueError(f"{flag_name(name)}: {source} was trained with {name}={stored[name]}; architecture "
+            trained = "the backbone's default" if stored[name] is None else stored[name]
+            raise ValueError(f"{flag_name(name)}: {source} was trained with {name}={trained}; architecture "
                              "flags apply to bare state dicts only")
 
 
 def _plain(value: Any) -> Any:
     return list(value) if isinstance(value, (tuple, list)) else value
-
-
-def add_plugin_flag(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--plugin", action="append", default=[], metavar="MODULE",
-                        help="import MODULE first (repeatable): it may register backbones and dataset formats")
-
-
-def import_plugins(argv: Optional[Sequence[str]] = None) -> List[str]:
-    """Import the ``--plugin`` modules named in ``argv`` before the full parser is built, so their
-    backbones, options and formats show up in it. Returns the module names."""
-    pre = argparse.ArgumentParser(add_help=False)
-    add_plugin_flag(pre)
-    known, _ = pre.parse_known_args(list(sys.argv[1:] if argv is None else argv))
-    for module in known.plugin:
-        try:
-            importlib.import_module(module)
-        except ImportError as exc:
-            raise SystemExit(f"error: --plugin {module}: {exc}") from None
-    return list(known.plugin)
 
 
 def model_flags_given(args: argparse.Namespace) -> List[str]:

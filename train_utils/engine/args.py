@@ -7,11 +7,10 @@ from train_utils.cli import (
     HelpFormatter,
     ListAction,
     add_model_flags,
-    add_plugin_flag,
-    import_plugins,
     model_config_from_args,
 )
 from train_utils.data.catalog import format_names, layout_help
+from train_utils.plugins import add_plugin_flag, import_plugins
 
 
 def build_parser(description: str, defaults: Dict[str, Any], distributed: bool = False) -> argparse.ArgumentParser:

@@ -80,10 +80,11 @@ class Trainer:
     """Train a detector as ``args`` (the training flags) say. Rank 0 alone writes files."""
 
     def __init__(self, args: argparse.Namespace, distributed: bool = False,
-                 hooks: Optional[List[Hook]] = None) -> None:
+                 extra_hooks: Optional[List[Hook]] = None) -> None:
         self.args = args
         self.distributed = distributed
-        self.hooks = hooks
+        self.extra_hooks = list(extra_hooks or [])  # run after the default hooks of build_hooks
+        self.hooks: List[Hook] = []
         self.start_epoch = 0
         self.best_ap50 = -1.0  # best COCO AP@0.5 so far
         self.resume_from: Optional[Checkpoint] = None
@@ -221,8 +222,7 @@ class Trainer:
         self.build_optimizer()
         self.build_schedule()
         self.resume()
-        if self.hooks is None:
-            self.hooks = self.build_hooks()
+        self.hooks = self.build_hooks() + self.extra_hooks
 
     @staticmethod
     def load_resume_checkpoint(path: str) -> Checkpoint:
@@ -241,8 +241,15 @@ class Trainer:
             optimizer=self.optimizer.state_dict(),
             lr_scheduler={k: v for k, v in self.scheduler.state_dict().items() if k != "lr_lambdas"},
             scaler=self.scaler.state_dict() if self.scaler is not None else None,
-            rng_state=torch.get_rng_state(), args=plain_args(self.args), coco_stats=coco_stats,
+            rng_state=torch.get_rng_state(), args=plain_args(self.args), data=self.data_description(),
+            coco_stats=coco_stats,
             best_ap50=self.best_ap50, plugins=list(getattr(self.args, "plugin", []) or []))
+
+    def data_description(self) -> Dict[str, Any]:
+        """The checkpoint's ``data`` section: where and how the training data was read."""
+        args = self.args
+        return {"format": args.dataset_format, "path": args.data_path, "year": args.year,
+                "train_split": args.train_split, "val_split": args.val_split, "classes_json": args.classes_json}
 
     def run_epoch(self, epoch: int) -> Dict[str, Any]:
         """One epoch of training, then evaluation when it is due; returns the epoch's record."""

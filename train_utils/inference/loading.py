@@ -11,11 +11,12 @@ from typing import Any, Dict, List, Optional
 import torch
 
 from train_utils.checkpoint import Checkpoint, read_checkpoint
-from train_utils.cli import add_model_flags, add_plugin_flag, apply_model_flags, model_config_from_args
+from train_utils.cli import add_model_flags, apply_model_flags, model_config_from_args
 from train_utils.data.dataset import load_class_names
 from train_utils.device import resolve_device
 from train_utils.model.builder import build_model, official_frozen_bn_eps
 from train_utils.model.config import ModelConfig
+from train_utils.plugins import add_plugin_flag
 from network_files import FasterRCNN
 
 _PREDICTOR_KEY = "roi_heads.box_predictor.cls_score.weight"
@@ -35,12 +36,14 @@ def add_model_arguments(parser: argparse.ArgumentParser, with_device: bool = Tru
 @dataclass
 class LoadedDetector:
     """A detector in eval mode on its device, its class names (label i is ``class_names[i - 1]``),
-    the configuration it was built from and the training flags stored with it ({} if none)."""
+    the configuration it was built from, the checkpoint's ``data`` section ({} if none) and the
+    plugins it was trained with."""
 
     model: FasterRCNN
     class_names: List[str]
     config: ModelConfig
-    train_args: Dict[str, Any]
+    data: Dict[str, Any]
+    plugins: List[str]
 
 
 def _check_fit(model: torch.nn.Module, state: dict, path: str, config: ModelConfig) -> None:
@@ -96,7 +99,7 @@ def detector_from_checkpoint(ckpt: Checkpoint, path: str, args: argparse.Namespa
     _check_fit(model, ckpt.model, path, config)
     model.load_state_dict(ckpt.model)
     model.to(resolve_device(args.device)).eval()
-    return LoadedDetector(model, list(names), config, ckpt.args)
+    return LoadedDetector(model, list(names), config, ckpt.data, ckpt.plugins)
 
 
 def load_detector(args: argparse.Namespace, weights_path: str) -> LoadedDetector:

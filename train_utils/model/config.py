@@ -125,7 +125,7 @@ class ModelConfig:
         if flat:  # the first layout stored every backbone's options, whichever the backbone
             spec = get_backbone(str(values.get("backbone", cls.__dataclass_fields__["backbone"].default)))
             values["backbone_options"] = {k: v for k, v in flat.items() if v is not None and k in spec.option_names()}
-        return cls(**{k: v for k, v in values.items() if v is not None})
+        return cls(**{k: v for k, v in values.items() if v is not None and v != []})  # None, []: the default
 
 
 def _plain(value: Any) -> Any:
