@@ -5,7 +5,8 @@
 
 Each readable image is written to ``--output-dir`` with its boxes drawn, under its own name
 (``.jpg``/``.jpeg`` keep their extension, everything else becomes ``.png``); ``--save-json`` also
-writes every detection in COCO results format. Unreadable and non-image files are reported and
+writes every detection as a COCO results file (image ids from ``--coco-gt``, or listed in
+``<name>_images.json``; see train_utils/inference/coco_results.py). Unreadable and non-image files are reported and
 skipped; the exit code is non-zero only when no image could be processed.
 
 Images are read upright (EXIF orientation applied) and converted to RGB (alpha is dropped as in
@@ -16,23 +17,23 @@ from __future__ import annotations
 
 import argparse
 import glob
-import json
 import sys
 import time
 from pathlib import Path
-from typing import Any, Callable, Optional, Sequence
+from typing import Callable, Optional, Sequence
 
 import numpy as np
 import torch
 from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 
-from train_utils.cli import HelpFormatter, model_flags_given
+from train_utils.cli import model_flags_given
 from train_utils.data.dataset import load_class_names
 from train_utils.data.images import DECODE_ERRORS, decode_image
+from train_utils.inference.coco_results import CocoResults
 from train_utils.inference.loading import add_model_arguments, load_detector
 from train_utils.inference.onnx_export import OnnxDetector
-from train_utils.plugins import import_plugins
+from train_utils.flags import HelpFormatter, import_plugins
 from train_utils.vis.draw import draw_detections
 
 JPEG_SUFFIXES = (".jpg", ".jpeg")
@@ -117,27 +118,15 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--line-thickness", type=int, default=None, help="box outline pixels (default: by image size)")
     parser.add_argument("--font-size", type=int, default=None, help="label font pixels (default: by image size)")
     parser.add_argument("--save-json", nargs="?", const="", default=None, metavar="PATH",
-                        help="write detections in COCO results format to PATH, which must end in .json "
-                             "(default: OUTPUT_DIR/predictions.json)")
+                        help="write detections as a COCO results file to PATH, which must end in .json "
+                             "(default: OUTPUT_DIR/predictions.json), with the image ids in PATH_images.json")
+    parser.add_argument("--coco-gt", metavar="JSON", default=None,
+                        help="with --save-json: a COCO ground-truth json whose image ids (matched by file name) "
+                             "and category ids (by class name) the results use")
     parser.add_argument("--no-draw", action="store_true", help="do not write drawn images")
     parser.add_argument("--workers", type=int, default=2, help="image decoding worker processes (at least 1)")
     add_model_arguments(parser, one_token=True)  # list flags must not swallow the INPUTs
     return parser
-
-
-def coco_records(image: str, boxes: torch.Tensor, labels: torch.Tensor, scores: torch.Tensor,
-                 class_names: Sequence[str]) -> list[dict[str, Any]]:
-    """COCO results entries (bbox [x, y, w, h]) for one image's kept detections."""
-    records = []
-    for (x1, y1, x2, y2), label, score in zip(boxes.tolist(), labels.tolist(), scores.tolist()):
-        records.append({
-            "image": image,
-            "category_id": int(label),
-            "category_name": class_names[label - 1] if 1 <= label <= len(class_names) else f"class {label}",
-            "score": round(float(score), 5),
-            "bbox": [round(x1, 3), round(y1, 3), round(x2 - x1, 3), round(y2 - y1, 3)],
-        })
-    return records
 
 
 Detect = Callable[[torch.Tensor], dict[str, torch.Tensor]]
@@ -201,6 +190,7 @@ def run(args: argparse.Namespace) -> int:
     if not files:
         return 0
     detect, class_names, device = load_predictor(args)
+    results = CocoResults(class_names, Path(args.coco_gt) if args.coco_gt else None)
     output_dir = Path(args.output_dir)
     if not args.no_draw:
         output_dir.mkdir(parents=True, exist_ok=True)
@@ -208,7 +198,6 @@ def run(args: argparse.Namespace) -> int:
 
     loader = DataLoader(ImageFiles(files), batch_size=None, shuffle=False, num_workers=max(int(args.workers), 1),
                         collate_fn=_single)
-    results: list[dict[str, Any]] = []
     done = skipped = detections = 0
     start = time.perf_counter()
     for index, pixels, error in loader:
@@ -230,7 +219,7 @@ def run(args: argparse.Namespace) -> int:
         took = time.perf_counter() - tick
         keep = output["scores"] >= args.score_thresh
         boxes, labels, scores = (output[k][keep].cpu() for k in ("boxes", "labels", "scores"))
-        results.extend(coco_records(str(file), boxes, labels, scores, class_names))
+        results.add(file, pixels.shape[1], pixels.shape[2], boxes, labels, scores)
         done += 1
         detections += len(scores)
         written = "" if args.no_draw else draw_and_save(pixels, boxes, labels, scores, class_names, args, targets[file])
@@ -238,9 +227,7 @@ def run(args: argparse.Namespace) -> int:
     elapsed = time.perf_counter() - start
 
     if json_path is not None:
-        json_path.parent.mkdir(parents=True, exist_ok=True)
-        json_path.write_text(json.dumps(results, indent=1) + "\n")
-        print(f"wrote {len(results)} detections to {json_path}")
+        print("\n".join(results.write(json_path)))
     print(f"{done} images processed, {skipped} skipped, {detections} detections "
           f"(score >= {args.score_thresh}); {done / max(elapsed, 1e-9):.2f} images/s")
     return done

@@ -29,7 +29,6 @@ from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
 from torch.utils.data import DataLoader
 
-from train_utils.cli import HelpFormatter
 from train_utils.data.catalog import build_dataset, format_names, get_format, layout_help
 from train_utils.data.dataset import DetectionDataSet, load_class_dict
 from train_utils.data.transforms import get_transforms
@@ -37,7 +36,7 @@ from train_utils.evaluation.coco_api import get_coco_api_from_dataset
 from train_utils.evaluation.loop import evaluate
 from train_utils.evaluation.voc_eval import RULES, mean_ap, voc_ap_per_class
 from train_utils.inference.loading import add_model_arguments, load_detector
-from train_utils.plugins import import_plugins
+from train_utils.flags import HelpFormatter, import_plugins
 
 COCO_STAT_NAMES = (
     "AP@[.5:.95]", "AP@.5", "AP@.75", "AP small", "AP medium", "AP large",

@@ -145,7 +145,7 @@ def test_check_dataset_reads_a_plugin_format(csv_plugin, tmp_path, capsys):
 # ------------------------------------------------------------------------------ registration
 def test_registration_errors_and_replacement(csv_plugin):
     with pytest.raises(ValueError, match=r"dataset format 'voc' is already registered \(reader "
-                                         r"train_utils\.data\.voc\.read_voc_split\); pass replace=True"):
+                                         r"train_utils\.data\.voc\.read_voc_split\); register_format\(\.\.\., replace\) replaces it"):
         register_format("voc", csv_plugin.read_csv_boxes, default_splits=("a", "b"), layout="x")
     with pytest.raises(ValueError, match="dataset format 'csv_boxes' is already registered"):
         register_format("csv_boxes", default_splits=("a", "b"), layout="x")(csv_plugin.read_csv_boxes)

@@ -117,7 +117,7 @@ def test_unknown_classes_fail_once_naming_each_class_and_a_file(tmp_path):
         make_dataset(tmp_path)
     message = str(error.value)
     assert "'dragon'" in message and "x.xml" in message and "'unicorn'" in message and "y.xml" in message
-    assert str(VOC_JSON) in message and "skip_unknown_classes=True" in message
+    assert str(VOC_JSON) in message and "pass --skip-unknown-classes" in message
 
     with pytest.warns(UserWarning, match="skipped 3 objects of unknown classes"):
         dataset = make_dataset(tmp_path, skip_unknown_classes=True)
@@ -256,7 +256,7 @@ def test_root_forms_and_year_detection(tmp_path, form):
 def test_several_years_need_an_explicit_year(tmp_path):
     write_voc(tmp_path, [VocItem("a")], year="2007")
     write_voc(tmp_path, [VocItem("b"), VocItem("c")], year="2012")
-    with pytest.raises(ValueError, match=r"\['VOC2007', 'VOC2012'\].*year="):
+    with pytest.raises(ValueError, match=r"\['VOC2007', 'VOC2012'\].*--year"):
         make_dataset(tmp_path)
     assert make_dataset(tmp_path, year="2012").ids == ["b", "c"]
     assert make_dataset(tmp_path, year=2007).ids == ["a"]

@@ -106,7 +106,7 @@ def test_predict_on_a_mixed_folder(confident_checkpoint, tmp_path):
     assert "images/s" in done.stdout
 
     names = {"rgb.jpg", "rgb.png", "gray.png", "rgba.png", "palette.png", "cmyk.jpg", "rotated.jpg", "rgb_1.jpg"}
-    assert {p.name for p in out.iterdir()} == names | {"predictions.json"}
+    assert {p.name for p in out.iterdir()} == names | {"predictions.json", "predictions_images.json"}
     records = json.loads((out / "predictions.json").read_text())
     source = {name: str(folder / name) for name in names - {"rgb_1.jpg"}} | {"rgb_1.jpg": str(other / "rgb.jpg")}
     assert {r["image"] for r in records} == set(source.values())

@@ -22,14 +22,12 @@ from backbone.weight_files import WEIGHT_URLS
 from network_files import FasterRCNN
 from train_utils.checkpoint import Checkpoint, find_last_checkpoint, read_checkpoint, save_checkpoint
 from train_utils.cli import (
-    HelpFormatter,
-    ListAction,
     add_model_flags,
     apply_model_flags,
     model_config_from_args,
     model_flags_given,
 )
-from train_utils.plugins import import_plugins
+from train_utils.flags import HelpFormatter, ListAction, import_plugins
 from train_utils.model.builder import anchor_generator, build_model
 from train_utils.model.config import ARCHITECTURE, INFERENCE, TRAINING, ModelConfig, settings
 

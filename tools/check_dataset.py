@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import hashlib
+import json
 import sys
 from collections import Counter, defaultdict
 from dataclasses import dataclass, field
@@ -29,9 +30,16 @@ if str(ROOT) not in sys.path:
 import numpy as np  # noqa: E402
 
 from train_utils.data.catalog import format_names, get_format, layout_help, read_annotations  # noqa: E402
-from train_utils.data.dataset import RawImage, choose_classes, clip_boxes, settle_size  # noqa: E402
+from train_utils.data.dataset import (  # noqa: E402
+    AUTO_CLASSES,
+    RawImage,
+    choose_classes,
+    clip_boxes,
+    names_in_data,
+    settle_size,
+)
 from train_utils.data.images import DECODE_ERRORS, decode_image, read_image_header  # noqa: E402
-from train_utils.plugins import add_plugin_flag, import_plugins  # noqa: E402
+from train_utils.flags import ListAction, add_plugin_flag, import_plugins  # noqa: E402
 
 
 @dataclass
@@ -42,6 +50,7 @@ class Report:
     warnings: dict[str, list[str]] = field(default_factory=lambda: defaultdict(list))
     histogram: Counter = field(default_factory=Counter)
     class_names: list[str] = field(default_factory=list)
+    found_names: set[str] = field(default_factory=set)  # every class name the objects use
     splits: list[str] = field(default_factory=list)
     num_images: int = 0
     num_objects: int = 0
@@ -135,8 +144,9 @@ def check_dataset(fmt: str, data_path: str, splits: Sequence[str], classes_json:
     default_classes_json = get_format(fmt).default_classes_json
     for split in splits:
         annotations = read_annotations(fmt, data_path, split, year)
-        class_dict, source = choose_classes(annotations.class_names, classes_json or default_classes_json,
-                                            annotations.class_source)
+        report.found_names.update(obj.name for raw in annotations.images for obj in raw.objects)
+        wanted = names_in_data(annotations) if classes_json == AUTO_CLASSES else classes_json or default_classes_json
+        class_dict, source = choose_classes(annotations.class_names, wanted, annotations.class_source)
         report.splits.append(f"{annotations.split_file} (classes from {source})")
         report.class_names += [name for name in class_dict if name not in report.class_names]
         report.errors["missing files"] += annotations.missing
@@ -162,10 +172,15 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     parser.add_argument("path", help="the dataset folder (what --data-path is for training)")
     parser.add_argument("--format", default="voc", choices=format_names())
     train_splits = ", ".join(f"{get_format(name).default_splits[0]!r} for {name}" for name in format_names())
-    parser.add_argument("--split", nargs="+", default=None,
-                        help=f"splits to check (default: the format's training split: {train_splits})")
+    parser.add_argument("--split", action=ListAction, default=None,
+                        help=f"splits to check, e.g. 'train.txt,val.txt' (default: the format's training split: "
+                             f"{train_splits})")
     parser.add_argument("--classes-json", default=None,
-                        help="{class name: id} file (default: as for training, see below)")
+                        help=f"{{class name: id}} file, or '{AUTO_CLASSES}' for the names in the data (default: as for "
+                             "training, see below)")
+    parser.add_argument("--write-classes", metavar="FILE", default=None,
+                        help="write the class names the checked splits use, sorted, as a classes json for "
+                             f"--classes-json (what --classes-json {AUTO_CLASSES} takes)")
     parser.add_argument("--year", default=None, help="VOC year folder")
     parser.add_argument("--max-listed", type=int, default=20, help="entries shown per kind of problem")
     args = parser.parse_args(argv)
@@ -176,7 +191,16 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         print(f"error: {err}", file=sys.stderr)
         return 2
     print(report.render(max(args.max_listed, 1)))
+    if args.write_classes:
+        write_classes(Path(args.write_classes), sorted(report.found_names))
     return 1 if report.num_errors else 0
+
+
+def write_classes(path: Path, names: Sequence[str]) -> None:
+    """A classes json ``{name: id}`` with ids 1..K in the order of ``names``."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps({name: i for i, name in enumerate(names, start=1)}, indent=2) + "\n")
+    print(f"wrote {len(names)} class names to {path}")
 
 
 if __name__ == "__main__":

@@ -1,5 +1,5 @@
-"""Command-line pieces shared by every entry point: list flags, the help format, plugins, and the
-model flags derived from the model schema (:class:`ModelConfig`) and the backbone registry.
+"""The model flags of every entry point, derived from the model schema (:class:`ModelConfig`) and
+the backbone registry, and the mapping of parsed flags back onto a ModelConfig.
 
 Training scripts get every model flag with its default; validation.py, predict.py and the export
 tool get the architecture and inference flags with no default ("the checkpoint's").
@@ -12,37 +12,8 @@ from typing import Any, Dict, List, Optional, Sequence
 
 from backbone import get_backbone
 from backbone.registry import all_option_fields, backbone_help
+from train_utils.flags import ListAction
 from train_utils.model.config import ARCHITECTURE, INFERENCE, ModelConfig, settings
-
-
-class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
-    """Shows ``(default: X)`` only when there is a default and the help does not state it."""
-
-    def _get_help_string(self, action: argparse.Action) -> str:
-        text = action.help or ""
-        if action.default in (None, argparse.SUPPRESS) or "default" in text or not text:
-            return text
-        return super()._get_help_string(action)
-
-
-class ListAction(argparse.Action):
-    """A list flag: ``--sizes 32,64,128``, ``--sizes 32 64 128`` and mixed forms all give [32, 64, 128].
-
-    ``one_token=True`` (for parsers with positional arguments, which space-separated values would
-    swallow) takes the comma-separated form only."""
-
-    def __init__(self, option_strings: Sequence[str], dest: str, item_type: type = str, one_token: bool = False,
-                 **kwargs: Any) -> None:
-        self.item_type = item_type
-        super().__init__(option_strings, dest, nargs=None if one_token else "+", **kwargs)
-
-    def __call__(self, parser, namespace, values, option_string=None) -> None:
-        values = [values] if isinstance(values, str) else values
-        items = [part for value in values for part in value.replace(",", " ").split()]
-        try:
-            setattr(namespace, self.dest, [self.item_type(item) for item in items])
-        except ValueError:
-            parser.error(f"{option_string}: expected {self.item_type.__name__} values, got {' '.join(values)}")
 
 
 def flag_name(setting: str) -> str:

@@ -88,7 +88,7 @@ def register_format(name: str, read: Optional[Reader] = None, *, default_splits:
         _check_entry(entry)
         if name in _FORMATS and not replace:
             raise ValueError(f"dataset format {name!r} is already registered (reader "
-                             f"{_reader_name(_FORMATS[name].read)}); pass replace=True to replace it")
+                             f"{_reader_name(_FORMATS[name].read)}); register_format(..., replace) replaces it")
         _FORMATS[name] = entry
         return reader
 

@@ -88,10 +88,26 @@ def load_class_names(json_path: Union[str, Path]) -> list[str]:
     return sorted(class_dict, key=class_dict.__getitem__)
 
 
-def choose_classes(own_names: Optional[Sequence[str]], classes_json: Optional[Union[str, Path]],
+# --classes-json value: the class names found in the data, sorted (labels 1..K in that order).
+AUTO_CLASSES = "auto"
+ClassesArg = Union[str, Path, Sequence[str]]
+
+
+def names_in_data(annotations: "Annotations") -> list[str]:
+    """The class names the objects of ``annotations`` use, sorted (the order of ``--classes-json auto``)."""
+    names = sorted({obj.name for raw in annotations.images for obj in raw.objects})
+    if not names:
+        raise ValueError(f"{annotations.split_file}: no object in the data, so --classes-json {AUTO_CLASSES} finds "
+                         "no class; pass a classes json")
+    return names
+
+
+def choose_classes(own_names: Optional[Sequence[str]], classes_json: Optional[ClassesArg],
                    own_source: Path) -> tuple[dict[str, int], Path]:
-    """(class dict, where it comes from): ``classes_json`` when given, else the format's own
-    class list ``own_names`` numbered 1..K in order."""
+    """(class dict, where it comes from): ``classes_json`` when given (a json file, or the class
+    names themselves in label order), else the format's own class list ``own_names`` numbered 1..K."""
+    if isinstance(classes_json, (list, tuple)):
+        return {name: i for i, name in enumerate(classes_json, start=1)}, own_source
     if classes_json is not None:
         path = resolve_classes_json(classes_json)
         return load_class_dict(path), path
@@ -275,6 +291,8 @@ class DetectionDataSet(Dataset):
         self.transforms = transforms
         self.split_file = annotations.split_file
         self.img_root = annotations.img_root
+        if classes_json == AUTO_CLASSES:
+            classes_json = names_in_data(annotations)
         self._set_classes(*choose_classes(annotations.class_names, classes_json, annotations.class_source))
         self._build(annotations, skip_unknown_classes)
 
@@ -305,8 +323,12 @@ class DetectionDataSet(Dataset):
                     unknown.setdefault(obj.name, str(raw.annotation_path))
         if unknown and not skip_unknown:
             listing = first_few([f"{n!r} (e.g. {path})" for n, path in sorted(unknown.items())])
+            if len(unknown) == len(names_in_data(annotations)):
+                raise ValueError(f"{name}: none of the classes of {self.split_file} is in {self.classes_json}: "
+                                 f"{listing}; pass --classes-json {AUTO_CLASSES} to take the class names "
+                                 "from the data")
             raise ValueError(f"{name}: classes not in {self.classes_json}: {listing}; "
-                             f"add them there or pass skip_unknown_classes=True")
+                             f"add them there or pass --skip-unknown-classes")
         self._unknown_examples = unknown  # unknown class name -> one annotation file using it
 
         self._records: list[ImageRecord] = []

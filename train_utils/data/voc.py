@@ -42,7 +42,7 @@ def resolve_voc_folder(voc_root: Union[str, Path], year: Optional[str]) -> tuple
         match = _YEAR_FOLDER.match(root.name)
         found = match.group(1) if match else None
         if year is not None and found is not None and found != year:
-            raise ValueError(f"VOCDataSet: year={year} but {root} is the VOC{found} folder")
+            raise ValueError(f"VOCDataSet: --year {year} but {root} is the VOC{found} folder")
         return root, found or year
     devkit = root / "VOCdevkit" if (root / "VOCdevkit").is_dir() else root
     available = sorted(p.name for p in devkit.iterdir() if p.is_dir() and _YEAR_FOLDER.match(p.name))
@@ -54,7 +54,7 @@ def resolve_voc_folder(voc_root: Union[str, Path], year: Optional[str]) -> tuple
                 f"VOCDataSet: no VOC20xx folder found in {devkit} "
                 f"(expected <root>/VOCdevkit/VOC2012, <root>/VOC2012 or the VOC2012 folder itself)"
             )
-        raise ValueError(f"VOCDataSet: several VOC folders in {devkit}: {available}; choose one with year=")
+        raise ValueError(f"VOCDataSet: several VOC folders in {devkit}: {available}; choose one with --year")
     if f"VOC{year}" not in available:
         raise FileNotFoundError(
             f"VOCDataSet: {devkit / f'VOC{year}'} not found; available in {devkit}: {available or 'none'}"

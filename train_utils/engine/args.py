@@ -3,14 +3,10 @@ import argparse
 import os
 from typing import Any, Dict, Optional, Sequence
 
-from train_utils.cli import (
-    HelpFormatter,
-    ListAction,
-    add_model_flags,
-    model_config_from_args,
-)
+from train_utils.cli import add_model_flags, model_config_from_args
 from train_utils.data.catalog import format_names, layout_help
-from train_utils.plugins import add_plugin_flag, import_plugins
+from train_utils.data.dataset import AUTO_CLASSES
+from train_utils.flags import HelpFormatter, ListAction, add_plugin_flag, import_plugins
 
 
 def build_parser(description: str, defaults: Dict[str, Any], distributed: bool = False) -> argparse.ArgumentParser:
@@ -35,8 +31,9 @@ def _add_data_flags(p: argparse.ArgumentParser) -> None:
     data.add_argument("--train-split", default="train.txt", help="id list in ImageSets/Main used for training")
     data.add_argument("--val-split", default="val.txt", help="id list in ImageSets/Main used for evaluation")
     data.add_argument("--classes-json", default=None,
-                      help="{class name: id 1..K} file; default: pascal_voc_classes.json for voc, "
-                           "the class names of the data for the other formats")
+                      help=f"{{class name: id 1..K}} file, or '{AUTO_CLASSES}' for the class names of the training "
+                           "split in sorted order (written to OUTPUT_DIR/classes.json); default: "
+                           "pascal_voc_classes.json for voc, the class names of the data for the other formats")
     data.add_argument("--num-classes", type=int, default=None,
                       help="optional check: number of object classes (background excluded) the json must hold")
     data.add_argument("--skip-unknown-classes", action="store_true",

@@ -3,10 +3,11 @@
 A hook overrides any of ``before_train``, ``before_epoch`` and ``after_epoch``; the Trainer calls
 them in list order (see ``Trainer.build_hooks``).
 """
+import json
 import os
 from typing import Any, Dict
 
-from train_utils.checkpoint import save_checkpoint
+from train_utils.checkpoint import save_checkpoint, temporary_path
 from train_utils.engine.run_log import RunLog
 
 
@@ -44,8 +45,13 @@ class RunLogHook(Hook):
 
 
 class CheckpointHook(Hook):
-    """``model-<epoch>.pth`` and ``last.pth`` after every epoch, ``best.pth`` when COCO AP@0.5
-    improves (rank 0)."""
+    """``classes.json`` first; ``model-<epoch>.pth`` and ``last.pth`` after every epoch, ``best.pth``
+    when COCO AP@0.5 improves (rank 0)."""
+
+    def before_train(self, trainer: Any) -> None:
+        names = trainer.train_set.class_names
+        with temporary_path(trainer.classes_path()) as tmp:
+            tmp.write_text(json.dumps({name: i for i, name in enumerate(names, start=1)}, indent=2) + "\n")
 
     def after_epoch(self, trainer: Any, record: Dict[str, Any]) -> None:
         epoch, coco = record["epoch"], record["coco"]

@@ -21,7 +21,7 @@ from backbone import MissingWeightFileError, WeightFileError, get_backbone, weig
 from train_utils.checkpoint import Checkpoint, find_last_checkpoint, read_checkpoint
 from train_utils.cli import model_config_from_args
 from train_utils.data.catalog import build_dataset
-from train_utils.data.dataset import DetectionDataSet
+from train_utils.data.dataset import AUTO_CLASSES, DetectionDataSet
 from train_utils.data.samplers import GroupedBatchSampler, create_aspect_ratio_groups
 from train_utils.data.transforms import get_transforms
 from train_utils.device import resolve_device
@@ -113,12 +113,15 @@ class Trainer:
         return path
 
     def build_datasets(self) -> None:
+        """The training and validation splits; with ``--classes-json auto`` the validation split
+        takes the training split's classes."""
         args = self.args
-        common = dict(classes_json=args.classes_json, year=args.year, skip_unknown_classes=args.skip_unknown_classes)
+        common = dict(year=args.year, skip_unknown_classes=args.skip_unknown_classes)
         self.train_set = build_dataset(args.dataset_format, args.data_path, args.train_split,
-                                       get_transforms(True, args.augment), **common)
+                                       get_transforms(True, args.augment), args.classes_json, **common)
+        val_classes = self.train_set.class_names if args.classes_json == AUTO_CLASSES else args.classes_json
         self.val_set = build_dataset(args.dataset_format, args.data_path, args.val_split, get_transforms(False),
-                                     expected_class_names=self.train_set.class_names, **common)
+                                     val_classes, expected_class_names=self.train_set.class_names, **common)
         if args.num_classes is not None and args.num_classes != self.train_set.num_classes:
             raise ValueError(f"--num-classes {args.num_classes} but {self.train_set.classes_json} lists "
                              f"{self.train_set.num_classes} classes")
@@ -248,8 +251,13 @@ class Trainer:
     def data_description(self) -> Dict[str, Any]:
         """The checkpoint's ``data`` section: where and how the training data was read."""
         args = self.args
+        classes = self.classes_path() if args.classes_json == AUTO_CLASSES else args.classes_json
         return {"format": args.dataset_format, "path": args.data_path, "year": args.year,
-                "train_split": args.train_split, "val_split": args.val_split, "classes_json": args.classes_json}
+                "train_split": args.train_split, "val_split": args.val_split, "classes_json": classes}
+
+    def classes_path(self) -> str:
+        """``<output-dir>/classes.json``: the run's class names as a classes json."""
+        return os.path.join(self.args.output_dir, "classes.json")
 
     def run_epoch(self, epoch: int) -> Dict[str, Any]:
         """One epoch of training, then evaluation when it is due; returns the epoch's record."""

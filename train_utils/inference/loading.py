@@ -16,7 +16,7 @@ from train_utils.data.dataset import load_class_names
 from train_utils.device import resolve_device
 from train_utils.model.builder import build_model, official_frozen_bn_eps
 from train_utils.model.config import ModelConfig
-from train_utils.plugins import add_plugin_flag
+from train_utils.flags import add_plugin_flag
 from network_files import FasterRCNN
 
 _PREDICTOR_KEY = "roi_heads.box_predictor.cls_score.weight"
