@@ -5,7 +5,8 @@ The readers live in ``train_utils/data/`` (one module per annotation format, reg
 project.
 """
 from train_utils.data.coco import CocoDataSet
-from train_utils.data.dataset import DetectionDataSet, load_class_dict, load_class_names
+from train_utils.data.dataset import DetectionDataSet
+from train_utils.data.classes import load_class_dict, load_class_names
 from train_utils.data.labelme import LabelmeDataSet
 from train_utils.data.voc import VOCDataSet
 from train_utils.data.yolo import YoloDataSet

@@ -28,7 +28,7 @@ from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 
 from train_utils.cli import model_flags_given
-from train_utils.data.dataset import load_class_names
+from train_utils.data.classes import load_class_names
 from train_utils.data.images import DECODE_ERRORS, decode_image
 from train_utils.inference.coco_results import CocoResults
 from train_utils.inference.loading import add_model_arguments, load_detector

@@ -30,7 +30,8 @@ from pycocotools.cocoeval import COCOeval
 from torch.utils.data import DataLoader
 
 from train_utils.data.catalog import build_dataset, format_names, get_format, layout_help
-from train_utils.data.dataset import DetectionDataSet, load_class_dict
+from train_utils.data.dataset import DetectionDataSet
+from train_utils.data.classes import load_class_dict
 from train_utils.data.transforms import get_transforms
 from train_utils.evaluation.coco_api import get_coco_api_from_dataset
 from train_utils.evaluation.loop import evaluate

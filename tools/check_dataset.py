@@ -30,14 +30,8 @@ if str(ROOT) not in sys.path:
 import numpy as np  # noqa: E402
 
 from train_utils.data.catalog import format_names, get_format, layout_help, read_annotations  # noqa: E402
-from train_utils.data.dataset import (  # noqa: E402
-    AUTO_CLASSES,
-    RawImage,
-    choose_classes,
-    clip_boxes,
-    names_in_data,
-    settle_size,
-)
+from train_utils.data.classes import AUTO_CLASSES, choose_classes, names_in_data  # noqa: E402
+from train_utils.data.dataset import RawImage, clip_boxes, settle_size  # noqa: E402
 from train_utils.data.images import DECODE_ERRORS, decode_image, read_image_header  # noqa: E402
 from train_utils.flags import ListAction, add_plugin_flag, import_plugins  # noqa: E402
 

@@ -5,7 +5,7 @@ from typing import Any, Dict, Optional, Sequence
 
 from train_utils.cli import add_model_flags, model_config_from_args
 from train_utils.data.catalog import format_names, layout_help
-from train_utils.data.dataset import AUTO_CLASSES
+from train_utils.data.classes import AUTO_CLASSES
 from train_utils.flags import HelpFormatter, ListAction, add_plugin_flag, import_plugins
 
 

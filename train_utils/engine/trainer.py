@@ -21,7 +21,8 @@ from backbone import MissingWeightFileError, WeightFileError, get_backbone, weig
 from train_utils.checkpoint import Checkpoint, find_last_checkpoint, read_checkpoint
 from train_utils.cli import model_config_from_args
 from train_utils.data.catalog import build_dataset
-from train_utils.data.dataset import AUTO_CLASSES, DetectionDataSet
+from train_utils.data.dataset import DetectionDataSet
+from train_utils.data.classes import AUTO_CLASSES
 from train_utils.data.samplers import GroupedBatchSampler, create_aspect_ratio_groups
 from train_utils.data.transforms import get_transforms
 from train_utils.device import resolve_device

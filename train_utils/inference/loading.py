@@ -12,7 +12,7 @@ import torch
 
 from train_utils.checkpoint import Checkpoint, read_checkpoint
 from train_utils.cli import add_model_flags, apply_model_flags, model_config_from_args
-from train_utils.data.dataset import load_class_names
+from train_utils.data.classes import load_class_names
 from train_utils.device import resolve_device
 from train_utils.model.builder import build_model, official_frozen_bn_eps
 from train_utils.model.config import ModelConfig
