@@ -184,6 +184,8 @@ def draw_and_save(pixels: torch.Tensor, boxes: torch.Tensor, labels: torch.Tenso
 def run(args: argparse.Namespace) -> int:
     """Predict as the flags say; returns the number of images processed."""
     json_path = json_output_path(args)
+    if args.coco_gt and json_path is None:
+        raise ValueError("--coco-gt needs --save-json (it sets the ids of the results file)")
     files, problems = find_inputs(args.inputs)
     for problem in problems:
         print(f"skipped {problem}", file=sys.stderr)

@@ -12,6 +12,7 @@ import xml.etree.ElementTree as ET
 from pathlib import Path
 
 import pytest
+import torch
 from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
 
@@ -81,6 +82,53 @@ def test_classes_json_auto_trains_and_the_checkpoint_carries_the_names(traffic_v
                     "--workers", "1", str(image), "--save-json", str(tmp_path / "p.json"))
     assert predicted.returncode == 0, predicted.stderr[-3000:]
     assert {r["category_name"] for r in json.loads((tmp_path / "p.json").read_text())} <= set(names)
+
+    # Resuming keeps the checkpoint's classes; data whose classes differ stops with one line.
+    other = tmp_path / "other"
+    write_voc(other, [VocItem(f"o{i}", 96, 80, [VocObject("zebra", (4, 6, 40, 40))]) for i in range(6)], year="2007",
+              splits={"train": ["o0", "o1", "o2", "o3"], "val": ["o4", "o5"]})
+    resumed = run("train_mobilenet.py", "--data-path", str(other), "--classes-json", "auto", "--resume", "auto",
+                  "--epochs", "2", "--output-dir", str(out), *TINY_TRAIN_FLAGS)
+    assert resumed.returncode == 1 and "was trained on the classes ['amber_light', 'green_light', 'red_light'] " \
+        "but the data now gives ['zebra']" in resumed.stderr
+    resumed = run("train_mobilenet.py", "--data-path", str(traffic_voc), "--classes-json", "auto", "--resume", "auto",
+                  "--epochs", "2", "--output-dir", str(out), *TINY_TRAIN_FLAGS)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert json.loads((out / "classes.json").read_text()) == {n: i for i, n in enumerate(names, start=1)}
+
+
+def test_auto_classes_messages_and_skip(traffic_voc, tmp_path):
+    """A split with a class the training split lacks names the auto source; skipping every object
+    of the data is an error, not an empty training set."""
+    with pytest.raises(ValueError, match=r"classes not in the class names of the training split "
+                                         r"\(--classes-json auto\): 'red_light'.*give every split the same classes"):
+        VOCDataSet(traffic_voc, None, None, "train.txt", classes_json=["amber_light", "green_light"])
+    with pytest.raises(ValueError, match="none of the classes of .* is in .*pascal_voc_classes.json.*--classes-json auto"):
+        VOCDataSet(traffic_voc, None, None, "train.txt", skip_unknown_classes=True)
+
+
+def test_coco_results_match_ground_truth_by_the_longest_path_ending(tmp_path):
+    from train_utils.inference.coco_results import CocoResults
+
+    gt = {"images": [{"id": 7, "file_name": "a/x.jpg"}, {"id": 8, "file_name": "b/x.jpg"},
+                     {"id": 9, "file_name": "y.jpg"}], "categories": [{"id": 3, "name": "cat"}]}
+    (tmp_path / "gt.json").write_text(json.dumps(gt))
+    box, label, score = torch.tensor([[1.0, 2.0, 11.0, 22.0]]), torch.tensor([1]), torch.tensor([0.9])
+    results = CocoResults(["cat"], tmp_path / "gt.json")
+    for name in ("b/x.jpg", "a/x.jpg", "c/y.jpg", "z.jpg"):
+        results.add(tmp_path / "in" / name, 30, 40, box, label, score)
+    assert [(r["image_id"], r["category_id"], r["bbox"]) for r in results.records] == \
+        [(8, 3, [1.0, 2.0, 10.0, 20.0]), (7, 3, [1.0, 2.0, 10.0, 20.0]), (9, 3, [1.0, 2.0, 10.0, 20.0])]
+    assert results.unmatched == [str(tmp_path / "in" / "z.jpg")]
+    with pytest.raises(ValueError, match="matches the image .* by file name"):
+        results.add(tmp_path / "again" / "y.jpg", 30, 40, box, label, score)
+    gt["images"].append({"id": 10, "file_name": "y.jpg"})
+    (tmp_path / "gt.json").write_text(json.dumps(gt))
+    with pytest.raises(ValueError, match=r"matches ground-truth ids \[9, 10\]"):
+        CocoResults(["cat"], tmp_path / "gt.json").add(tmp_path / "y.jpg", 30, 40, box, label, score)
+    empty = CocoResults(["cat"])
+    lines = empty.write(tmp_path / "empty.json")
+    assert "the results file is empty" in lines[1] and json.loads((tmp_path / "empty.json").read_text()) == []
 
 
 # ------------------------------------------------------------------------------ messages and help

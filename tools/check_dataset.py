@@ -135,11 +135,12 @@ def check_dataset(fmt: str, data_path: str, splits: Sequence[str], classes_json:
     report = Report()
     hashes: dict[str, list[str]] = defaultdict(list)
     unknown: dict[str, list[str]] = defaultdict(list)
-    default_classes_json = get_format(fmt).default_classes_json
+    wanted = classes_json or get_format(fmt).default_classes_json
     for split in splits:
         annotations = read_annotations(fmt, data_path, split, year)
         report.found_names.update(obj.name for raw in annotations.images for obj in raw.objects)
-        wanted = names_in_data(annotations) if classes_json == AUTO_CLASSES else classes_json or default_classes_json
+        if wanted == AUTO_CLASSES:  # as in training: the first (training) split's names for every split
+            wanted = names_in_data(annotations)
         class_dict, source = choose_classes(annotations.class_names, wanted, annotations.class_source)
         report.splits.append(f"{annotations.split_file} (classes from {source})")
         report.class_names += [name for name in class_dict if name not in report.class_names]
@@ -167,14 +168,15 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     parser.add_argument("--format", default="voc", choices=format_names())
     train_splits = ", ".join(f"{get_format(name).default_splits[0]!r} for {name}" for name in format_names())
     parser.add_argument("--split", action=ListAction, default=None,
-                        help=f"splits to check, e.g. 'train.txt,val.txt' (default: the format's training split: "
-                             f"{train_splits})")
+                        help=f"splits to check, after the path, e.g. 'train.txt,val.txt' (default: the format's "
+                             f"training split: {train_splits}); with --classes-json {AUTO_CLASSES} the first "
+                             "one is the training split")
     parser.add_argument("--classes-json", default=None,
                         help=f"{{class name: id}} file, or '{AUTO_CLASSES}' for the names in the data (default: as for "
                              "training, see below)")
     parser.add_argument("--write-classes", metavar="FILE", default=None,
-                        help="write the class names the checked splits use, sorted, as a classes json for "
-                             f"--classes-json (what --classes-json {AUTO_CLASSES} takes)")
+                        help="write the class names that the objects of all checked splits use, sorted, as a "
+                             "classes json for --classes-json")
     parser.add_argument("--year", default=None, help="VOC year folder")
     parser.add_argument("--max-listed", type=int, default=20, help="entries shown per kind of problem")
     args = parser.parse_args(argv)
@@ -192,6 +194,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
 def write_classes(path: Path, names: Sequence[str]) -> None:
     """A classes json ``{name: id}`` with ids 1..K in the order of ``names``."""
+    if not names:
+        print(f"--write-classes: no object in the checked splits, {path} not written", file=sys.stderr)
+        return
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps({name: i for i, name in enumerate(names, start=1)}, indent=2) + "\n")
     print(f"wrote {len(names)} class names to {path}")

@@ -202,6 +202,8 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--size", type=int, default=192, help="image side in pixels")
     args = parser.parse_args()
+    if args.num_images < 2 or args.size < 32:
+        parser.error(f"--num-images must be at least 2 and --size at least 32, got {args.num_images} and {args.size}")
     start = time.perf_counter()
     stats = make_demo_voc(args.out, args.num_images, args.seed, args.size)
     print(f"wrote {args.out / 'VOCdevkit' / 'VOC2012'} and {args.out / 'classes.json'} "

@@ -56,6 +56,8 @@ def load_class_names(json_path: Union[str, Path]) -> list[str]:
 
 # --classes-json value: the class names found in the data, sorted (labels 1..K in that order).
 AUTO_CLASSES = "auto"
+# Where a class list given as names (not a file) comes from, in messages.
+NAMES_SOURCE = f"the class names of the training split (--classes-json {AUTO_CLASSES})"
 ClassesArg = Union[str, Path, Sequence[str]]
 
 
@@ -69,11 +71,12 @@ def names_in_data(annotations: "Annotations") -> list[str]:
 
 
 def choose_classes(own_names: Optional[Sequence[str]], classes_json: Optional[ClassesArg],
-                   own_source: Path) -> tuple[dict[str, int], Path]:
+                   own_source: Path) -> tuple[dict[str, int], Union[Path, str]]:
     """(class dict, where it comes from): ``classes_json`` when given (a json file, or the class
-    names themselves in label order), else the format's own class list ``own_names`` numbered 1..K."""
+    names themselves in label order: ``--classes-json auto``), else the format's own class list
+    ``own_names`` numbered 1..K. The source is a path, or NAMES_SOURCE for a list of names."""
     if isinstance(classes_json, (list, tuple)):
-        return {name: i for i, name in enumerate(classes_json, start=1)}, own_source
+        return {name: i for i, name in enumerate(classes_json, start=1)}, NAMES_SOURCE
     if classes_json is not None:
         path = resolve_classes_json(classes_json)
         return load_class_dict(path), path

@@ -22,7 +22,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from train_utils.data.classes import AUTO_CLASSES, ClassesArg, choose_classes, names_in_data
+from train_utils.data.classes import AUTO_CLASSES, NAMES_SOURCE, ClassesArg, choose_classes, names_in_data
 from train_utils.data.images import DECODE_ERRORS, decode_image, read_image_header
 
 Target = dict[str, torch.Tensor]
@@ -202,7 +202,7 @@ class DetectionDataSet(Dataset):
     transforms: Optional[Callable]
     split_file: Path
     img_root: Path
-    classes_json: Path
+    classes_json: Union[Path, str]  # a classes json, or where the names come from
 
     @classmethod
     def from_annotations(cls, annotations: Annotations, transforms: Optional[Callable] = None,
@@ -250,14 +250,16 @@ class DetectionDataSet(Dataset):
             for obj in raw.objects:
                 if obj.name not in self.class_dict:
                     unknown.setdefault(obj.name, str(raw.annotation_path))
+        listing = first_few([f"{n!r} (e.g. {path})" for n, path in sorted(unknown.items())])
+        if unknown and len(unknown) == len(names_in_data(annotations)):  # even with skip_unknown: nothing left
+            hint = (f"pass --classes-json {AUTO_CLASSES} to take the class names from the data"
+                    if self.classes_json != NAMES_SOURCE else "give every split the same classes")
+            raise ValueError(f"{name}: none of the classes of {self.split_file} is in {self.classes_json}: "
+                             f"{listing}; {hint}")
         if unknown and not skip_unknown:
-            listing = first_few([f"{n!r} (e.g. {path})" for n, path in sorted(unknown.items())])
-            if len(unknown) == len(names_in_data(annotations)):
-                raise ValueError(f"{name}: none of the classes of {self.split_file} is in {self.classes_json}: "
-                                 f"{listing}; pass --classes-json {AUTO_CLASSES} to take the class names "
-                                 "from the data")
+            fix = "add them there" if self.classes_json != NAMES_SOURCE else "give every split the same classes"
             raise ValueError(f"{name}: classes not in {self.classes_json}: {listing}; "
-                             f"add them there or pass --skip-unknown-classes")
+                             f"{fix} or pass --skip-unknown-classes")
         self._unknown_examples = unknown  # unknown class name -> one annotation file using it
 
         self._records: list[ImageRecord] = []

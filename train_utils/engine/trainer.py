@@ -115,11 +115,14 @@ class Trainer:
 
     def build_datasets(self) -> None:
         """The training and validation splits; with ``--classes-json auto`` the validation split
-        takes the training split's classes."""
+        takes the training split's classes. A resumed run must find the checkpoint's classes."""
         args = self.args
         common = dict(year=args.year, skip_unknown_classes=args.skip_unknown_classes)
         self.train_set = build_dataset(args.dataset_format, args.data_path, args.train_split,
                                        get_transforms(True, args.augment), args.classes_json, **common)
+        if self.resume_from is not None and self.resume_from.class_names != self.train_set.class_names:
+            raise ValueError(f"{self.resume_path} was trained on the classes {self.resume_from.class_names} but the "
+                             f"data now gives {self.train_set.class_names}; resume with the same classes")
         val_classes = self.train_set.class_names if args.classes_json == AUTO_CLASSES else args.classes_json
         self.val_set = build_dataset(args.dataset_format, args.data_path, args.val_split, get_transforms(False),
                                      val_classes, expected_class_names=self.train_set.class_names, **common)

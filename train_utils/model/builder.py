@@ -44,7 +44,7 @@ def anchor_generator(config: ModelConfig, parts: DetectorParts) -> AnchorsGenera
         # A flat list: all sizes on a single map, or one size per map.
         sizes = (tuple(sizes),) if maps == 1 else tuple((s,) for s in sizes)
     if len(sizes) != maps:
-        raise ValueError(f"anchor_sizes: the {config.backbone} backbone has {maps} feature maps, "
+        raise ValueError(f"--anchor-sizes: the {config.backbone} backbone has {maps} feature maps, "
                          f"got {len(sizes)} sizes (give one per map)")
     return AnchorsGenerator(tuple(sizes), (tuple(config.aspect_ratios),) * maps)
 

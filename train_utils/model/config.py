@@ -165,7 +165,20 @@ def _check_sizes(config: ModelConfig) -> None:
             raise ValueError(f"{flag} needs positive values, got {list(values)}")
 
 
-_RULES = (_check_num_classes, _check_backbone, _check_trainable_layers, _check_roi_op, _check_sizes)
+def _check_matching(config: ModelConfig) -> None:
+    """IoU thresholds in [0, 1] with background <= foreground; sampling fractions in (0, 1]."""
+    for stage in ("rpn", "box"):
+        fg, bg = getattr(config, f"{stage}_fg_iou_thresh"), getattr(config, f"{stage}_bg_iou_thresh")
+        if not 0 <= bg <= fg <= 1:
+            raise ValueError(f"--{stage}-bg-iou-thresh {bg} and --{stage}-fg-iou-thresh {fg}: need "
+                             "0 <= background <= foreground <= 1")
+        fraction = getattr(config, f"{stage}_positive_fraction")
+        if not 0 < fraction <= 1:
+            raise ValueError(f"--{stage}-positive-fraction must lie in (0, 1], got {fraction}")
+
+
+_RULES = (_check_num_classes, _check_backbone, _check_trainable_layers, _check_roi_op, _check_sizes,
+          _check_matching)
 
 
 def settings(role: Optional[str] = None) -> list:
