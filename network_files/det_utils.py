@@ -96,8 +96,10 @@ class BoxCoder:
         return decoded.reshape(total, -1, 4) if total > 0 else decoded
 
     def decode_single(self, rel_codes: Tensor, boxes: Tensor) -> Tensor:
-        """Apply offsets ``rel_codes [N, K*4]`` to ``boxes [N, 4]``; returns ``[N, K*4]``."""
-        boxes = boxes.to(rel_codes.dtype)
+        """Apply offsets ``rel_codes [N, K*4]`` to ``boxes [N, 4]``; returns ``[N, K*4]`` in at least
+        float32 (half-precision offsets from autocast are widened, not the boxes narrowed)."""
+        dtype = torch.promote_types(torch.promote_types(rel_codes.dtype, boxes.dtype), torch.float32)
+        rel_codes, boxes = rel_codes.to(dtype), boxes.to(dtype)
         widths = boxes[:, 2] - boxes[:, 0]
         heights = boxes[:, 3] - boxes[:, 1]
         ctr_x = boxes[:, 0] + 0.5 * widths

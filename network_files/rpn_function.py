@@ -81,7 +81,9 @@ class AnchorsGenerator(nn.Module):
         padded_h, padded_w = image_list.tensors.shape[-2:]
         grid_sizes = [(f.shape[-2], f.shape[-1]) for f in feature_maps]
         strides = [(padded_h // gh, padded_w // gw) for gh, gw in grid_sizes]
-        dtype, device = feature_maps[0].dtype, feature_maps[0].device
+        # At least float32: bf16 anchors of an 800 px image are off by pixels (autocast features).
+        dtype = torch.promote_types(feature_maps[0].dtype, torch.float32)
+        device = feature_maps[0].device
         if is_tracing():  # sizes are symbolic: nothing to cache
             return [torch.cat(self.grid_anchors(grid_sizes, strides, dtype, device))] * len(image_list.image_sizes)
         key = (tuple(grid_sizes), tuple(strides), dtype, device)

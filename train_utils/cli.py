@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import argparse
 import typing
-from typing import Any, Dict, List, Optional, Sequence
+from typing import Any, Dict, List, Optional
 
 from backbone import get_backbone
 from backbone.registry import all_option_fields, backbone_help

@@ -27,6 +27,13 @@ def is_main_process() -> bool:
     return get_rank() == 0
 
 
+def cuda_index(local_rank: int) -> int:
+    """The GPU of a process, the one rule for every launcher: its local rank modulo the GPUs it
+    sees. torchrun shows every GPU to every process (index = local rank); SLURM with
+    ``--gpus-per-task=1`` shows one GPU per task (index 0 whatever SLURM_LOCALID is)."""
+    return local_rank % max(torch.cuda.device_count(), 1)
+
+
 def init_distributed_mode(device: str, timeout_minutes: float = 30.0) -> Dict[str, int]:
     """Join the process group described by the environment, if any.
 
@@ -53,7 +60,7 @@ def init_distributed_mode(device: str, timeout_minutes: float = 30.0) -> Dict[st
     if world_size > 1 and not is_dist_avail_and_initialized():
         backend = "nccl" if device.startswith("cuda") else "gloo"
         if backend == "nccl":
-            torch.cuda.set_device(local_rank)
+            torch.cuda.set_device(cuda_index(local_rank))
             # Fail loudly on a stuck collective instead of hanging.
             env.setdefault("TORCH_NCCL_ASYNC_ERROR_HANDLING", "1")
         dist.init_process_group(

@@ -1,8 +1,7 @@
 """One training epoch; shared by every training script."""
 import math
-import time
 from collections import defaultdict
-from typing import Callable, Dict, List, Optional, Sequence
+from typing import Callable, Dict, List, Optional
 
 import torch
 from torch import nn

@@ -99,7 +99,7 @@ class Trainer:
                 if self.distributed else {"rank": 0, "world_size": 1, "local_rank": 0})
         self.rank, self.world_size = info["rank"], info["world_size"]
         if self.device.type == "cuda" and self.world_size > 1:
-            self.device = torch.device("cuda", info["local_rank"])
+            self.device = torch.device("cuda", dist_utils.cuda_index(info["local_rank"]))
         self.is_main = self.rank == 0
         seed_everything(self.args.seed + self.rank)
 
@@ -276,8 +276,7 @@ class Trainer:
         coco_stats = None
         if (epoch + 1) % max(args.eval_interval, 1) == 0 or epoch + 1 == args.epochs:
             dist_utils.broadcast_buffers(self.model_without_ddp)
-            evaluator = evaluate(self.model_without_ddp, self.val_loader, self.device, self.coco_gt,
-                                 args.amp, args.print_freq)
+            evaluator = evaluate(self.model_without_ddp, self.val_loader, self.device, self.coco_gt, args.print_freq)
             coco_stats = list(evaluator.stats) if self.is_main else None  # scored on rank 0
         return {"epoch": epoch, **stats, "coco": coco_stats}
 

@@ -4,7 +4,7 @@ import time
 import torch
 from torch import nn
 
-from train_utils.device import autocast_context, move_to_device
+from train_utils.device import move_to_device
 from train_utils.engine import distributed as dist_utils
 from train_utils.evaluation.coco_eval import CocoEvaluator
 from train_utils.progress import Progress
@@ -16,20 +16,18 @@ def evaluate(
     data_loader,
     device: torch.device,
     coco_gt,
-    amp: bool = False,
     print_freq: int = 50,
 ) -> CocoEvaluator:
-    """Run the model over ``data_loader`` and score it with pycocotools (every rank's shard is
-    gathered; each image counts once). Returns the accumulated, summarised evaluator."""
+    """Run the model over ``data_loader`` in float32 (also during ``--amp`` training, so the logged
+    AP is the one validation.py gives the saved weights) and score it with pycocotools (every
+    rank's shard is gathered; each image counts once). Returns the accumulated, summarised evaluator."""
     model.eval()
     evaluator = CocoEvaluator(coco_gt, ("bbox",))
     start, images_seen = time.time(), 0
     progress = Progress(data_loader, len(data_loader), "Test", print_freq, dist_utils.is_main_process())
     for images, targets in progress:
         images, _ = move_to_device(images, [], device)
-        with autocast_context(device, amp):
-            outputs = model(images)
-        outputs = [{k: v.float().cpu() if v.is_floating_point() else v.cpu() for k, v in o.items()} for o in outputs]
+        outputs = [{k: v.cpu() for k, v in o.items()} for o in model(images)]
         evaluator.update({int(t["image_id"]): o for t, o in zip(targets, outputs)})
         images_seen += len(images)
     evaluator.synchronize_between_processes()
