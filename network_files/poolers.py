@@ -49,8 +49,8 @@ def map_levels(
     """
     concat = torch.cat(boxes, dim=0)
     size = torch.sqrt((concat[:, 2] - concat[:, 0]) * (concat[:, 3] - concat[:, 1]))
-    eps = torch.tensor(_LEVEL_EPS, dtype=size.dtype, device=size.device)
-    level = torch.floor(canonical_level + torch.log2(size / canonical_scale) + eps)
+    # A Python float, not a tensor: no host-to-device copy per forward on a GPU (same value).
+    level = torch.floor(canonical_level + torch.log2(size / canonical_scale) + _LEVEL_EPS)
     level = level.clamp(min=level_min, max=level_max)
     return level.to(torch.int64) - level_min
 

@@ -2,6 +2,7 @@
 anchors and decoded boxes stay float32 under bf16/fp16, evaluation during --amp training is
 float32, and one rule maps a local rank to its GPU."""
 import json
+import math
 import subprocess
 import sys
 
@@ -12,6 +13,8 @@ from conftest import ROOT, TINY_TRAIN_FLAGS
 from network_files import AnchorsGenerator
 from network_files.det_utils import BoxCoder
 from network_files.image_list import ImageList
+from train_utils.device import amp_dtype
+from train_utils.engine.args import build_parser, parse
 from train_utils.engine.distributed import cuda_index
 
 FPN_SIZES = ((32,), (64,), (128,), (256,), (512,))
@@ -75,3 +78,27 @@ def test_evaluation_during_amp_training_is_float32(demo_voc, tmp_path):
                            timeout=600)
     assert valid.returncode == 0, valid.stderr[-3000:]
     assert json.loads(report.with_suffix(".json").read_text())["coco_stats"] == pytest.approx(logged, abs=1e-12)
+
+
+def test_amp_dtype_defaults_and_choice():
+    """--amp: float16 (+ GradScaler) on CUDA, bfloat16 on the CPU; --amp-dtype names another."""
+    cuda, cpu = torch.device("cuda", 0), torch.device("cpu")
+    assert (amp_dtype(cuda), amp_dtype(cpu)) == (torch.float16, torch.bfloat16)
+    assert (amp_dtype(cuda, "bfloat16"), amp_dtype(cpu, "float16")) == (torch.bfloat16, torch.float16)
+    parser = build_parser("t", {})
+    assert parse(parser, ["--amp", "--amp-dtype", "bfloat16"]).amp_dtype == "bfloat16"
+    with pytest.raises(SystemExit):
+        parse(parser, ["--amp-dtype", "bfloat16"])  # needs --amp
+
+
+def test_float16_amp_trains_on_the_cpu(demo_voc, tmp_path):
+    """--amp --amp-dtype float16 on the CPU: autocast in float16, no GradScaler (CUDA only), finite losses."""
+    out = tmp_path / "fp16"
+    done = subprocess.run([sys.executable, str(ROOT / "train_mobilenet.py"), "--data-path", str(demo_voc),
+                           "--classes-json", str(demo_voc / "classes.json"), "--output-dir", str(out),
+                           "--epochs", "1", "--amp", "--amp-dtype", "float16", *TINY_TRAIN_FLAGS],
+                          cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    record = json.loads((out / "metrics.jsonl").read_text().splitlines()[0])
+    assert math.isfinite(record["loss"]) and 0 < record["loss"] < 100
+    assert torch.load(out / "last.pth", weights_only=True)["scaler"] is None

@@ -1,6 +1,6 @@
 """Devices: choosing one from a flag, moving batches onto it, mixed precision on it."""
 from contextlib import nullcontext
-from typing import Dict, Sequence
+from typing import Dict, Optional, Sequence
 
 import torch
 
@@ -15,12 +15,20 @@ def resolve_device(name: str) -> torch.device:
     return device
 
 
-def autocast_context(device: torch.device, enabled: bool):
-    """fp16 autocast on CUDA, bf16 on CPU; a no-op when disabled."""
-    if not enabled:
-        return nullcontext()
-    dtype = torch.float16 if device.type == "cuda" else torch.bfloat16
-    return torch.autocast(device_type=device.type, dtype=dtype)
+AMP_DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+def amp_dtype(device: torch.device, name: Optional[str] = None) -> torch.dtype:
+    """The autocast dtype of ``--amp`` (``--amp-dtype`` ``name``): float16 on CUDA (with a
+    GradScaler), bfloat16 on the CPU, unless named."""
+    if name is not None:
+        return AMP_DTYPES[name]
+    return torch.float16 if device.type == "cuda" else torch.bfloat16
+
+
+def autocast_context(device: torch.device, dtype: Optional[torch.dtype]):
+    """Autocast to ``dtype`` on ``device``; a no-op for None (full precision)."""
+    return nullcontext() if dtype is None else torch.autocast(device_type=device.type, dtype=dtype)
 
 
 def move_to_device(images: Sequence[torch.Tensor], targets: Sequence[Dict], device: torch.device):

@@ -6,6 +6,7 @@ from typing import Any, Dict, Optional, Sequence
 from train_utils.cli import add_model_flags, model_config_from_args
 from train_utils.data.catalog import format_names, layout_help
 from train_utils.data.classes import AUTO_CLASSES
+from train_utils.device import AMP_DTYPES
 from train_utils.flags import HelpFormatter, ListAction, add_plugin_flag, import_plugins
 
 
@@ -78,6 +79,8 @@ def _add_optimisation_flags(p: argparse.ArgumentParser, distributed: bool) -> No
                      help="linear warmup iterations; -1 = the first epoch (at most 1000 iterations), 0 = none")
     opt.add_argument("--clip-grad-norm", type=float, default=0.0, help="clip the gradient norm (0 = off)")
     opt.add_argument("--amp", action="store_true", help="mixed precision: fp16 + GradScaler on CUDA, bf16 on CPU")
+    opt.add_argument("--amp-dtype", choices=sorted(AMP_DTYPES), default=None,
+                     help="the --amp dtype instead of those defaults (bfloat16 on CUDA needs no GradScaler)")
     opt.add_argument("--seed", type=int, default=0)
 
 
@@ -97,6 +100,8 @@ def parse(parser: argparse.ArgumentParser, argv: Optional[Sequence[str]] = None)
     """Parse and check the model flags at once, before any data is read (the class count, known
     only from the data, is a placeholder here)."""
     args = parser.parse_args(argv)
+    if args.amp_dtype is not None and not args.amp:
+        parser.error("--amp-dtype needs --amp")
     try:
         model_config_from_args(args, num_classes=2)
     except ValueError as err:

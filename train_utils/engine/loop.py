@@ -23,7 +23,7 @@ def train_one_epoch(
     epoch: int,
     scheduler: torch.optim.lr_scheduler.LRScheduler,
     scaler: Optional[torch.amp.GradScaler] = None,
-    amp: bool = False,
+    amp_dtype: Optional[torch.dtype] = None,
     clip_grad_norm: float = 0.0,
     print_freq: int = 50,
     describe_images: Callable[[List[int]], str] = lambda ids: ", ".join(map(str, ids)),
@@ -41,7 +41,7 @@ def train_one_epoch(
     progress = Progress(data_loader, len(data_loader), f"Epoch {epoch}", print_freq, dist_utils.is_main_process())
     for images, targets in progress:
         images, targets = move_to_device(images, targets, device)
-        with autocast_context(device, amp):
+        with autocast_context(device, amp_dtype):
             loss_dict = model(images, targets)
         loss = sum(loss_dict.values())
 

@@ -25,7 +25,7 @@ from train_utils.data.dataset import DetectionDataSet
 from train_utils.data.classes import AUTO_CLASSES
 from train_utils.data.samplers import GroupedBatchSampler, create_aspect_ratio_groups
 from train_utils.data.transforms import get_transforms
-from train_utils.device import resolve_device
+from train_utils.device import amp_dtype, resolve_device
 from train_utils.engine import distributed as dist_utils
 from train_utils.engine.hooks import CheckpointHook, FreezeBackboneHook, Hook, RunLogHook
 from train_utils.engine.loop import NonFiniteLossError, train_one_epoch
@@ -180,7 +180,10 @@ class Trainer:
             self.optimizer = torch.optim.SGD(params, lr=args.lr, momentum=args.momentum, weight_decay=args.weight_decay)
         else:
             self.optimizer = torch.optim.AdamW(params, lr=args.lr, weight_decay=args.weight_decay)
-        self.scaler = torch.amp.GradScaler("cuda") if args.amp and self.device.type == "cuda" else None
+        # Mixed precision: a GradScaler only for float16 on CUDA (bfloat16 has float32's range).
+        self.amp_dtype = amp_dtype(self.device, args.amp_dtype) if args.amp else None
+        fp16_cuda = self.amp_dtype == torch.float16 and self.device.type == "cuda"
+        self.scaler = torch.amp.GradScaler("cuda") if fp16_cuda else None
 
     def build_schedule(self) -> None:
         """Warmup, then the chosen decay; the scheduler steps once per iteration."""
@@ -270,7 +273,7 @@ class Trainer:
         start = time.time()
         stats = train_one_epoch(
             self.model, self.optimizer, self.train_loader, self.device, epoch, self.scheduler, self.scaler,
-            args.amp, args.clip_grad_norm, args.print_freq,
+            self.amp_dtype, args.clip_grad_norm, args.print_freq,
             describe_images=lambda ids: ", ".join(self.train_set.ids[i] for i in ids))
         stats["epoch_time"] = time.time() - start
         coco_stats = None
