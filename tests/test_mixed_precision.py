@@ -102,3 +102,16 @@ def test_float16_amp_trains_on_the_cpu(demo_voc, tmp_path):
     record = json.loads((out / "metrics.jsonl").read_text().splitlines()[0])
     assert math.isfinite(record["loss"]) and 0 < record["loss"] < 100
     assert torch.load(out / "last.pth", weights_only=True)["scaler"] is None
+
+
+def test_device_cuda_n_becomes_the_current_gpu(monkeypatch):
+    """--device cuda:1 on one process makes GPU 1 the current device (checked without a GPU)."""
+    from train_utils.engine.trainer import Trainer
+
+    chosen = []
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "set_device", chosen.append)
+    trainer = Trainer(parse(build_parser("t", {}), ["--device", "cuda:1"]))
+    trainer.setup_device()
+    assert trainer.device == torch.device("cuda", 1) and chosen == [torch.device("cuda", 1)]
+    assert (trainer.rank, trainer.world_size, trainer.is_main) == (0, 1, True)

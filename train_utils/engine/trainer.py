@@ -100,6 +100,8 @@ class Trainer:
         self.rank, self.world_size = info["rank"], info["world_size"]
         if self.device.type == "cuda" and self.world_size > 1:
             self.device = torch.device("cuda", dist_utils.cuda_index(info["local_rank"]))
+        if self.device.type == "cuda" and self.device.index is not None:
+            torch.cuda.set_device(self.device)  # --device cuda:N: allocations and kernels default to GPU N
         self.is_main = self.rank == 0
         seed_everything(self.args.seed + self.rank)
 
