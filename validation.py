@@ -18,11 +18,10 @@ import contextlib
 import io
 import json
 import sys
-import tempfile
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Optional, Sequence
+from typing import Any, Optional, Sequence, Union
 
 import numpy as np
 from pycocotools.coco import COCO
@@ -145,22 +144,17 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-@contextlib.contextmanager
-def classes_json_for(names: Sequence[str], suggested: Optional[str]):
-    """A classes json path listing ``names`` (ids 1..K): ``suggested`` if it says exactly that,
-    else a temporary file."""
+def classes_for(names: Sequence[str], suggested: Optional[str]) -> Union[str, list[str]]:
+    """The classes to read the data with: ``suggested`` (a classes json) if it lists exactly
+    ``names`` (so messages name the file), else the names themselves (ids 1..K)."""
     if suggested:
         try:
             stored = load_class_dict(suggested)
         except (FileNotFoundError, ValueError):
             stored = None
         if stored is not None and sorted(stored, key=stored.__getitem__) == list(names):
-            yield suggested
-            return
-    with tempfile.TemporaryDirectory(prefix="validation_") as folder:
-        path = Path(folder) / "classes_from_checkpoint.json"
-        path.write_text(json.dumps({name: i for i, name in enumerate(names, start=1)}, indent=2))
-        yield str(path)
+            return suggested
+    return list(names)
 
 
 def coco_summary_lines(coco_eval: COCOeval) -> list[str]:
@@ -196,8 +190,8 @@ def evaluation_dataset(args: argparse.Namespace, detector) -> tuple[DetectionDat
                          f"{' '.join('--plugin ' + name for name in detector.plugins)}; pass the same")
     split = args.split or trained_on.get("val_split") or get_format(fmt).default_splits[1]
     suggested = args.classes_json or trained_on.get("classes_json")
-    with classes_json_for(detector.class_names, suggested) as classes_json:
-        dataset = build_dataset(fmt, data_path, split, get_transforms(train=False), classes_json, year)
+    dataset = build_dataset(fmt, data_path, split, get_transforms(train=False),
+                            classes_for(detector.class_names, suggested), year)
     return dataset, str(data_path), split
 
 

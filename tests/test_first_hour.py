@@ -100,8 +100,8 @@ def test_classes_json_auto_trains_and_the_checkpoint_carries_the_names(traffic_v
 def test_auto_classes_messages_and_skip(traffic_voc, tmp_path):
     """A split with a class the training split lacks names the auto source; skipping every object
     of the data is an error, not an empty training set."""
-    with pytest.raises(ValueError, match=r"classes not in the class names of the training split "
-                                         r"\(--classes-json auto\): 'red_light'.*give every split the same classes"):
+    with pytest.raises(ValueError, match=r"classes not in the class names of the training run: 'red_light'.*"
+                                         r"give every split the same classes"):
         VOCDataSet(traffic_voc, None, None, "train.txt", classes_json=["amber_light", "green_light"])
     with pytest.raises(ValueError, match="none of the classes of .* is in .*pascal_voc_classes.json.*--classes-json auto"):
         VOCDataSet(traffic_voc, None, None, "train.txt", skip_unknown_classes=True)

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import hashlib
-import json
 import sys
 from collections import Counter, defaultdict
 from dataclasses import dataclass, field
@@ -30,7 +29,7 @@ if str(ROOT) not in sys.path:
 import numpy as np  # noqa: E402
 
 from train_utils.data.catalog import format_names, get_format, layout_help, read_annotations  # noqa: E402
-from train_utils.data.classes import AUTO_CLASSES, choose_classes, names_in_data  # noqa: E402
+from train_utils.data.classes import AUTO_CLASSES, choose_classes, names_in_data, write_classes_json  # noqa: E402
 from train_utils.data.dataset import RawImage, clip_boxes, settle_size  # noqa: E402
 from train_utils.data.images import DECODE_ERRORS, decode_image, read_image_header  # noqa: E402
 from train_utils.flags import ListAction, add_plugin_flag, import_plugins  # noqa: E402
@@ -193,12 +192,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
 
 def write_classes(path: Path, names: Sequence[str]) -> None:
-    """A classes json ``{name: id}`` with ids 1..K in the order of ``names``."""
+    """``--write-classes``: a classes json of ``names``, unless there is none."""
     if not names:
         print(f"--write-classes: no object in the checked splits, {path} not written", file=sys.stderr)
         return
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps({name: i for i, name in enumerate(names, start=1)}, indent=2) + "\n")
+    write_classes_json(path, names)
     print(f"wrote {len(names)} class names to {path}")
 
 

@@ -13,7 +13,7 @@ from typing import Any, Dict, List, Optional
 from backbone import get_backbone
 from backbone.registry import all_option_fields, backbone_help
 from train_utils.flags import ListAction
-from train_utils.model.config import ARCHITECTURE, INFERENCE, ModelConfig, settings
+from train_utils.model.config import ARCHITECTURE, INFERENCE, ModelConfig, plain, settings
 
 
 def flag_name(setting: str) -> str:
@@ -93,7 +93,7 @@ def apply_model_flags(config: ModelConfig, args: argparse.Namespace, source: str
 def _stored_options(config: ModelConfig) -> Dict[str, Any]:
     """Every option of the config's backbone with its value (stored or default)."""
     spec = get_backbone(config.backbone)
-    return {name: _plain(getattr(spec.make_options(config.backbone_options), name)) for name in spec.option_names()}
+    return {name: plain(getattr(spec.make_options(config.backbone_options), name)) for name in spec.option_names()}
 
 
 def _check_agrees(stored: Dict[str, Any], given: Dict[str, Any], source: str) -> None:
@@ -101,17 +101,14 @@ def _check_agrees(stored: Dict[str, Any], given: Dict[str, Any], source: str) ->
     for name, value in given.items():
         if name not in stored:
             raise ValueError(f"{flag_name(name)} does not apply to the model in {source}")
-        if _plain(value) != _plain(stored[name]):
+        if plain(value) != plain(stored[name]):
             trained = "the backbone's default" if stored[name] is None else stored[name]
             raise ValueError(f"{flag_name(name)}: {source} was trained with {name}={trained}; architecture "
                              "flags apply to bare state dicts only")
 
 
-def _plain(value: Any) -> Any:
-    return list(value) if isinstance(value, (tuple, list)) else value
-
-
 def model_flags_given(args: argparse.Namespace) -> List[str]:
     """The model flags given on the command line (for tools that cannot use them)."""
-    return [flag_name(f.name) for f in settings() if getattr(args, f.name, None) is not None] + \
-        [flag_name(name) for name in all_option_fields() if getattr(args, name, None) is not None]
+    given = _given_settings(args)
+    options = list(given.pop("backbone_options", {}))
+    return [flag_name(name) for name in list(given) + options]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 from typing import TYPE_CHECKING, Optional, Sequence, Union
 
@@ -48,6 +49,16 @@ def load_class_dict(json_path: Union[str, Path]) -> dict[str, int]:
     return dict(data)
 
 
+def write_classes_json(path: Union[str, Path], names: Sequence[str]) -> None:
+    """Write ``names`` as a classes json ``{name: id}`` (ids 1..K in order), atomically: a reader
+    never sees half a file."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    partial = path.with_name(f".{path.name}.partial")
+    partial.write_text(json.dumps({name: i for i, name in enumerate(names, start=1)}, indent=2) + "\n")
+    os.replace(partial, path)
+
+
 def load_class_names(json_path: Union[str, Path]) -> list[str]:
     """The class names of a classes json in id order: label i is ``names[i - 1]``."""
     class_dict = load_class_dict(json_path)
@@ -56,8 +67,9 @@ def load_class_names(json_path: Union[str, Path]) -> list[str]:
 
 # --classes-json value: the class names found in the data, sorted (labels 1..K in that order).
 AUTO_CLASSES = "auto"
-# Where a class list given as names (not a file) comes from, in messages.
-NAMES_SOURCE = f"the class names of the training split (--classes-json {AUTO_CLASSES})"
+# Where a class list given as names (not a file) comes from, in messages: the training split's names
+# (--classes-json auto) or, in validation.py, the checkpoint's.
+NAMES_SOURCE = "the class names of the training run"
 ClassesArg = Union[str, Path, Sequence[str]]
 
 

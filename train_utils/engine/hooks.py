@@ -3,11 +3,11 @@
 A hook overrides any of ``before_train``, ``before_epoch`` and ``after_epoch``; the Trainer calls
 them in list order (see ``Trainer.build_hooks``).
 """
-import json
 import os
 from typing import Any, Dict
 
-from train_utils.checkpoint import save_checkpoint, temporary_path
+from train_utils.checkpoint import save_checkpoint
+from train_utils.data.classes import write_classes_json
 from train_utils.engine.run_log import RunLog
 
 
@@ -49,9 +49,7 @@ class CheckpointHook(Hook):
     when COCO AP@0.5 improves (rank 0)."""
 
     def before_train(self, trainer: Any) -> None:
-        names = trainer.train_set.class_names
-        with temporary_path(trainer.classes_path()) as tmp:
-            tmp.write_text(json.dumps({name: i for i, name in enumerate(names, start=1)}, indent=2) + "\n")
+        write_classes_json(trainer.classes_path(), trainer.train_set.class_names)
 
     def after_epoch(self, trainer: Any, record: Dict[str, Any]) -> None:
         epoch, coco = record["epoch"], record["coco"]

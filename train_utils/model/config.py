@@ -111,7 +111,7 @@ class ModelConfig:
 
     def to_dict(self) -> Dict[str, Any]:
         """Plain types only (lists, dicts, numbers, strings), loadable with ``weights_only=True``."""
-        return {f.name: _plain(getattr(self, f.name)) for f in dataclasses.fields(self)}
+        return {f.name: plain(getattr(self, f.name)) for f in dataclasses.fields(self)}
 
     @classmethod
     def from_dict(cls, values: Dict[str, Any]) -> "ModelConfig":
@@ -128,11 +128,12 @@ class ModelConfig:
         return cls(**{k: v for k, v in values.items() if v is not None and v != []})  # None, []: the default
 
 
-def _plain(value: Any) -> Any:
-    if isinstance(value, tuple):
-        return [_plain(v) for v in value]
+def plain(value: Any) -> Any:
+    """``value`` with tuples as lists (also inside lists and dicts), as stored in checkpoints."""
+    if isinstance(value, (tuple, list)):
+        return [plain(v) for v in value]
     if isinstance(value, dict):
-        return {k: _plain(v) for k, v in value.items()}
+        return {k: plain(v) for k, v in value.items()}
     return value
 
 
