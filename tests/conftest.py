@@ -1,9 +1,12 @@
 """Shared test fixtures: the repository root on ``sys.path`` and a tiny, fast detector."""
+import json
+import subprocess
 import sys
 from pathlib import Path
 from typing import Callable
 
 import pytest
+import torch
 from torch import Tensor, nn
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -119,4 +122,35 @@ def trained_run(demo_voc, tmp_path_factory) -> Path:
     done = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600)
     if done.returncode != 0:
         pytest.fail(f"training failed ({done.returncode}):\n{done.stdout[-2000:]}\n{done.stderr[-3000:]}")
+    return out
+
+
+# 19 training images, batch 4 -> 4 iterations per epoch. The warmup (7 iterations) and the LR
+# step (epoch 1) both straddle the epoch boundary where the resumed run restarts.
+SCHEDULE = ["--lr", "0.01", "--warmup-iters", "7", "--lr-scheduler", "multistep", "--lr-steps", "1",
+            "--lr-gamma", "0.5"]
+
+
+def train(script: str, demo_voc: Path, out: Path, *extra: str, timeout: int = 600) -> subprocess.CompletedProcess:
+    cmd = [sys.executable, str(ROOT / script), "--data-path", str(demo_voc),
+           "--classes-json", str(demo_voc / "classes.json"), "--output-dir", str(out),
+           *(TINY_COMMON_FLAGS if script == "train_resnet50_fpn.py" else TINY_TRAIN_FLAGS), *SCHEDULE, *extra]
+    done = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=timeout)
+    assert done.returncode == 0, f"{script} failed:\n{done.stdout[-2000:]}\n{done.stderr[-3000:]}"
+    return done
+
+
+def load(path: Path) -> dict:
+    return torch.load(path, map_location="cpu", weights_only=True)
+
+
+def metrics(out: Path) -> list:
+    return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+
+
+@pytest.fixture(scope="session")
+def uninterrupted(demo_voc, tmp_path_factory) -> Path:
+    """train_mobilenet.py for 2 epochs in one go: the reference for resumed runs."""
+    out = tmp_path_factory.mktemp("uninterrupted")
+    train("train_mobilenet.py", demo_voc, out, "--epochs", "2")
     return out

@@ -228,16 +228,25 @@ def _distributed_worker(rank, world_size, init_file, raw, out_dir):
                 boxes, scores, labels = [], [], []  # the duplicate must not replace rank 0's result
             evaluator.update({image_id: prediction(boxes, scores, labels)})
         evaluator.synchronize_between_processes()
-        evaluator.accumulate()
-        np.save(Path(out_dir) / f"stats{rank}.npy", np.array(evaluator.stats))
+        evaluator.accumulate()  # every rank matches its share of the images; rank 0 accumulates
+        coco_eval = evaluator.coco_eval["bbox"]
+        np.save(Path(out_dir) / f"share{rank}.npy", np.array(coco_eval.params.imgIds))
+        if rank == 0:
+            np.save(Path(out_dir) / "stats.npy", np.array(evaluator.stats))
+            np.save(Path(out_dir) / "precision.npy", coco_eval.eval["precision"])
+        else:
+            assert not coco_eval.eval, "only rank 0 accumulates"
     finally:
         dist.destroy_process_group()
 
 
 def test_synchronize_between_processes_matches_single_process(tmp_path):
     dataset, raw = random_case(seed=5)
-    single = evaluate(convert_to_coco_api(dataset), {i: prediction(*raw[i]) for i in raw}).stats
+    reference = evaluate(convert_to_coco_api(dataset), {i: prediction(*raw[i]) for i in raw})
+    single = reference.stats
     mp.start_processes(_distributed_worker, args=(2, str(tmp_path / "init"), raw, str(tmp_path)), nprocs=2,
                        start_method="fork")  # fork: no re-import of torch in the children
-    for rank in range(2):
-        np.testing.assert_allclose(np.load(tmp_path / f"stats{rank}.npy"), single, rtol=0, atol=1e-12)
+    np.testing.assert_array_equal(np.load(tmp_path / "stats.npy"), single)
+    np.testing.assert_array_equal(np.load(tmp_path / "precision.npy"), reference.coco_eval["bbox"].eval["precision"])
+    assert np.load(tmp_path / "share0.npy").tolist() == list(range(8))  # rank 0 ends with every image
+    assert np.load(tmp_path / "share1.npy").tolist() == [1, 3, 5, 7]  # rank 1 matched its half

@@ -94,3 +94,21 @@ def test_uneven_dataset_is_evaluated_without_duplicates(trained_run, demo_voc, t
     loader = DataLoader(dataset, batch_size=1, collate_fn=VOCDataSet.collate_fn)
     single = evaluate(model, loader, torch.device("cpu"), get_coco_api_from_dataset(dataset))
     assert distributed["stats"] == pytest.approx(single.stats, abs=1e-12)
+
+
+def test_torchrun_with_a_frozen_backbone_first(demo_voc, tmp_path):
+    """--freeze-backbone-epochs under DDP: DDP covers the parameters that train (wrapped again when
+    the backbone thaws), so no find_unused_parameters search is needed and both phases train."""
+    out = tmp_path / "run"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_addr=127.0.0.1",
+           f"--master_port={free_port()}", str(ROOT / "train_multi_GPU.py"), "--backbone", "mobilenet_v2",
+           "--data-path", str(demo_voc), "--classes-json", str(demo_voc / "classes.json"),
+           "--output-dir", str(out), "--epochs", "2", "--freeze-backbone-epochs", "1", *TINY_TRAIN_FLAGS, "-b", "2"]
+    done = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600,
+                          env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert done.returncode == 0, f"{done.stdout[-2000:]}\n{done.stderr[-3000:]}"
+    first, second = (read_checkpoint(str(out / f"model-{epoch}.pth")).model for epoch in (0, 1))
+    backbone = [key for key in first if key.startswith("backbone.") and key.endswith("weight")]
+    heads = [key for key in first if key.startswith("roi_heads.") and key.endswith("weight")]
+    assert any(not torch.equal(first[key], second[key]) for key in backbone), "the backbone trains in epoch 1"
+    assert any(not torch.equal(first[key], second[key]) for key in heads)

@@ -567,15 +567,19 @@ def _assert_state_equal(a: dict, b: dict) -> None:
         assert torch.equal(a[key], b[key]), key
 
 
-def test_format_2_round_trip(tmp_path):
-    """save_checkpoint then read_checkpoint gives back every field."""
+def test_format_3_round_trip(tmp_path):
+    """save_checkpoint then read_checkpoint gives back every field, the per-rank random states and
+    the position inside an epoch included."""
+    from train_utils.engine import rng
+
     config = ModelConfig(**TINY_MOBILENET)
+    progress = {"iteration": 7, "loss_sums": {"loss": 3.5}, "lr": 0.01, "world_size": 2, "batches_per_epoch": 9}
     written = Checkpoint(
         model=_state(), config=config, class_names=["cat", "dog"], epoch=4,
         optimizer={"state": {0: {"momentum_buffer": torch.ones(2)}}, "param_groups": [{"lr": 0.01, "params": [0]}]},
-        lr_scheduler={"milestones": {16: 1}, "last_epoch": 5}, scaler=None, rng_state=torch.get_rng_state(),
+        lr_scheduler={"milestones": {16: 1}, "last_epoch": 5}, scaler=None, rng_state=[rng.capture(), rng.capture()],
         args={"lr": 0.01, "min_size": [64]}, coco_stats=[0.1 * i for i in range(12)], best_ap50=0.42,
-        plugins=["my_plugin"])
+        plugins=["my_plugin"], progress=progress)
     path = tmp_path / "ckpt.pth"
     save_checkpoint(written, str(path))
     read = read_checkpoint(str(path))
@@ -587,14 +591,16 @@ def test_format_2_round_trip(tmp_path):
     assert read.optimizer["param_groups"] == written.optimizer["param_groups"]
     assert read.lr_scheduler == written.lr_scheduler
     assert read.scaler is None
-    assert torch.equal(read.rng_state, written.rng_state)
+    assert len(read.rng_state) == 2 and torch.equal(read.rng_state[1]["torch"], written.rng_state[1]["torch"])
+    assert read.rng_state[0]["python"] == written.rng_state[0]["python"]
+    assert read.progress == progress
     assert read.args == written.args
     assert read.coco_stats == written.coco_stats
     assert read.best_ap50 == 0.42
     assert read.plugins == ["my_plugin"]
     assert read.can_resume()
     raw = torch.load(path, weights_only=True)
-    assert raw["format_version"] == 2
+    assert raw["format_version"] == 3
     assert raw["model_config"] == config.to_dict()
     assert raw["metrics"] == {"coco_stats": written.coco_stats, "best_ap50": 0.42}
 

@@ -10,38 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import ROOT, TINY_COMMON_FLAGS, TINY_TRAIN_FLAGS
-
-# 19 training images, batch 4 -> 4 iterations per epoch. The warmup (7 iterations) and the LR
-# step (epoch 1) both straddle the epoch boundary where the resumed run restarts.
-SCHEDULE = ["--lr", "0.01", "--warmup-iters", "7", "--lr-scheduler", "multistep", "--lr-steps", "1",
-            "--lr-gamma", "0.5"]
-
-
-def train(script: str, demo_voc: Path, out: Path, *extra: str, timeout: int = 600) -> subprocess.CompletedProcess:
-    cmd = [sys.executable, str(ROOT / script), "--data-path", str(demo_voc),
-           "--classes-json", str(demo_voc / "classes.json"), "--output-dir", str(out),
-           *(TINY_COMMON_FLAGS if script == "train_resnet50_fpn.py" else TINY_TRAIN_FLAGS), *SCHEDULE, *extra]
-    done = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=timeout)
-    assert done.returncode == 0, f"{script} failed:\n{done.stdout[-2000:]}\n{done.stderr[-3000:]}"
-    return done
-
-
-def load(path: Path) -> dict:
-    return torch.load(path, map_location="cpu", weights_only=True)
-
-
-def metrics(out: Path) -> list:
-    return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
-
-
-@pytest.fixture(scope="module")
-def uninterrupted(demo_voc, tmp_path_factory) -> Path:
-    """train_mobilenet.py for 2 epochs in one go: the reference for resumed runs."""
-    out = tmp_path_factory.mktemp("uninterrupted")
-    train("train_mobilenet.py", demo_voc, out, "--epochs", "2")
-    return out
-
+from conftest import ROOT, SCHEDULE, TINY_TRAIN_FLAGS, load, metrics, train
 
 def test_outputs_of_a_run(uninterrupted, demo_voc):
     out = uninterrupted
@@ -56,7 +25,7 @@ def test_outputs_of_a_run(uninterrupted, demo_voc):
     assert ckpt["model_config"]["num_classes"] == 4
     assert ckpt["model_config"]["min_size"] == [128] and ckpt["model_config"]["max_size"] == 128
     assert ckpt["args"]["epochs"] == 2 and ckpt["args"]["lr"] == 0.01
-    assert ckpt["format_version"] == 2
+    assert ckpt["format_version"] == 3
     assert ckpt["data"] == {"format": "voc", "path": str(demo_voc), "year": None, "train_split": "train.txt",
                             "val_split": "val.txt", "classes_json": str(demo_voc / "classes.json")}
     assert len(ckpt["metrics"]["coco_stats"]) == 12
@@ -157,7 +126,7 @@ def test_checkpoint_of_the_first_layout_evaluates_predicts_and_resumes(demo_voc,
 
     train("train_mobilenet.py", demo_voc, out, "--epochs", "2", "--resume", "auto")
     resumed, reference = load(out / "model-1.pth"), load(uninterrupted / "model-1.pth")
-    assert resumed["format_version"] == 2 and resumed["epoch"] == 1
+    assert resumed["format_version"] == 3 and resumed["epoch"] == 1
     for key, value in reference["model"].items():
         assert torch.allclose(resumed["model"][key].float(), value.float(), atol=1e-6), key
 

@@ -1,30 +1,36 @@
 """The checkpoint format: one versioned schema, written and read here only.
 
-On disk (format 2) a checkpoint is a dict of tensors and plain values, loadable with
+On disk (format 3) a checkpoint is a dict of tensors and plain values, loadable with
 ``torch.load(..., weights_only=True)``:
 
 | key | what |
 | --- | --- |
-| ``format_version`` | 2 |
+| ``format_version`` | 3 |
 | ``model`` | the detector's state dict (torchvision's keys) |
 | ``model_config`` | :meth:`ModelConfig.to_dict` |
 | ``class_names`` | label ``i`` is ``class_names[i - 1]`` |
-| ``epoch`` | the last completed epoch (counted from 0) |
+| ``epoch`` | the last completed epoch (counted from 0; -1 before the first one ends) |
+| ``progress`` | None at an epoch end; inside an epoch (an iteration checkpoint): ``{"iteration": batches of
+  epoch ``epoch + 1`` already trained, "loss_sums": the running sums of the loss terms, "world_size",
+  "batches_per_epoch"}`` |
 | ``optimizer``, ``lr_scheduler``, ``scaler`` | training state (``scaler``: None without CUDA AMP) |
-| ``rng_state`` | torch's CPU random state |
+| ``rng_state`` | every rank's random states, a list indexed by rank (see ``train_utils.engine.rng``) |
 | ``args`` | the training flags |
 | ``data`` | the training data: ``format``, ``path``, ``year``, ``train_split``, ``val_split``, ``classes_json`` |
 | ``metrics`` | ``{"coco_stats": the 12 COCO numbers or None, "best_ap50": float}`` |
 | ``plugins`` | modules the run imported with ``--plugin`` (backbones, formats) |
 
-:func:`read_checkpoint` also reads format 1 (the same keys without ``format_version``, the metrics
-at the top level and the backbone options inside a flat ``model_config``), WZ-style files
+:func:`read_checkpoint` also reads format 2 (no ``progress``, ``rng_state`` torch's CPU state alone),
+format 1 (format 2's keys without ``format_version``, the metrics at the top level and the backbone
+options inside a flat ``model_config``), WZ-style files
 (``{"model", "optimizer", "lr_scheduler", "epoch"}``) and bare state dicts such as the official
 torchvision files. Every problem is a :class:`WeightFileError` whose one-line message names the file.
-Files are written atomically: to a temporary name, then renamed over the target.
+Files are written atomically: to a temporary name, then renamed over the target; a failed write
+(disk full, read-only folder) is a :class:`CheckpointWriteError` that leaves the target as it was.
 """
 import os
 import re
+import shutil
 import tempfile
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -36,8 +42,17 @@ import torch
 from backbone.weight_files import WeightFileError, read_weight_file, state_dict_of
 from train_utils.model.config import ModelConfig
 
-FORMAT_VERSION = 2
-_TRAINING_KEYS = ("optimizer", "lr_scheduler", "scaler", "rng_state")
+FORMAT_VERSION = 3
+_TRAINING_KEYS = ("optimizer", "lr_scheduler", "scaler", "rng_state", "progress")
+_NUMBERED = re.compile(r"model-(\d+)\.pth")
+
+
+class CheckpointWriteError(OSError):
+    """A checkpoint could not be written; the message names the file and says what is intact."""
+
+    def __init__(self, message: str, errno: Optional[int] = None) -> None:
+        super().__init__(message)
+        self.errno = errno
 
 
 @dataclass
@@ -51,7 +66,8 @@ class Checkpoint:
     optimizer: Optional[Dict[str, Any]] = None
     lr_scheduler: Optional[Dict[str, Any]] = None
     scaler: Optional[Dict[str, Any]] = None
-    rng_state: Optional[torch.Tensor] = None
+    rng_state: Any = None  # format 3: a list of per-rank states; formats 1-2: a CPU state tensor
+    progress: Optional[Dict[str, Any]] = None
     args: Dict[str, Any] = field(default_factory=dict)
     data: Dict[str, Any] = field(default_factory=dict)
     coco_stats: Optional[List[float]] = None
@@ -79,8 +95,31 @@ class Checkpoint:
 
 
 def save_checkpoint(checkpoint: Checkpoint, path: str) -> None:
-    """Write ``checkpoint`` to ``path`` atomically."""
-    save_atomic(checkpoint.to_dict(), path)
+    """Write ``checkpoint`` to ``path`` atomically.
+
+    Raises:
+        CheckpointWriteError: the write failed; ``path`` is as it was before the call.
+    """
+    try:
+        save_atomic(checkpoint.to_dict(), path)
+    except OSError as exc:
+        raise CheckpointWriteError(f"cannot write {path}: {exc.strerror or exc}; the file there before (if any) "
+                                   "is intact", exc.errno) from None
+
+
+def link_checkpoint(source: str, target: str) -> None:
+    """Make ``target`` hold the same file as ``source`` (a hard link, or a copy where the file
+    system has none), atomically: no second write of the whole checkpoint."""
+    try:
+        with temporary_path(target) as tmp:
+            try:
+                os.remove(tmp)
+                os.link(source, tmp)
+            except OSError:
+                shutil.copyfile(source, tmp)
+    except OSError as exc:
+        raise CheckpointWriteError(f"cannot write {target}: {exc.strerror or exc}; {source} is intact",
+                                   exc.errno) from None
 
 
 def read_checkpoint(path: str) -> Checkpoint:
@@ -167,14 +206,28 @@ def save_atomic(obj: Any, path: str) -> None:
         torch.save(obj, tmp)
 
 
+def checkpoint_candidates(output_dir: str) -> List[str]:
+    """The checkpoints ``--resume auto`` may continue from, newest first: ``last.pth``, then the
+    ``model-<epoch>.pth`` files by falling epoch."""
+    folder = Path(output_dir)
+    numbered = sorted(((int(m.group(1)), file) for file in folder.glob("model-*.pth")
+                       if (m := _NUMBERED.fullmatch(file.name))), reverse=True)
+    last = folder / "last.pth"
+    return ([str(last)] if last.is_file() else []) + [str(file) for _, file in numbered]
+
+
 def find_last_checkpoint(output_dir: str) -> Optional[str]:
     """``last.pth`` if present, else the ``model-<epoch>.pth`` with the highest epoch, else None."""
-    last = Path(output_dir) / "last.pth"
-    if last.is_file():
-        return str(last)
-    numbered = []
-    for file in Path(output_dir).glob("model-*.pth"):
-        match = re.fullmatch(r"model-(\d+)\.pth", file.name)
-        if match:
-            numbered.append((int(match.group(1)), file))
-    return str(max(numbered)[1]) if numbered else None
+    candidates = checkpoint_candidates(output_dir)
+    return candidates[0] if candidates else None
+
+
+def prune_checkpoints(output_dir: str, keep: int) -> List[str]:
+    """Delete all but the newest ``keep`` ``model-<epoch>.pth`` files (``keep`` <= 0: keep all);
+    ``last.pth`` and ``best.pth`` are separate names and always stay. Returns the deleted paths."""
+    numbered = checkpoint_candidates(output_dir)
+    numbered = [path for path in numbered if _NUMBERED.fullmatch(Path(path).name)]
+    doomed = numbered[keep:] if keep > 0 else []
+    for path in doomed:
+        os.remove(path)
+    return doomed

@@ -79,14 +79,19 @@ def model_config_from_args(args: argparse.Namespace, num_classes: int) -> ModelC
     return ModelConfig.from_dict({**_given_settings(args), "num_classes": num_classes})
 
 
-def apply_model_flags(config: ModelConfig, args: argparse.Namespace, source: str) -> ModelConfig:
-    """``config`` (stored in ``source``) with the inference flags given on the command line; an
-    architecture flag that disagrees with the stored model is a ValueError."""
+ARCHITECTURE_HINT = "architecture flags apply to bare state dicts only"
+
+
+def apply_model_flags(config: ModelConfig, args: argparse.Namespace, source: str,
+                      hint: str = ARCHITECTURE_HINT) -> ModelConfig:
+    """``config`` (stored in ``source``) with the inference and training flags given on the
+    command line; an architecture flag that disagrees with the stored model is a ValueError
+    ending with ``hint``."""
     given = _given_settings(args)
     stored = config.to_dict()
-    _check_agrees(_stored_options(config), given.pop("backbone_options", {}), source)
+    _check_agrees(_stored_options(config), given.pop("backbone_options", {}), source, hint)
     architecture = {k: v for k, v in given.items() if ModelConfig.__dataclass_fields__[k].metadata["role"] == ARCHITECTURE}
-    _check_agrees(stored, architecture, source)
+    _check_agrees(stored, architecture, source, hint)
     return ModelConfig.from_dict({**stored, **given})
 
 
@@ -96,15 +101,14 @@ def _stored_options(config: ModelConfig) -> Dict[str, Any]:
     return {name: plain(getattr(spec.make_options(config.backbone_options), name)) for name in spec.option_names()}
 
 
-def _check_agrees(stored: Dict[str, Any], given: Dict[str, Any], source: str) -> None:
+def _check_agrees(stored: Dict[str, Any], given: Dict[str, Any], source: str, hint: str) -> None:
     """An architecture flag must say what the checkpoint says (it cannot change the weights)."""
     for name, value in given.items():
         if name not in stored:
             raise ValueError(f"{flag_name(name)} does not apply to the model in {source}")
         if plain(value) != plain(stored[name]):
             trained = "the backbone's default" if stored[name] is None else stored[name]
-            raise ValueError(f"{flag_name(name)}: {source} was trained with {name}={trained}; architecture "
-                             "flags apply to bare state dicts only")
+            raise ValueError(f"{flag_name(name)}: {source} was trained with {name}={trained}; {hint}")
 
 
 def model_flags_given(args: argparse.Namespace) -> List[str]:

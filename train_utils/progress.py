@@ -20,10 +20,13 @@ class Progress:
         desc: prefix of every line, e.g. ``"Epoch 3"``.
         print_freq: a plain line every this many items when not on a terminal.
         enabled: False on non-zero ranks: iterate silently.
+        start: items already done before this pass (a resumed epoch counts on from there).
     """
 
-    def __init__(self, iterable: Iterable, total: int, desc: str, print_freq: int = 50, enabled: bool = True) -> None:
+    def __init__(self, iterable: Iterable, total: int, desc: str, print_freq: int = 50, enabled: bool = True,
+                 start: int = 0) -> None:
         self.iterable = iterable
+        self.start = start
         self.total = total
         self.desc = desc
         self.print_freq = max(int(print_freq), 1)
@@ -35,16 +38,17 @@ class Progress:
     def __iter__(self) -> Iterator:
         start = time.time()
         if self.use_bar:
-            self._bar = tqdm(self.iterable, total=self.total, desc=self.desc, dynamic_ncols=True, leave=True)
+            self._bar = tqdm(self.iterable, total=self.total, initial=self.start, desc=self.desc, dynamic_ncols=True,
+                             leave=True)
             yield from self._bar
             return
-        count = 0
+        count = self.start
         for item in self.iterable:
             yield item
             count += 1
             if self.enabled and (count % self.print_freq == 0 or count == self.total):
                 elapsed = time.time() - start
-                eta = elapsed / count * max(self.total - count, 0)
+                eta = elapsed / (count - self.start) * max(self.total - count, 0)
                 print(
                     f"{self.desc} [{count}/{self.total}] eta {timedelta(seconds=int(eta))} "
                     f"elapsed {timedelta(seconds=int(elapsed))} {_format(self.values)}".rstrip(),

@@ -7,11 +7,13 @@ and ``ConcatDataset`` wrappers are looked through.
 from __future__ import annotations
 
 import bisect
+import itertools
 from collections import defaultdict
 from collections.abc import Iterable, Iterator, Sized
 
 import numpy as np
-from torch.utils.data import ConcatDataset, Subset
+import torch
+from torch.utils.data import ConcatDataset, Dataset, Subset
 
 
 def compute_aspect_ratios(dataset, indices: list[int] | None = None) -> list[float]:
@@ -90,3 +92,57 @@ class GroupedBatchSampler:
 
     def __len__(self) -> int:
         return len(self.sampler) // self.batch_size
+
+
+def sample_seed(seed: int, epoch: int, index: int) -> int:
+    """The augmentation seed of dataset item ``index`` in ``epoch`` of a run seeded with ``seed``."""
+    return int(np.random.SeedSequence([seed, epoch, index]).generate_state(1, np.uint64)[0] >> 1)
+
+
+class SeededSamples(Dataset):
+    """``dataset`` read with keys ``(epoch, index)``: each item's transforms draw from torch's
+    generator seeded by :func:`sample_seed`, so augmentation is a function of (seed, epoch, image)
+    only: the same with 0 or 8 DataLoader workers, after a resume at any iteration, and on any
+    rank. The caller's random state is left untouched."""
+
+    def __init__(self, dataset: Dataset, seed: int) -> None:
+        self.dataset = dataset
+        self.seed = seed
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, key: tuple[int, int]):
+        epoch, index = key
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(sample_seed(self.seed, epoch, index))
+            return self.dataset[index]
+
+
+class ResumableBatches:
+    """A batch sampler over ``batches`` (a batch sampler of dataset indices) that yields
+    ``[(epoch, index), ...]`` for :class:`SeededSamples` and can start an epoch after its first
+    ``skip`` batches (a resume inside the epoch). ``epoch_source`` is the sampler whose
+    ``set_epoch`` orders the epoch; :meth:`set_epoch` sets both."""
+
+    def __init__(self, batches: Iterable[list[int]], epoch_source) -> None:
+        self.batches = batches
+        self.epoch_source = epoch_source
+        self.epoch = 0
+        self.skip = 0
+
+    def set_epoch(self, epoch: int, skip: int = 0) -> None:
+        self.epoch_source.set_epoch(epoch)
+        self.epoch, self.skip = epoch, skip
+
+    def __iter__(self) -> Iterator[list[tuple[int, int]]]:
+        for batch in itertools.islice(iter(self.batches), self.skip, None):
+            yield [(self.epoch, index) for index in batch]
+
+    def __len__(self) -> int:
+        return max(len(self.batches) - self.skip, 0)
+
+    @property
+    def full_length(self) -> int:
+        """Batches in a whole epoch."""
+        return len(self.batches)

@@ -7,6 +7,7 @@ from train_utils.cli import add_model_flags, model_config_from_args
 from train_utils.data.catalog import format_names, layout_help
 from train_utils.data.classes import AUTO_CLASSES
 from train_utils.device import AMP_DTYPES
+from train_utils.engine.control import DEFAULT_CHECKPOINT_EVERY, CheckpointEvery
 from train_utils.flags import HelpFormatter, ListAction, add_plugin_flag, import_plugins
 
 
@@ -90,6 +91,12 @@ def _add_run_flags(p: argparse.ArgumentParser, distributed: bool) -> None:
     run.add_argument("--resume", default="", help="checkpoint to continue from, or 'auto' = last one in --output-dir")
     run.add_argument("--print-freq", type=int, default=50, help="log line every N iterations when not on a terminal")
     run.add_argument("--eval-interval", type=int, default=1, help="evaluate every N epochs (and after the last)")
+    run.add_argument("--checkpoint-every", default=DEFAULT_CHECKPOINT_EVERY,
+                     help="also write last.pth inside an epoch: every N iterations (500) or every so long "
+                          "(90s, 15m, 1h); 0 = at epoch ends only. A stop signal (SIGTERM, SIGINT, SIGUSR1) "
+                          "always writes it before the run exits")
+    run.add_argument("--keep-checkpoints", type=int, default=0, metavar="K",
+                     help="keep only the newest K model-<epoch>.pth files (0 = all); last.pth and best.pth stay")
     if distributed:
         run.add_argument("--sync-bn", action="store_true", help="convert BatchNorm layers to SyncBatchNorm")
         run.add_argument("--dist-timeout", type=float, default=30.0,
@@ -102,6 +109,10 @@ def parse(parser: argparse.ArgumentParser, argv: Optional[Sequence[str]] = None)
     args = parser.parse_args(argv)
     if args.amp_dtype is not None and not args.amp:
         parser.error("--amp-dtype needs --amp")
+    try:
+        CheckpointEvery.parse(args.checkpoint_every)
+    except ValueError as err:
+        parser.error(str(err))
     try:
         model_config_from_args(args, num_classes=2)
     except ValueError as err:

@@ -1,14 +1,28 @@
 """Process-group setup and the few collective helpers the engine needs.
 
 Works for plain single-process runs, torchrun (RANK / WORLD_SIZE / LOCAL_RANK) and SLURM
-(SLURM_PROCID / SLURM_NTASKS / SLURM_LOCALID).
+(SLURM_PROCID / SLURM_NTASKS / SLURM_LOCALID). Besides the training group (NCCL on GPUs) a gloo
+"control" group carries the small CPU messages: agreeing on stops and checkpoints, gathering
+random states, sending the resumed checkpoint to ranks that cannot read it.
 """
 import datetime
 import os
-from typing import Dict
+import pickle
+import re
+import time
+from typing import Any, Callable, Dict, List, Optional, Tuple
 
 import torch
 import torch.distributed as dist
+
+_CONTROL_GROUP: Optional[Any] = None
+# Words in the errors gloo and NCCL raise when a peer process died or stopped answering.
+_PEER_FAILURE_MARKERS = ("Connection reset by peer", "Connection closed by peer", "Timed out waiting",
+                         "Broken pipe", "NCCL", "failed to pass monitoredBarrier", "Connection refused")
+
+
+class PeerFailure(RuntimeError):
+    """Another rank died or stopped answering; the message says which and what to do."""
 
 
 def is_dist_avail_and_initialized() -> bool:
@@ -63,15 +77,21 @@ def init_distributed_mode(device: str, timeout_minutes: float = 30.0) -> Dict[st
             torch.cuda.set_device(cuda_index(local_rank))
             # Fail loudly on a stuck collective instead of hanging.
             env.setdefault("TORCH_NCCL_ASYNC_ERROR_HANDLING", "1")
-        dist.init_process_group(
-            backend=backend,
-            init_method="env://",
-            world_size=world_size,
-            rank=rank,
-            timeout=datetime.timedelta(minutes=timeout_minutes),
-        )
-        dist.barrier()
+        timeout = datetime.timedelta(minutes=timeout_minutes)
+        dist.init_process_group(backend=backend, store=_attempt_store(rank, world_size, timeout),
+                                world_size=world_size, rank=rank, timeout=timeout)
+        global _CONTROL_GROUP
+        _CONTROL_GROUP = dist.new_group(backend="gloo", timeout=timeout) if backend != "gloo" else dist.group.WORLD
+        dist.barrier(group=_CONTROL_GROUP)
     return {"rank": rank, "world_size": world_size, "local_rank": local_rank}
+
+
+def _attempt_store(rank: int, world_size: int, timeout: datetime.timedelta) -> dist.Store:
+    """The rendezvous store of ``env://`` with its keys under this launch attempt: after torchrun
+    restarts a failed group (``--max-restarts``) the store lives on, and a rank reading the
+    addresses the previous attempt published would fail to connect."""
+    store, _, _ = next(dist.rendezvous("env://", rank, world_size, timeout=timeout))
+    return dist.PrefixStore(f"attempt_{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}", store)
 
 
 def reduce_dict(values: Dict[str, torch.Tensor], average: bool = True) -> Dict[str, torch.Tensor]:
@@ -101,6 +121,112 @@ def broadcast_buffers(model: torch.nn.Module) -> None:
         dist.broadcast(buffer.data, src=0)
 
 
-def cleanup() -> None:
-    if is_dist_avail_and_initialized():
+def agree_max(values: List[int]) -> List[int]:
+    """The element-wise maximum of ``values`` over every rank (``values`` alone without a group)."""
+    if get_world_size() < 2:
+        return list(values)
+    tensor = torch.tensor(values, dtype=torch.int64)
+    dist.all_reduce(tensor, op=dist.ReduceOp.MAX, group=_CONTROL_GROUP)
+    return tensor.tolist()
+
+
+def gather_objects(obj: Any) -> List[Any]:
+    """Every rank's ``obj`` (picklable), indexed by rank; ``[obj]`` without a group."""
+    if get_world_size() < 2:
+        return [obj]
+    parts: List[Any] = [None] * get_world_size()
+    dist.all_gather_object(parts, obj, group=_CONTROL_GROUP)
+    return parts
+
+
+def gather_to_rank0(obj: Any) -> Optional[List[Any]]:
+    """Every rank's ``obj`` on rank 0 (indexed by rank), None on the others; ``[obj]`` alone."""
+    if get_world_size() < 2:
+        return [obj]
+    parts: Optional[List[Any]] = [None] * get_world_size() if get_rank() == 0 else None
+    dist.gather_object(obj, parts, dst=0, group=_CONTROL_GROUP)
+    return parts
+
+
+def broadcast_object(obj: Any, src: int = 0) -> Any:
+    """Rank ``src``'s ``obj`` on every rank (through the CPU group)."""
+    if get_world_size() < 2:
+        return obj
+    box = [obj if get_rank() == src else None]
+    dist.broadcast_object_list(box, src=src, group=_CONTROL_GROUP)
+    return box[0]
+
+
+def share_newest(choice: Optional[Tuple[str, Any]], newness: Callable[[Any], Tuple], error: Optional[str] = None
+                 ) -> Tuple[Optional[str], Any]:
+    """Every rank's local ``choice`` = (path, what it read from path) or None -> the newest one
+    (by ``newness(read)``; ties go to the lowest rank), on every rank. Ranks holding an equally
+    new one keep their own, the others receive it from its rank, so output folders need not be
+    shared between nodes. An ``error`` on any rank is raised on every rank (ValueError)."""
+    if get_world_size() < 2:
+        if error:
+            raise ValueError(error)
+        return choice if choice is not None else (None, None)
+    mine = newness(choice[1]) if choice is not None else None
+    reports = gather_objects((error, mine, choice[0] if choice else None))
+    errors = [f"rank {rank}: {err}" for rank, (err, _, _) in enumerate(reports) if err]
+    if errors:
+        raise ValueError(errors[0])
+    offers = [(key, -rank) for rank, (_, key, _) in enumerate(reports) if key is not None]
+    if not offers:
+        return None, None
+    key, source = max(offers)[0], -max(offers)[1]
+    keeps = mine == key
+    if agree_max([int(not keeps)])[0]:
+        sent = broadcast_object(choice[1] if get_rank() == source else None, src=source)
+        return reports[source][2], (choice[1] if keeps else sent)
+    return reports[source][2], choice[1]
+
+
+def is_peer_failure(exc: BaseException) -> bool:
+    """Whether ``exc`` is a collective failing because another rank died or hung."""
+    return is_dist_avail_and_initialized() and (
+        isinstance(exc, dist.DistError) or any(marker in str(exc) for marker in _PEER_FAILURE_MARKERS))
+
+
+def unresponsive_ranks(grace_seconds: float = 5.0) -> Optional[List[int]]:
+    """After a failed collective: the ranks that do not check in within ``grace_seconds``
+    (dead or hung), through the rendezvous store; None when the store itself is gone (it lives
+    with rank 0, or with the launcher under torchrun)."""
+    prefix = f"faster_rcnn/alive/{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}/"
+    world_size = get_world_size()
+    try:
+        store = dist.distributed_c10d._get_default_store()
+        store.set(f"{prefix}{get_rank()}", "1")
+        deadline = time.monotonic() + grace_seconds
+        while True:
+            missing = [r for r in range(world_size) if not store.check([f"{prefix}{r}"])]
+            if not missing or time.monotonic() > deadline:
+                return missing
+            time.sleep(0.2)
+    except (RuntimeError, pickle.PickleError, ValueError):
+        return None
+
+
+def describe_peer_failure(exc: BaseException) -> str:
+    """One line for a rank that lost its peers: who stopped answering and what to do."""
+    missing = unresponsive_ranks()
+    if missing is None:
+        who = "rank 0 (which holds the rendezvous) or the launcher is gone"
+    elif missing:
+        who = f"rank{'s' if len(missing) > 1 else ''} {', '.join(map(str, missing))} stopped answering (died or hung)"
+    else:
+        who = "every rank is alive but a collective failed"
+    first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+    first_line = re.sub(r"^\[[^\]]*\]\s*", "", first_line).split(". ")[0]  # no source path, first sentence
+    return (f"rank {get_rank()}: {who}; look at that rank's log, then restart with --resume auto "
+            f"(collective error: {first_line[:200]})")
+
+
+def cleanup(failed: bool = False) -> None:
+    """Leave the process group; after a peer failure only the local state is dropped (a
+    collective shutdown could wait on the dead rank)."""
+    global _CONTROL_GROUP
+    if is_dist_avail_and_initialized() and not failed:
         dist.destroy_process_group()
+    _CONTROL_GROUP = None

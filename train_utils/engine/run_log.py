@@ -7,36 +7,48 @@ from typing import Any, Dict, List, Optional, Sequence
 from train_utils.vis.curves import plot_loss_and_lr, plot_map
 
 
-class RunLog:
-    """Appends one record per epoch and redraws the curves from the whole history.
+def read_jsonl(path: Path) -> List[Dict[str, Any]]:
+    """The records of a JSON-lines file (none when absent; a line cut by a crash is skipped)."""
+    if not path.is_file():
+        return []
+    records = []
+    for line in path.read_text().splitlines():
+        try:
+            records.append(json.loads(line))
+        except json.JSONDecodeError:
+            continue
+    return records
 
-    ``metrics.jsonl`` survives resumes, so curves cover every epoch of the run; entries at or
-    after the resume epoch (left by an interrupted run) are dropped first.
+
+def write_jsonl(path: Path, records: List[Dict[str, Any]]) -> None:
+    tmp = path.with_suffix(".jsonl.tmp")
+    tmp.write_text("".join(json.dumps(r) + "\n" for r in records))
+    tmp.replace(path)
+
+
+class RunLog:
+    """Appends one record per epoch (``metrics.jsonl``) and one per logged step
+    (``iterations.jsonl``: epoch, iteration in the epoch, global step, losses, lr) and redraws
+    the curves from the whole history.
+
+    Both files survive resumes, so each epoch and step appears once: records after the resumed
+    position (left by an interrupted run) are dropped first.
     """
 
-    def __init__(self, output_dir: str, start_epoch: int = 0) -> None:
+    def __init__(self, output_dir: str, start_epoch: int = 0, start_step: int = 0) -> None:
         self.dir = Path(output_dir)
         self.dir.mkdir(parents=True, exist_ok=True)
         self.metrics_path = self.dir / "metrics.jsonl"
+        self.steps_path = self.dir / "iterations.jsonl"
         self.results_path = self.dir / f"results{time.strftime('%Y%m%d-%H%M%S')}.txt"
-        self.history: List[Dict[str, Any]] = [r for r in self._read() if r["epoch"] < start_epoch]
-        self._rewrite()
+        self.history: List[Dict[str, Any]] = [r for r in read_jsonl(self.metrics_path) if r["epoch"] < start_epoch]
+        write_jsonl(self.metrics_path, self.history)
+        write_jsonl(self.steps_path, [r for r in read_jsonl(self.steps_path) if r["step"] <= start_step])
 
-    def _read(self) -> List[Dict[str, Any]]:
-        if not self.metrics_path.is_file():
-            return []
-        records = []
-        for line in self.metrics_path.read_text().splitlines():
-            try:
-                records.append(json.loads(line))
-            except json.JSONDecodeError:
-                continue  # a line cut by a crash
-        return records
-
-    def _rewrite(self) -> None:
-        tmp = self.metrics_path.with_suffix(".jsonl.tmp")
-        tmp.write_text("".join(json.dumps(r) + "\n" for r in self.history))
-        tmp.replace(self.metrics_path)
+    def add_step(self, epoch: int, iteration: int, step: int, losses: Dict[str, float], lr: float) -> None:
+        record = {"epoch": epoch, "iteration": iteration, "step": step, **losses, "lr": lr}
+        with open(self.steps_path, "a") as handle:
+            handle.write(json.dumps(record) + "\n")
 
     def add(self, epoch: int, train: Dict[str, float], coco_stats: Optional[Sequence[float]]) -> None:
         record: Dict[str, Any] = {"epoch": epoch, **{k: float(v) for k, v in train.items()}}

@@ -8,33 +8,40 @@ change one part without touching the rest. The process group is left in a ``fina
 import argparse
 import os
 import random
+import signal
 import sys
 import time
 from pathlib import Path
-from typing import Any, Dict, List, Optional
+from typing import Any, Dict, List, Optional, Tuple
 
 import numpy as np
 import torch
 from torch.utils.data import BatchSampler, DataLoader, DistributedSampler
 
 from backbone import MissingWeightFileError, WeightFileError, get_backbone, weight_url
-from train_utils.checkpoint import Checkpoint, find_last_checkpoint, read_checkpoint
-from train_utils.cli import model_config_from_args
+from train_utils.checkpoint import (Checkpoint, CheckpointWriteError, checkpoint_candidates, read_checkpoint,
+                                    save_checkpoint)
+from train_utils.cli import apply_model_flags, model_config_from_args
 from train_utils.data.catalog import build_dataset
 from train_utils.data.dataset import DetectionDataSet
 from train_utils.data.classes import AUTO_CLASSES
-from train_utils.data.samplers import GroupedBatchSampler, create_aspect_ratio_groups
+from train_utils.data.samplers import (GroupedBatchSampler, ResumableBatches, SeededSamples,
+                                       create_aspect_ratio_groups)
 from train_utils.data.transforms import get_transforms
 from train_utils.device import amp_dtype, resolve_device
 from train_utils.engine import distributed as dist_utils
+from train_utils.engine import rng
+from train_utils.engine.control import (CheckpointEvery, ImmediateStop, RunControl, StopSignals, TrainingStopped,
+                                        ignore_stop_signals)
 from train_utils.engine.hooks import CheckpointHook, FreezeBackboneHook, Hook, RunLogHook
-from train_utils.engine.loop import NonFiniteLossError, train_one_epoch
+from train_utils.engine.loop import EpochState, NonFiniteLossError, train_one_epoch
 from train_utils.engine.lr_schedule import WarmupSchedule, build_scheduler
 from train_utils.evaluation.coco_api import get_coco_api_from_dataset
 from train_utils.evaluation.loop import evaluate
 from train_utils.model.builder import build_model, count_parameters, load_detector_weights
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
+RESUME_HINT = "resume with the model flags it was trained with, or train into another --output-dir"
 
 
 def seed_everything(seed: int) -> None:
@@ -72,6 +79,11 @@ def resolve_weight_files(args: argparse.Namespace) -> Optional[str]:
     return path
 
 
+def resume_position(checkpoint: Checkpoint) -> Tuple[int, int]:
+    """How far a checkpoint got: (optimiser steps, completed epoch); larger is newer."""
+    return int((checkpoint.lr_scheduler or {}).get("last_epoch", 0)), int(checkpoint.epoch)
+
+
 def plain_args(args: argparse.Namespace) -> Dict[str, Any]:
     """argparse values as plain types (loadable with weights_only=True)."""
     return {k: (list(v) if isinstance(v, tuple) else v) for k, v in vars(args).items()}
@@ -86,10 +98,14 @@ class Trainer:
         self.distributed = distributed
         self.extra_hooks = list(extra_hooks or [])  # run after the default hooks of build_hooks
         self.hooks: List[Hook] = []
+        self.rank, self.world_size, self.is_main = 0, 1, True  # until setup_device joins the process group
         self.start_epoch = 0
         self.best_ap50 = -1.0  # best COCO AP@0.5 so far
         self.resume_from: Optional[Checkpoint] = None
+        self.resume_path: Optional[str] = None
+        self.start_state: Optional[EpochState] = None  # a resumed epoch's position
         self.backbone_weights: Optional[str] = None
+        self.signals = StopSignals()
 
     # ------------------------------------------------------------------ build steps
     def setup_device(self) -> None:
@@ -104,40 +120,79 @@ class Trainer:
             torch.cuda.set_device(self.device)  # --device cuda:N: allocations and kernels default to GPU N
         self.is_main = self.rank == 0
         seed_everything(self.args.seed + self.rank)
+        self.signals.install()
+        self.control = RunControl(CheckpointEvery.parse(self.args.checkpoint_every), self.signals)
 
-    def find_resume_checkpoint(self) -> Optional[str]:
-        """The file ``--resume`` names (``auto``: the last one in --output-dir), or None."""
+    def find_resume_checkpoint(self) -> None:
+        """The checkpoint to continue from, the same on every rank: each rank looks in its own
+        --output-dir and the newest checkpoint found on any rank wins (sent to the ranks without
+        it: nodes need not share the output folder). A bad file stops every rank with its line."""
+        args = self.args
+        choice, error = None, None
+        try:
+            choice = self.choose_resume_checkpoint()
+        except (ValueError, FileNotFoundError) as exc:
+            error = str(exc)
+        self.resume_path, self.resume_from = dist_utils.share_newest(choice, resume_position, error)
+        if args.resume and self.resume_from is None and args.resume != "auto":
+            raise FileNotFoundError(f"--resume {args.resume}: no such file on any rank")
+        if args.resume == "auto" and self.resume_from is None and self.is_main:
+            print(f"--resume auto: no usable checkpoint in {args.output_dir}, starting from scratch")
+
+    def choose_resume_checkpoint(self) -> Optional[Tuple[str, Checkpoint]]:
+        """This rank's candidate: the file ``--resume`` names (None where this rank does not see
+        it), or under ``auto`` the newest readable checkpoint of --output-dir; a damaged one is
+        reported and the one before it taken."""
         args = self.args
         if args.resume != "auto":
-            return args.resume or None
-        path = find_last_checkpoint(args.output_dir)
-        if path is None and self.is_main:
-            print(f"--resume auto: no checkpoint in {args.output_dir}, starting from scratch")
-        return path
+            exists = args.resume and (os.path.isfile(args.resume) or self.world_size == 1)
+            return (args.resume, self.load_resume_checkpoint(args.resume)) if exists else None
+        for path in checkpoint_candidates(args.output_dir):
+            try:
+                return path, self.load_resume_checkpoint(path)
+            except WeightFileError as exc:
+                print(f"warning: skipping a damaged checkpoint: {exc}", file=sys.stderr)
+        return None
 
     def build_datasets(self) -> None:
-        """The training and validation splits; with ``--classes-json auto`` the validation split
-        takes the training split's classes. A resumed run must find the checkpoint's classes."""
-        args = self.args
-        common = dict(year=args.year, skip_unknown_classes=args.skip_unknown_classes)
-        self.train_set = build_dataset(args.dataset_format, args.data_path, args.train_split,
-                                       get_transforms(True, args.augment), args.classes_json, **common)
-        if self.resume_from is not None and self.resume_from.class_names != self.train_set.class_names:
-            raise ValueError(f"{self.resume_path} was trained on the classes {self.resume_from.class_names} but the "
-                             f"data now gives {self.train_set.class_names}; resume with the same classes")
-        val_classes = self.train_set.class_names if args.classes_json == AUTO_CLASSES else args.classes_json
-        self.val_set = build_dataset(args.dataset_format, args.data_path, args.val_split, get_transforms(False),
-                                     val_classes, expected_class_names=self.train_set.class_names, **common)
-        if args.num_classes is not None and args.num_classes != self.train_set.num_classes:
-            raise ValueError(f"--num-classes {args.num_classes} but {self.train_set.classes_json} lists "
-                             f"{self.train_set.num_classes} classes")
+        """The training and validation splits, read once on rank 0 (every image header is opened
+        to check its size) and sent to the other ranks; a data error stops every rank with its line."""
+        built = None
+        if self.is_main:
+            try:
+                built = self.read_datasets(), None
+            except (ValueError, FileNotFoundError) as exc:
+                built = None, exc
+        (datasets, error) = dist_utils.broadcast_object(built)
+        if error is not None:
+            raise error
+        self.train_set, self.val_set = datasets
         if self.is_main:
             print(f"train: {len(self.train_set)} images ({self.train_set.summary()}); "
                   f"val: {len(self.val_set)} images")
 
+    def read_datasets(self) -> Tuple[DetectionDataSet, DetectionDataSet]:
+        """Both splits; with ``--classes-json auto`` the validation split takes the training
+        split's classes. A resumed run must find the checkpoint's classes."""
+        args = self.args
+        common = dict(year=args.year, skip_unknown_classes=args.skip_unknown_classes)
+        train_set = build_dataset(args.dataset_format, args.data_path, args.train_split,
+                                  get_transforms(True, args.augment), args.classes_json, **common)
+        if self.resume_from is not None and self.resume_from.class_names != train_set.class_names:
+            raise ValueError(f"{self.resume_path} was trained on the classes {self.resume_from.class_names} but the "
+                             f"data now gives {train_set.class_names}; resume with the same classes")
+        val_classes = train_set.class_names if args.classes_json == AUTO_CLASSES else args.classes_json
+        val_set = build_dataset(args.dataset_format, args.data_path, args.val_split, get_transforms(False),
+                                val_classes, expected_class_names=train_set.class_names, **common)
+        if args.num_classes is not None and args.num_classes != train_set.num_classes:
+            raise ValueError(f"--num-classes {args.num_classes} but {train_set.classes_json} lists "
+                             f"{train_set.num_classes} classes")
+        return train_set, val_set
+
     def build_loaders(self) -> None:
-        """A seeded sampler reshuffles per epoch (set_epoch), so a resumed run sees the same order.
-        Evaluation takes one image per step (padding never differs between process counts)."""
+        """A seeded sampler reshuffles per epoch (set_epoch) and augmentation is seeded per image,
+        so a resumed run, at any iteration, sees the same batches. Evaluation takes one image per
+        step (padding never differs between process counts)."""
         args, train_set = self.args, self.train_set
         self.train_sampler = DistributedSampler(train_set, self.world_size, self.rank, shuffle=True, seed=args.seed)
         if args.aspect_ratio_group_factor >= 0:
@@ -146,9 +201,13 @@ class Trainer:
         else:
             batch_sampler = BatchSampler(self.train_sampler, args.batch_size, drop_last=True)
         workers = max(int(args.workers), 0)
+        # Workers ignore stop signals (the main process stops them); the loaders' own generators
+        # keep their seed draws out of the training random state.
         common = dict(num_workers=workers, collate_fn=DetectionDataSet.collate_fn,
-                      pin_memory=self.device.type == "cuda", persistent_workers=workers > 0)
-        self.train_loader = DataLoader(train_set, batch_sampler=batch_sampler, **common)
+                      pin_memory=self.device.type == "cuda", persistent_workers=workers > 0,
+                      worker_init_fn=ignore_stop_signals, generator=torch.Generator().manual_seed(args.seed))
+        self.train_batches = ResumableBatches(batch_sampler, self.train_sampler)
+        self.train_loader = DataLoader(SeededSamples(train_set, args.seed), batch_sampler=self.train_batches, **common)
         val_sampler = DistributedSampler(self.val_set, self.world_size, self.rank, shuffle=False)
         self.val_loader = DataLoader(self.val_set, batch_size=1, sampler=val_sampler, **common)
         self.coco_gt = get_coco_api_from_dataset(self.val_set)
@@ -158,22 +217,26 @@ class Trainer:
         args = self.args
         if self.resume_from is not None:
             self.config = self.resume_from.config
-            self.model = build_model(self.config)
+            model = build_model(self.config)
         else:
             self.config = model_config_from_args(args, self.train_set.num_classes + 1)
-            self.model = build_model(self.config, self.backbone_weights)
+            model = build_model(self.config, self.backbone_weights)
             if args.weights:
-                self.config = load_detector_weights(self.model, args.weights, self.config)
-        self.model.to(self.device)
-        self.backbone_trainable = [p for p in self.model.backbone.parameters() if p.requires_grad]
-        self.model_without_ddp = self.model
+                self.config = load_detector_weights(model, args.weights, self.config)
+        if self.world_size > 1 and getattr(args, "sync_bn", False):
+            model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
+        self.model_without_ddp = model.to(self.device)
+        self.backbone_trainable = [p for p in model.backbone.parameters() if p.requires_grad]
+        self.wrap_model()
+
+    def wrap_model(self) -> None:
+        """``self.model``: the detector, under DDP when there are several ranks. DDP covers the
+        parameters that train now, so it is wrapped again when backbone freezing ends (no
+        ``find_unused_parameters`` search on every step)."""
+        self.model = self.model_without_ddp
         if self.world_size > 1:
-            if getattr(args, "sync_bn", False):
-                self.model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(self.model)
             self.model = torch.nn.parallel.DistributedDataParallel(
-                self.model, device_ids=[self.device.index] if self.device.type == "cuda" else None,
-                find_unused_parameters=args.freeze_backbone_epochs > 0)
-            self.model_without_ddp = self.model.module
+                self.model_without_ddp, device_ids=[self.device.index] if self.device.type == "cuda" else None)
 
     def build_optimizer(self) -> None:
         args = self.args
@@ -190,21 +253,22 @@ class Trainer:
     def build_schedule(self) -> None:
         """Warmup, then the chosen decay; the scheduler steps once per iteration."""
         args = self.args
-        iters = len(self.train_loader)
+        iters = self.train_batches.full_length
         warmup = min(1000, iters - 1) if args.warmup_iters < 0 else args.warmup_iters
         schedule = WarmupSchedule(iters, args.epochs, args.lr_scheduler, args.lr_steps, args.lr_step_size,
                                   args.lr_gamma, warmup)
         self.scheduler = build_scheduler(self.optimizer, schedule)
 
     def build_hooks(self) -> List[Hook]:
-        """Backbone freezing on every rank; the run log and checkpoints on rank 0."""
+        """Backbone freezing and checkpoints on every rank (rank 0 writes); the run log on rank 0."""
         hooks: List[Hook] = [FreezeBackboneHook()]
         if self.is_main:
-            hooks += [RunLogHook(), CheckpointHook()]
-        return hooks
+            hooks.append(RunLogHook())
+        return hooks + [CheckpointHook()]
 
     def resume(self) -> None:
-        """Restore weights, optimiser, schedule position, scaler and RNG from ``resume_from``."""
+        """Restore weights, optimiser, schedule position, scaler, this rank's random states and,
+        for an iteration checkpoint, the position inside the epoch."""
         ckpt = self.resume_from
         if ckpt is None:
             return
@@ -214,18 +278,37 @@ class Trainer:
         self.scheduler.load_state_dict({**ckpt.lr_scheduler, "lr_lambdas": [None] * len(self.optimizer.param_groups)})
         if self.scaler is not None and ckpt.scaler:
             self.scaler.load_state_dict(ckpt.scaler)
-        if ckpt.rng_state is not None:
-            torch.set_rng_state(ckpt.rng_state)
         self.start_epoch = ckpt.epoch + 1
         self.best_ap50 = ckpt.best_ap50
+        if not rng.restore_rank(rng.from_stored(ckpt.rng_state), self.rank):
+            seed_everything(self.args.seed + self.rank + 1009 * self.start_epoch)
+            if self.is_main:
+                print("warning: the checkpoint has no random state for this world size: the run goes on with new "
+                      "seeds (not bit-exact)", file=sys.stderr)
+        if ckpt.progress:
+            self.start_state = self.resumed_epoch_state(ckpt.progress)
         if self.is_main:
-            print(f"resumed from {self.resume_path} at epoch {self.start_epoch}")
+            where = f", iteration {self.start_state.iteration}" if self.start_state else ""
+            print(f"resumed from {self.resume_path} at epoch {self.start_epoch}{where}")
+
+    def resumed_epoch_state(self, progress: Dict[str, Any]) -> EpochState:
+        """The position inside the resumed epoch; after a change of world size the count of images
+        already seen is kept (the order then differs from the interrupted run's)."""
+        state = EpochState.from_dict(self.start_epoch, progress)
+        if progress.get("world_size", self.world_size) != self.world_size and state.iteration:
+            iteration = state.iteration * progress["world_size"] // self.world_size
+            state.loss_sums = {k: v * iteration / state.iteration for k, v in state.loss_sums.items()}
+            state.iteration = iteration
+            if self.is_main:
+                print(f"warning: the checkpoint was written by {progress['world_size']} processes, this run has "
+                      f"{self.world_size}: epoch {self.start_epoch} goes on after the same number of images, "
+                      "in another order", file=sys.stderr)
+        return state
 
     def setup(self) -> None:
         """Every build step in order; the resume file and the weight files are checked first."""
         self.setup_device()
-        self.resume_path = self.find_resume_checkpoint()
-        self.resume_from = self.load_resume_checkpoint(self.resume_path) if self.resume_path else None
+        self.find_resume_checkpoint()
         # Fail on a missing weight file before reading any data.
         self.backbone_weights = None if self.resume_from else resolve_weight_files(self.args)
         self.build_datasets()
@@ -236,25 +319,32 @@ class Trainer:
         self.resume()
         self.hooks = self.build_hooks() + self.extra_hooks
 
-    @staticmethod
-    def load_resume_checkpoint(path: str) -> Checkpoint:
+    def load_resume_checkpoint(self, path: str) -> Checkpoint:
+        """A training checkpoint of this project for the model the flags describe; the inference
+        and training flags given on the command line override its stored values."""
         ckpt = read_checkpoint(path)
         if not ckpt.can_resume():
             raise WeightFileError(f"{path} is not a training checkpoint of this project (no model config, "
                                   "optimizer or epoch): use --weights to fine-tune from it instead")
+        try:
+            ckpt.config = apply_model_flags(ckpt.config, self.args, path, hint=RESUME_HINT)
+        except ValueError as exc:
+            raise ValueError(f"{path} was written for another model: {exc}") from None
         return ckpt
 
     # ------------------------------------------------------------------ the run
-    def checkpoint(self, epoch: int, coco_stats: Optional[List[float]]) -> Checkpoint:
-        """The state after ``epoch`` in the checkpoint schema."""
+    def checkpoint(self, epoch: int, coco_stats: Optional[List[float]],
+                   progress: Optional[Dict[str, Any]] = None) -> Checkpoint:
+        """The state after ``epoch`` (and ``progress`` into the next one) in the checkpoint schema.
+        Every rank calls it: the random states of all ranks are gathered."""
         return Checkpoint(
             model=self.model_without_ddp.state_dict(), config=self.config,
             class_names=list(self.train_set.class_names), epoch=epoch,
             optimizer=self.optimizer.state_dict(),
             lr_scheduler={k: v for k, v in self.scheduler.state_dict().items() if k != "lr_lambdas"},
             scaler=self.scaler.state_dict() if self.scaler is not None else None,
-            rng_state=torch.get_rng_state(), args=plain_args(self.args), data=self.data_description(),
-            coco_stats=coco_stats,
+            rng_state=dist_utils.gather_objects(rng.capture()), progress=progress,
+            args=plain_args(self.args), data=self.data_description(), coco_stats=coco_stats,
             best_ap50=self.best_ap50, plugins=list(getattr(self.args, "plugin", []) or []))
 
     def data_description(self) -> Dict[str, Any]:
@@ -269,14 +359,17 @@ class Trainer:
         return os.path.join(self.args.output_dir, "classes.json")
 
     def run_epoch(self, epoch: int) -> Dict[str, Any]:
-        """One epoch of training, then evaluation when it is due; returns the epoch's record."""
+        """One epoch of training (the rest of it when resumed inside), then evaluation when it is
+        due; returns the epoch's record."""
         args = self.args
-        self.train_sampler.set_epoch(epoch)
+        state = self.start_state if self.start_state and self.start_state.epoch == epoch else EpochState(epoch)
+        self.train_batches.set_epoch(epoch, skip=state.iteration)
         start = time.time()
         stats = train_one_epoch(
-            self.model, self.optimizer, self.train_loader, self.device, epoch, self.scheduler, self.scaler,
+            self.model, self.optimizer, self.train_loader, self.device, state, self.scheduler, self.scaler,
             self.amp_dtype, args.clip_grad_norm, args.print_freq,
-            describe_images=lambda ids: ", ".join(self.train_set.ids[i] for i in ids))
+            describe_images=lambda ids: ", ".join(self.train_set.ids[i] for i in ids),
+            after_step=self.after_step, batches_per_epoch=self.train_batches.full_length)
         stats["epoch_time"] = time.time() - start
         coco_stats = None
         if (epoch + 1) % max(args.eval_interval, 1) == 0 or epoch + 1 == args.epochs:
@@ -285,8 +378,41 @@ class Trainer:
             coco_stats = list(evaluator.stats) if self.is_main else None  # scored on rank 0
         return {"epoch": epoch, **stats, "coco": coco_stats}
 
+    def after_step(self, state: EpochState) -> None:
+        """After each iteration: the hooks, then an iteration checkpoint when one is due or a stop
+        signal came (every rank decides the same), and the stop itself."""
+        for hook in self.hooks:
+            hook.after_step(self, state)
+        decision = self.control.poll()
+        if decision["save"]:
+            self.save_iteration_checkpoint(state)
+        if decision["stop"]:
+            self.stop(decision["stop"], f"epoch {state.epoch}, iteration {state.iteration}/"
+                                        f"{self.train_batches.full_length}")
+
+    def save_iteration_checkpoint(self, state: EpochState) -> None:
+        """``last.pth`` with the position inside the epoch (rank 0 writes, every rank takes part)."""
+        started = time.time()
+        progress = {**state.to_dict(), "world_size": self.world_size,
+                    "batches_per_epoch": self.train_batches.full_length}
+        checkpoint = self.checkpoint(state.epoch - 1, None, progress)
+        if self.is_main:
+            save_checkpoint(checkpoint, os.path.join(self.args.output_dir, "last.pth"))
+            print(f"iteration checkpoint last.pth (epoch {state.epoch}, iteration {state.iteration}) written in "
+                  f"{time.time() - started:.1f}s", flush=True)
+        self.control.mark()
+
+    def stop(self, signum: int, where: str) -> None:
+        """Leave after a stop signal, saying how to go on (rank 0)."""
+        name = signal.Signals(signum).name
+        last = os.path.join(self.args.output_dir, "last.pth")
+        message = (f"stopped by {name} at {where}; the run continues from {last} when started again with "
+                   "--resume auto" if self.is_main else "")
+        raise TrainingStopped(signum, message)
+
     def train(self) -> Dict[str, Any]:
         """Train as the flags say; returns the last epoch's record."""
+        failed = False
         try:
             self.setup()
             self.report_model()
@@ -299,11 +425,20 @@ class Trainer:
                 record = self.run_epoch(epoch)
                 for hook in self.hooks:
                     hook.after_epoch(self, record)
+                signum = self.control.stop_requested()  # a signal during evaluation or saving
+                if signum and epoch + 1 < self.args.epochs:
+                    self.stop(signum, f"the end of epoch {epoch}")
             if self.is_main:
                 print(f"done: checkpoints, results, metrics.jsonl and curves in {self.args.output_dir}")
             return record
+        except RuntimeError as exc:
+            if self.world_size > 1 and dist_utils.is_peer_failure(exc):
+                failed = True
+                raise dist_utils.PeerFailure(dist_utils.describe_peer_failure(exc)) from None
+            raise
         finally:
-            dist_utils.cleanup()
+            self.signals.uninstall()
+            dist_utils.cleanup(failed)
 
     def report_model(self) -> None:
         if self.is_main:
@@ -319,12 +454,22 @@ def run_training(args: argparse.Namespace, distributed: bool = False) -> Dict[st
 
 
 def main(args: argparse.Namespace, distributed: bool = False) -> None:
-    """Script entry: known problems become one clear line and exit code 1, not a traceback."""
+    """Script entry: known problems become one clear line and a non-zero exit code, not a
+    traceback; a stop signal exits with 128 + its number after the checkpoint is written."""
     try:
         run_training(args, distributed)
-    except (FileNotFoundError, ValueError, NonFiniteLossError) as exc:
+    except TrainingStopped as exc:
+        if str(exc):
+            print(exc, file=sys.stderr)
+        sys.exit(128 + exc.signum)
+    except ImmediateStop as exc:
+        print(f"stopped at once by a second {signal.Signals(exc.signum).name}: {args.output_dir}/last.pth holds the "
+              "last checkpoint written (use --resume auto)", file=sys.stderr)
+        sys.exit(128 + exc.signum)
+    except (FileNotFoundError, ValueError, NonFiniteLossError, CheckpointWriteError, dist_utils.PeerFailure) as exc:
         print(f"error: {exc}", file=sys.stderr)
         sys.exit(1)
     except KeyboardInterrupt:
-        print("interrupted: the last completed epoch's checkpoint is last.pth (use --resume auto)", file=sys.stderr)
+        print(f"interrupted: {args.output_dir}/last.pth holds the last checkpoint written (use --resume auto)",
+              file=sys.stderr)
         sys.exit(130)

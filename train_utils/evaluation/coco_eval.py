@@ -3,6 +3,12 @@
 Usage: ``update`` with each batch's predictions, ``synchronize_between_processes`` (no-op without
 torch.distributed), ``accumulate``, ``summarize``; then ``stats`` (COCOeval's 12 numbers) and
 ``coco_eval["bbox"]`` (the COCOeval object, e.g. ``.eval["precision"]`` per class).
+
+Under torch.distributed every rank calls ``accumulate`` after ``synchronize_between_processes``:
+the per-image matching (``COCOeval.evaluate``, the costly part) is shared among the ranks, their
+results are gathered on rank 0 in COCOeval's own order and rank 0 alone accumulates; the scores
+exist on rank 0 only. They equal a single process's exactly (the matching of one image never
+depends on another).
 """
 from __future__ import annotations
 
@@ -15,6 +21,8 @@ import torch
 import torch.distributed as dist
 from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
+
+from train_utils.engine.distributed import gather_to_rank0
 
 Detections = dict[int, list[dict]]  # image id -> detections in COCO result format
 
@@ -43,6 +51,7 @@ class CocoEvaluator:
         self.iou_types = list(iou_types)
         self.coco_eval = {t: COCOeval(self.coco_gt, iouType=t) for t in self.iou_types}
         self.detections: Detections = {}
+        self.world_size, self.rank = 1, 0  # the ranks sharing accumulate() (set by synchronize)
 
     def update(self, predictions: Mapping[int, Mapping[str, torch.Tensor]]) -> None:
         """Add predictions ``{image_id: {"boxes": [N, 4] xyxy, "scores": [N], "labels": [N]}}``.
@@ -73,10 +82,12 @@ class CocoEvaluator:
         parts: list = [None] * dist.get_world_size()
         dist.all_gather_object(parts, self.detections)
         self.detections = merge_detections(parts)
+        self.world_size, self.rank = dist.get_world_size(), dist.get_rank()
 
-    def _results(self) -> COCO:
-        """Detections as a pycocotools result object (copies: loadRes edits the dicts it is given)."""
-        results = [dict(d) for detections in self.detections.values() for d in detections]
+    def _results(self, image_ids: Sequence[int]) -> COCO:
+        """The detections of ``image_ids`` as a pycocotools result object (copies: loadRes edits
+        the dicts it is given)."""
+        results = [dict(d) for image_id in image_ids for d in self.detections[image_id]]
         if results:
             return self.coco_gt.loadRes(results)
         empty = COCO()  # loadRes cannot take an empty list
@@ -86,15 +97,25 @@ class CocoEvaluator:
         return empty
 
     def accumulate(self) -> None:
-        """Run COCOeval.evaluate and .accumulate on the images seen by ``update``."""
+        """Run COCOeval.evaluate and .accumulate on the images seen by ``update`` (shared among
+        the ranks after ``synchronize_between_processes``; see the module docstring)."""
         if not self.detections:
             raise RuntimeError("CocoEvaluator.accumulate: no predictions were added with update()")
+        image_ids = sorted(self.detections)
+        share = image_ids[self.rank::self.world_size]
         with contextlib.redirect_stdout(io.StringIO()):  # pycocotools prints progress lines
-            results = self._results()
             for coco_eval in self.coco_eval.values():
-                coco_eval.cocoDt = results
-                coco_eval.params.imgIds = sorted(self.detections)
-                coco_eval.evaluate()
+                coco_eval.cocoDt = self._results(share)
+                coco_eval.params.imgIds = share
+                coco_eval.evalImgs = []
+                if share:  # COCOeval reads an empty id list as "every image"
+                    coco_eval.evaluate()
+                if self.world_size > 1:
+                    parts = gather_to_rank0((share, _compact(coco_eval.evalImgs) if self.rank else None))
+                    if self.rank != 0:
+                        continue
+                    parts[0] = (share, coco_eval.evalImgs)
+                    _join_shares(coco_eval, image_ids, parts)
                 coco_eval.accumulate()
                 coco_eval.stats = []  # invalidated until summarize() runs again
 
@@ -114,3 +135,30 @@ class CocoEvaluator:
             with contextlib.redirect_stdout(io.StringIO()):
                 coco_eval.summarize()
         return [float(value) for value in coco_eval.stats]
+
+
+def _compact(eval_images: list) -> list:
+    """Per-image results with just what ``COCOeval.accumulate`` reads, matches as booleans (it
+    only tests them against zero): a sixth of the bytes to send."""
+    return [None if e is None else {"dtScores": e["dtScores"], "dtMatches": e["dtMatches"].astype(bool),
+                                    "dtIgnore": e["dtIgnore"], "gtIgnore": e["gtIgnore"]}
+            for e in eval_images]
+
+
+def _join_shares(coco_eval: COCOeval, image_ids: list[int], parts: list) -> None:
+    """Make ``coco_eval`` (evaluated on rank 0's share) hold every rank's per-image results, in
+    the order COCOeval.evaluate lays them out: category, then area range, then image."""
+    params = coco_eval.params
+    categories = len(params.catIds) if params.useCats else 1
+    areas = len(params.areaRng)
+    where = {image_id: (share_ids, results, j) for share_ids, results in parts
+             for j, image_id in enumerate(share_ids)}
+    joined = []
+    for k in range(categories):
+        for a in range(areas):
+            for image_id in image_ids:
+                share_ids, results, j = where[image_id]
+                joined.append(results[(k * areas + a) * len(share_ids) + j])
+    params.imgIds = list(image_ids)
+    coco_eval.evalImgs = joined
+    coco_eval._paramsEval = copy.deepcopy(params)

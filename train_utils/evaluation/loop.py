@@ -20,7 +20,8 @@ def evaluate(
 ) -> CocoEvaluator:
     """Run the model over ``data_loader`` in float32 (also during ``--amp`` training, so the logged
     AP is the one validation.py gives the saved weights) and score it with pycocotools (every
-    rank's shard is gathered; each image counts once). Returns the accumulated, summarised evaluator."""
+    rank's shard is gathered; each image counts once; the matching is shared among the ranks). Returns
+    the evaluator, accumulated and summarised on rank 0."""
     model.eval()
     evaluator = CocoEvaluator(coco_gt, ("bbox",))
     start, images_seen = time.time(), 0
@@ -31,8 +32,8 @@ def evaluate(
         evaluator.update({int(t["image_id"]): o for t, o in zip(targets, outputs)})
         images_seen += len(images)
     evaluator.synchronize_between_processes()
+    evaluator.accumulate()  # shared among the ranks; the scores are on rank 0
     if dist_utils.is_main_process():
-        evaluator.accumulate()
         evaluator.summarize()
         elapsed = time.time() - start
         print(f"evaluated {images_seen} images in {elapsed:.1f}s ({images_seen / max(elapsed, 1e-9):.2f} img/s per process)")

@@ -1,0 +1,502 @@
+"""Long runs: iteration checkpoints, stop signals, kill -9, torchrun restarts, multi-node on one
+host, dead and hung ranks, damaged checkpoint files and disk errors.
+
+Every interrupted run is resumed with ``--resume auto`` and must end with the weights of the
+uninterrupted run (CPU, float32: bit for bit)."""
+import errno
+import json
+import os
+import re
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import List, Optional
+
+import pytest
+import torch
+
+from conftest import ROOT, SCHEDULE, TINY_COMMON_FLAGS, TINY_TRAIN_FLAGS, load, metrics, train
+
+# Several processes share two cores: one thread each. Single-process runs keep the default
+# environment of conftest.train, whose reference runs they are compared with bit for bit.
+ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
+PROGRESS = re.compile(r"^Epoch (\d+) \[(\d+)/(\d+)\]")
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def script_cmd(script: str, demo_voc: Path, out: Path, *extra: str) -> List[str]:
+    flags = TINY_COMMON_FLAGS if script == "train_resnet50_fpn.py" else TINY_TRAIN_FLAGS
+    return [str(ROOT / script), "--data-path", str(demo_voc), "--classes-json", str(demo_voc / "classes.json"),
+            "--output-dir", str(out), *flags, *SCHEDULE, "--print-freq", "1", *extra]
+
+
+def torchrun_cmd(port: int, *extra: str) -> List[str]:
+    return [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node=2", "--master-addr=127.0.0.1",
+            f"--master-port={port}", *extra]
+
+
+class Run:
+    """A training process whose output is read line by line while it runs."""
+
+    def __init__(self, cmd: List[str], env: Optional[dict] = None) -> None:
+        self.proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                                     env=env or dict(os.environ), start_new_session=True)
+        self.lines: List[str] = []
+
+    def until(self, prefix: str) -> None:
+        """Read until a line starts with ``prefix`` (fails if the process ends first)."""
+        for line in self.proc.stdout:
+            self.lines.append(line)
+            if line.startswith(prefix):
+                return
+        raise AssertionError(f"no line starting with {prefix!r}:\n{''.join(self.lines[-30:])}")
+
+    def finish(self, timeout: float = 300) -> int:
+        try:
+            out, _ = self.proc.communicate(timeout=timeout)
+        finally:
+            try:  # whatever is left of the session (a launcher's orphaned workers)
+                os.killpg(self.proc.pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        self.lines += out.splitlines(keepends=True)
+        return self.proc.returncode
+
+    @property
+    def text(self) -> str:
+        return "".join(self.lines)
+
+
+def iterations_printed(text: str) -> set:
+    return {(int(m.group(1)), int(m.group(2))) for line in text.splitlines() if (m := PROGRESS.match(line))}
+
+
+def assert_same_weights(resumed: Path, reference: Path) -> None:
+    got, want = load(resumed)["model"], load(reference)["model"]
+    assert list(got) == list(want)
+    for key, value in want.items():
+        assert torch.equal(got[key], value), key
+
+
+def assert_each_step_logged_once(out: Path, steps: int) -> None:
+    logged = [json.loads(line)["step"] for line in (out / "iterations.jsonl").read_text().splitlines()]
+    assert logged == list(range(1, steps + 1))
+
+
+# ------------------------------------------------------------------------------------------ one process
+@pytest.mark.parametrize("how, at, every, workers", [
+    ("SIGTERM", "Epoch 1 [1/", "0", "0"),   # graceful stop inside epoch 1, no periodic checkpoints
+    ("SIGKILL", "Epoch 1 [3/", "2", "0"),   # no cleanup: the iteration checkpoint of step 2 is what is left
+    ("SIGUSR1", "Epoch 0 [2/", "0", "2"),   # SLURM's warning signal, with loader workers (same augmentation)
+])
+def test_interrupted_run_resumes_to_the_uninterrupted_weights(how, at, every, workers, demo_voc, uninterrupted,
+                                                              tmp_path):
+    first = Run([sys.executable, *script_cmd("train_mobilenet.py", demo_voc, tmp_path, "--epochs", "2",
+                                             "--checkpoint-every", every, "--workers", workers)])
+    first.until(at)
+    first.proc.send_signal(getattr(signal, how))
+    code = first.finish()
+    signum = getattr(signal, how)
+    if how == "SIGKILL":
+        assert code == -signal.SIGKILL
+    else:
+        assert code == 128 + signum, first.text[-3000:]
+        stop_lines = [line for line in first.lines if line.startswith(f"stopped by {how} at epoch ")]
+        assert len(stop_lines) == 1 and f"{tmp_path}/last.pth" in stop_lines[0] and "--resume auto" in stop_lines[0]
+    stopped = load(tmp_path / "last.pth")
+    progress = stopped["progress"]
+    assert progress is not None and progress["world_size"] == 1 and progress["batches_per_epoch"] == 4
+    assert not list(tmp_path.glob(".*.tmp")), "no temporary file left behind"
+
+    second = train("train_mobilenet.py", demo_voc, tmp_path, "--epochs", "2", "--resume", "auto",
+                   "--print-freq", "1", "--workers", workers)
+    assert f"at epoch {stopped['epoch'] + 1}, iteration {progress['iteration']}" in second.stdout
+    assert_same_weights(tmp_path / "model-1.pth", uninterrupted / "model-1.pth")
+    assert [r["loss"] for r in metrics(tmp_path)] == [r["loss"] for r in metrics(uninterrupted)]
+    assert_each_step_logged_once(tmp_path, 8)
+    repeated = iterations_printed(first.text) & iterations_printed(second.stdout)
+    assert len(repeated) <= (int(every) if how == "SIGKILL" else 0), repeated
+
+
+def test_a_second_signal_stops_at_once(demo_voc, tmp_path):
+    run = Run([sys.executable, *script_cmd("train_mobilenet.py", demo_voc, tmp_path, "--epochs", "3")])
+    run.until("train: ")  # still building the model: the first stop can only come after an iteration
+    run.proc.send_signal(signal.SIGINT)
+    run.until("SIGINT received")
+    run.proc.send_signal(signal.SIGINT)
+    code = run.finish()
+    assert code == 128 + signal.SIGINT
+    assert "stopped at once by a second SIGINT" in run.text and "Traceback" not in run.text
+    assert not list(tmp_path.glob(".*.tmp"))
+
+
+def test_checkpoint_every_n_iterations_writes_last_inside_the_epoch(demo_voc, tmp_path):
+    done = train("train_mobilenet.py", demo_voc, tmp_path, "--epochs", "1", "--checkpoint-every", "3")
+    assert done.stdout.count("iteration checkpoint last.pth (epoch 0, iteration 3)") == 1
+    last = load(tmp_path / "last.pth")
+    assert last["progress"] is None and last["epoch"] == 0  # the epoch end came after
+    assert os.path.samefile(tmp_path / "last.pth", tmp_path / "model-0.pth"), "last.pth links the epoch file"
+
+
+# ------------------------------------------------------------------------------------------ torchrun
+@pytest.fixture(scope="module")
+def uninterrupted_ddp(demo_voc, tmp_path_factory) -> Path:
+    """Two processes (torchrun, gloo), 2 epochs of 5 iterations in one go."""
+    out = tmp_path_factory.mktemp("ddp_reference")
+    done = subprocess.run(torchrun_cmd(free_port()) + script_cmd("train_multi_GPU.py", demo_voc, out, "--epochs", "2",
+                                                                 "-b", "2", "--backbone", "mobilenet_v2"),
+                          cwd=ROOT, capture_output=True, text=True, timeout=300, env=ENV)
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-3000:]
+    return out
+
+
+def worker_pid(out: Path, rank: int) -> int:
+    """The PID of the training process of ``rank`` writing to ``out``."""
+    for entry in Path("/proc").iterdir():
+        try:
+            cmdline = (entry / "cmdline").read_bytes().split(b"\0")
+            environ = (entry / "environ").read_bytes().split(b"\0")
+        except (OSError, ValueError):
+            continue
+        if str(out).encode() in cmdline and b"train_multi_GPU.py" in b" ".join(cmdline) \
+                and f"RANK={rank}".encode() in environ and b"-m" not in cmdline[:3]:
+            return int(entry.name)
+    raise AssertionError(f"no rank {rank} process for {out}")
+
+
+def ddp_cmd(demo_voc: Path, out: Path, *extra: str, launcher: Optional[List[str]] = None) -> List[str]:
+    return (launcher or torchrun_cmd(free_port())) + script_cmd(
+        "train_multi_GPU.py", demo_voc, out, "--epochs", "2", "-b", "2", "--backbone", "mobilenet_v2", *extra)
+
+
+def test_torchrun_sigterm_stops_every_rank_at_one_iteration_then_resumes(demo_voc, uninterrupted_ddp, tmp_path):
+    run = Run(ddp_cmd(demo_voc, tmp_path, "--checkpoint-every", "0"), env=ENV)
+    run.until("Epoch 1 [2/")
+    run.proc.send_signal(signal.SIGTERM)  # the agent passes it on to both workers
+    assert run.finish() != 0
+    assert run.text.count("stopped by SIGTERM at ") == 1, run.text[-3000:]
+    progress = load(tmp_path / "last.pth")["progress"]
+    assert progress["world_size"] == 2 and len(load(tmp_path / "last.pth")["rng_state"]) == 2
+
+    done = subprocess.run(ddp_cmd(demo_voc, tmp_path, "--resume", "auto"), cwd=ROOT, capture_output=True, text=True,
+                          timeout=300, env=ENV)
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-3000:]
+    assert f"at epoch 1, iteration {progress['iteration']}" in done.stdout
+    assert_same_weights(tmp_path / "model-1.pth", uninterrupted_ddp / "model-1.pth")
+    assert_each_step_logged_once(tmp_path, 10)
+
+
+def test_torchrun_restarts_a_killed_worker_and_finishes(demo_voc, uninterrupted_ddp, tmp_path):
+    launcher = torchrun_cmd(free_port(), "--max-restarts=1")
+    run = Run(ddp_cmd(demo_voc, tmp_path, "--checkpoint-every", "1", "--resume", "auto", launcher=launcher), env=ENV)
+    run.until("Epoch 1 [2/")
+    os.kill(worker_pid(tmp_path, 1), signal.SIGKILL)
+    assert run.finish() == 0, run.text[-4000:]
+    resumed = re.findall(r"resumed from \S+ at epoch (\d+), iteration (\d+)", run.text)
+    assert len(resumed) == 1 and resumed[0][0] == "1" and int(resumed[0][1]) >= 1, run.text[-3000:]
+    assert_same_weights(tmp_path / "model-1.pth", uninterrupted_ddp / "model-1.pth")
+    assert_each_step_logged_once(tmp_path, 10)
+
+
+def test_two_agents_like_two_nodes_with_separate_output_folders(demo_voc, uninterrupted_ddp, tmp_path):
+    """nnodes=2 on one host (c10d rendezvous): one epoch, then --resume auto with each agent
+    writing to its own folder (no shared storage): every rank continues from the same state."""
+    import validation
+
+    def two_agents(epochs: str, *extra: str) -> None:
+        endpoint, runs = f"127.0.0.1:{free_port()}", []
+        for node in (0, 1):
+            cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes=2", "--nproc-per-node=1",
+                   "--rdzv-backend=c10d", f"--rdzv-endpoint={endpoint}", "--rdzv-id=test",
+                   *script_cmd("train_multi_GPU.py", demo_voc, tmp_path / f"node{node}", "--epochs", epochs,
+                               "-b", "2", "--backbone", "mobilenet_v2", *extra)]
+            runs.append(Run(cmd, env=ENV))
+        for run in runs:
+            assert run.finish(timeout=300) == 0, run.text[-3000:]
+
+    two_agents("1")
+    two_agents("2", "--resume", "auto")
+    written = [folder for folder in tmp_path.iterdir() if (folder / "model-1.pth").is_file()]
+    assert len(written) == 1
+    assert_same_weights(written[0] / "model-1.pth", uninterrupted_ddp / "model-1.pth")
+
+    record = tmp_path / "record.txt"
+    assert validation.main(["--weights-path", str(written[0] / "model-1.pth"), "--workers", "0",
+                            "--output", str(record)]) == 0
+    assert json.loads(record.with_suffix(".json").read_text())["coco_stats"] == pytest.approx(
+        load(written[0] / "model-1.pth")["metrics"]["coco_stats"], abs=1e-9)
+
+
+@pytest.mark.parametrize("fault", ["SIGKILL", "SIGSTOP"])
+def test_a_dead_or_hung_rank_ends_the_others_with_one_line(fault, demo_voc, tmp_path):
+    """Two processes started by hand (no agent to clean up): rank 1 is killed or frozen; rank 0
+    names it and exits within --dist-timeout (15 s) plus a margin."""
+    port, runs = free_port(), []
+    for rank in (1, 0):
+        env = {**ENV, "RANK": str(rank), "LOCAL_RANK": str(rank), "WORLD_SIZE": "2", "MASTER_ADDR": "127.0.0.1",
+               "MASTER_PORT": str(port)}
+        runs.append(Run([sys.executable, *script_cmd("train_multi_GPU.py", demo_voc, tmp_path, "--epochs", "3",
+                                                     "-b", "2", "--backbone", "mobilenet_v2",
+                                                     "--dist-timeout", "0.25")], env=env))
+    rank1, rank0 = runs
+    try:
+        rank0.until("Epoch 0 [2/")
+        started = time.monotonic()
+        os.kill(rank1.proc.pid, getattr(signal, fault))
+        code = rank0.finish(timeout=60)
+        elapsed = time.monotonic() - started
+    finally:
+        os.killpg(rank1.proc.pid, signal.SIGKILL)
+        rank1.proc.wait()
+    errors = [line for line in rank0.lines if line.startswith("error:")]
+    assert code == 1 and len(errors) == 1, rank0.text[-3000:]
+    assert "rank 1 stopped answering (died or hung)" in errors[0] and "--resume auto" in errors[0]
+    assert "Traceback" not in rank0.text
+    assert elapsed < 15 + 5 + 15
+
+
+# ------------------------------------------------------------------------------------------ bad files
+@pytest.mark.parametrize("damage", ["truncated", "garbage"])
+def test_resume_auto_passes_over_a_damaged_newest_checkpoint(damage, demo_voc, uninterrupted, tmp_path):
+    (tmp_path / "model-0.pth").write_bytes((uninterrupted / "model-0.pth").read_bytes())
+    good = (uninterrupted / "model-1.pth").read_bytes()
+    (tmp_path / "last.pth").write_bytes(good[: len(good) // 2] if damage == "truncated" else os.urandom(4096))
+    done = train("train_mobilenet.py", demo_voc, tmp_path, "--epochs", "2", "--resume", "auto")
+    warnings = [line for line in done.stderr.splitlines() if line.startswith("warning: skipping a damaged")]
+    assert len(warnings) == 1 and str(tmp_path / "last.pth") in warnings[0], done.stderr
+    assert f"resumed from {tmp_path / 'model-0.pth'} at epoch 1" in done.stdout
+    assert_same_weights(tmp_path / "model-1.pth", uninterrupted / "model-1.pth")
+
+
+def one_error_line(script: str, demo_voc: Path, out: Path, *extra: str) -> str:
+    cmd = [sys.executable, *script_cmd(script, demo_voc, out, "--epochs", "2", *extra)]
+    done = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    lines = done.stderr.strip().splitlines()
+    assert done.returncode == 1 and len(lines) == 1 and lines[0].startswith("error: "), done.stderr[-3000:]
+    return lines[0]
+
+
+def test_resume_from_a_file_that_is_not_a_checkpoint(demo_voc, uninterrupted, tmp_path):
+    garbage = tmp_path / "notes.pth"
+    garbage.write_text("not a checkpoint")
+    assert str(garbage) in one_error_line("train_mobilenet.py", demo_voc, tmp_path / "a", "--resume", str(garbage))
+    bare = tmp_path / "weights.pth"
+    torch.save(load(uninterrupted / "model-1.pth")["model"], bare)
+    line = one_error_line("train_mobilenet.py", demo_voc, tmp_path / "b", "--resume", str(bare))
+    assert f"{bare} is not a training checkpoint" in line and "--weights" in line
+
+
+def test_resume_from_another_models_checkpoint(demo_voc, uninterrupted, tmp_path):
+    line = one_error_line("train_resnet50_fpn.py", demo_voc, tmp_path, "--resume", str(uninterrupted / "last.pth"))
+    assert f"{uninterrupted / 'last.pth'} was written for another model" in line
+    assert "--backbone" in line and "backbone=mobilenet_v2" in line
+
+
+def test_a_full_disk_stops_with_one_line_and_keeps_the_previous_checkpoint(demo_voc, tmp_path, monkeypatch, capsys):
+    """ENOSPC in the middle of writing epoch 1's checkpoint: one line, last.pth still holds epoch 0."""
+    from train_utils.engine import args as args_module
+    from train_utils.engine.trainer import main
+
+    real_save = torch.save
+
+    def save(obj, f, *a, **k):
+        if isinstance(obj, dict) and obj.get("epoch") == 1:
+            Path(f).write_bytes(b"partial")
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        return real_save(obj, f, *a, **k)
+
+    monkeypatch.setattr(torch, "save", save)
+    argv = script_cmd("train_mobilenet.py", demo_voc, tmp_path, "--epochs", "2", "--checkpoint-every", "0")[1:]
+    args = args_module.parse(args_module.build_parser("test", {"backbone": "mobilenet_v2"}), argv)
+    with pytest.raises(SystemExit) as stop:
+        main(args)
+    assert stop.value.code == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith(f"error: cannot write {tmp_path / 'model-1.pth'}: No space left")
+    assert load(tmp_path / "last.pth")["epoch"] == 0
+    assert sorted(p.name for p in tmp_path.glob("*.pth")) == ["best.pth", "last.pth", "model-0.pth"]
+    assert not list(tmp_path.glob(".*.tmp"))
+
+
+def test_keep_checkpoints(demo_voc, tmp_path):
+    train("train_mobilenet.py", demo_voc, tmp_path, "--epochs", "2", "--keep-checkpoints", "1")
+    assert sorted(p.name for p in tmp_path.glob("*.pth")) == ["best.pth", "last.pth", "model-1.pth"]
+    assert os.path.samefile(tmp_path / "last.pth", tmp_path / "model-1.pth")
+    assert load(tmp_path / "best.pth")["epoch"] in (0, 1)
+
+
+# ------------------------------------------------------------------------------------------ the parts
+def test_checkpoint_every_accepts_iterations_times_and_off():
+    from train_utils.engine.control import CheckpointEvery
+
+    assert CheckpointEvery.parse("500") == CheckpointEvery(iterations=500)
+    assert CheckpointEvery.parse("90s") == CheckpointEvery(seconds=90.0)
+    assert CheckpointEvery.parse("15m") == CheckpointEvery(seconds=900.0)
+    assert CheckpointEvery.parse("1.5h") == CheckpointEvery(seconds=5400.0)
+    assert CheckpointEvery.parse("0") == CheckpointEvery.parse("off") == CheckpointEvery()
+    for bad in ("ten", "5x", "1.5", "-3"):
+        with pytest.raises(ValueError, match="--checkpoint-every"):
+            CheckpointEvery.parse(bad)
+    every = CheckpointEvery(iterations=3)
+    assert [every.due(i, 0.0) for i in (1, 2, 3)] == [False, False, True]
+    assert CheckpointEvery(seconds=60).due(1, 59.0) is False and CheckpointEvery(seconds=60).due(1, 60.0) is True
+    assert CheckpointEvery().due(10 ** 9, 1e9) is False
+
+
+def test_run_control_saves_every_n_iterations_and_on_a_signal():
+    from train_utils.engine.control import CheckpointEvery, RunControl, StopSignals
+
+    signals = StopSignals()
+    control = RunControl(CheckpointEvery(iterations=2), signals)
+    decisions = [control.poll() for _ in range(3)]
+    assert decisions == [{"save": 0, "stop": 0}, {"save": 1, "stop": 0}, {"save": 1, "stop": 0}]
+    control.mark()
+    assert control.poll() == {"save": 0, "stop": 0}
+    signals.signum = signal.SIGTERM  # what the handler records
+    assert control.poll() == {"save": 1, "stop": int(signal.SIGTERM)}
+    assert control.stop_requested() == signal.SIGTERM
+
+
+def test_augmentation_is_a_function_of_seed_epoch_and_image(demo_voc):
+    """The same (epoch, index) gives the same augmented sample whatever was read before, the
+    caller's random state is untouched, and another epoch draws other flips."""
+    from my_dataset import VOCDataSet
+    from train_utils.data.samplers import SeededSamples
+    from train_utils.data.transforms import get_transforms
+
+    dataset = VOCDataSet(demo_voc, transforms=get_transforms(True, "full"), txt_name="train.txt",
+                         classes_json=str(demo_voc / "classes.json"))
+    seeded = SeededSamples(dataset, seed=7)
+    first = seeded[(3, 5)]
+    state = torch.get_rng_state()
+    for key in [(3, 1), (0, 5), (3, 2)]:
+        seeded[key]
+    assert torch.equal(torch.get_rng_state(), state)
+    again = seeded[(3, 5)]
+    assert torch.equal(first[0], again[0]) and torch.equal(first[1]["boxes"], again[1]["boxes"])
+    other_epochs = [seeded[(epoch, 5)][1]["boxes"] for epoch in range(8)]
+    assert any(not torch.equal(boxes, first[1]["boxes"]) for boxes in other_epochs)
+
+
+def test_resumable_batches_skip_the_first_batches_of_the_same_order():
+    from torch.utils.data import BatchSampler, DistributedSampler
+
+    from train_utils.data.samplers import ResumableBatches
+
+    sampler = DistributedSampler(range(20), num_replicas=1, rank=0, shuffle=True, seed=3)
+    batches = ResumableBatches(BatchSampler(sampler, 3, drop_last=True), sampler)
+    batches.set_epoch(4)
+    whole = list(batches)
+    assert len(whole) == len(batches) == batches.full_length == 6
+    assert all(epoch == 4 for batch in whole for epoch, _ in batch)
+    batches.set_epoch(4, skip=4)
+    assert list(batches) == whole[4:] and len(batches) == 2 and batches.full_length == 6
+    batches.set_epoch(5)
+    assert [[i for _, i in b] for b in batches] != [[i for _, i in b] for b in whole]
+
+
+def test_random_states_round_trip_through_a_checkpoint_file(tmp_path):
+    import random
+
+    import numpy as np
+
+    from train_utils.engine import rng
+
+    random.seed(1), np.random.seed(2), torch.manual_seed(3)
+    torch.save({"rng": [rng.capture()]}, tmp_path / "state.pth")
+    expected = (random.random(), float(np.random.rand()), torch.rand(3))
+    random.seed(9), np.random.seed(9), torch.manual_seed(9)
+    states = rng.from_stored(torch.load(tmp_path / "state.pth", weights_only=True)["rng"])
+    assert rng.restore_rank(states, 0) and not rng.restore_rank(states, 1)
+    got = (random.random(), float(np.random.rand()), torch.rand(3))
+    assert got[:2] == expected[:2] and torch.equal(got[2], expected[2])
+    # Formats 1-2 stored torch's CPU state alone.
+    torch.manual_seed(5)
+    old = torch.get_rng_state()
+    want = torch.rand(2)
+    assert rng.restore_rank(rng.from_stored(old), 0) and torch.equal(torch.rand(2), want)
+
+
+def test_epoch_state_continues_the_running_means():
+    from train_utils.engine.loop import EpochState
+
+    whole = EpochState(2)
+    for step, loss in enumerate([4.0, 2.0, 3.0, 1.0]):
+        whole.add({"loss": loss}, lr=0.1 * step)
+    part = EpochState(2)
+    for step, loss in enumerate([4.0, 2.0]):
+        part.add({"loss": loss}, lr=0.1 * step)
+    resumed = EpochState.from_dict(2, part.to_dict())
+    for step, loss in [(2, 3.0), (3, 1.0)]:
+        resumed.add({"loss": loss}, lr=0.1 * step)
+    assert resumed.means() == whole.means() == {"loss": 2.5, "lr": pytest.approx(0.3)}
+
+
+def test_prune_and_link_checkpoints(tmp_path, monkeypatch):
+    from train_utils import checkpoint as ckpt
+
+    for epoch in (0, 1, 2, 10):
+        (tmp_path / f"model-{epoch}.pth").write_bytes(bytes([epoch]))
+    (tmp_path / "model-x.pth").write_bytes(b"other")
+    ckpt.link_checkpoint(str(tmp_path / "model-10.pth"), str(tmp_path / "last.pth"))
+    assert os.path.samefile(tmp_path / "last.pth", tmp_path / "model-10.pth")
+    assert ckpt.checkpoint_candidates(str(tmp_path)) == [str(tmp_path / n) for n in
+                                                          ("last.pth", "model-10.pth", "model-2.pth", "model-1.pth",
+                                                           "model-0.pth")]
+    assert ckpt.prune_checkpoints(str(tmp_path), 0) == []
+    assert ckpt.prune_checkpoints(str(tmp_path), 2) == [str(tmp_path / "model-1.pth"), str(tmp_path / "model-0.pth")]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["last.pth", "model-10.pth", "model-2.pth", "model-x.pth"]
+
+    def no_links(*_):
+        raise OSError(errno.EPERM, "links not supported")
+
+    monkeypatch.setattr(os, "link", no_links)
+    ckpt.link_checkpoint(str(tmp_path / "model-2.pth"), str(tmp_path / "best.pth"))  # copies instead
+    assert (tmp_path / "best.pth").read_bytes() == bytes([2])
+    assert not os.path.samefile(tmp_path / "best.pth", tmp_path / "model-2.pth")
+    assert not list(tmp_path.glob(".*.tmp"))
+
+
+def _share(rank: int, port: int, result_dir: str) -> None:
+    import torch.distributed as dist
+
+    from train_utils.engine import distributed as dist_utils
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE="2",
+                      LOCAL_RANK=str(rank))
+    dist_utils.init_distributed_mode("cpu", timeout_minutes=1)
+    try:
+        # Rank 1 holds the newer state (another node's output folder), rank 0 an older one.
+        choice = ("node1/last.pth", {"step": 12, "weights": torch.arange(3.0)}) if rank == 1 else \
+            ("node0/model-0.pth", {"step": 5, "weights": torch.zeros(3)})
+        path, state = dist_utils.share_newest(choice, lambda s: (s["step"],))
+        outcome = {"path": path, "step": state["step"], "weights": state["weights"].tolist()}
+        try:
+            dist_utils.share_newest(None, lambda s: (0,), error="damaged.pth is truncated" if rank == 0 else None)
+        except ValueError as exc:
+            outcome["error"] = str(exc)
+        nothing = dist_utils.share_newest(None, lambda s: (0,))
+        outcome["nothing"] = list(nothing)
+        Path(result_dir, f"{rank}.json").write_text(json.dumps(outcome))
+    finally:
+        dist.destroy_process_group()
+
+
+def test_every_rank_resumes_from_the_newest_checkpoint_of_any_rank(tmp_path):
+    import torch.multiprocessing as mp
+
+    mp.start_processes(_share, args=(free_port(), str(tmp_path)), nprocs=2, start_method="fork")
+    for rank in (0, 1):
+        outcome = json.loads((tmp_path / f"{rank}.json").read_text())
+        assert outcome["path"] == "node1/last.pth" and outcome["step"] == 12
+        assert outcome["weights"] == [0.0, 1.0, 2.0]
+        assert outcome["error"] == "rank 0: damaged.pth is truncated"
+        assert outcome["nothing"] == [None, None]
