@@ -500,3 +500,24 @@ def test_every_rank_resumes_from_the_newest_checkpoint_of_any_rank(tmp_path):
         assert outcome["weights"] == [0.0, 1.0, 2.0]
         assert outcome["error"] == "rank 0: damaged.pth is truncated"
         assert outcome["nothing"] == [None, None]
+
+
+def test_loader_workers_end_with_the_run_even_on_an_error(demo_voc, tmp_path):
+    """Workers ignore stop signals, so the Trainer stops them itself: after a failed run none is
+    left for the interpreter's exit to wait on."""
+    from train_utils.engine import args as args_module
+    from train_utils.engine.hooks import Hook
+    from train_utils.engine.trainer import Trainer
+
+    class Boom(Hook):
+        def after_step(self, trainer, state):
+            raise RuntimeError("boom")
+
+    argv = script_cmd("train_mobilenet.py", demo_voc, tmp_path, "--epochs", "1", "--workers", "2")[1:]
+    trainer = Trainer(args_module.parse(args_module.build_parser("test", {"backbone": "mobilenet_v2"}), argv),
+                      extra_hooks=[Boom()])
+    with pytest.raises(RuntimeError, match="boom"):
+        trainer.train()
+    workers = trainer.train_loader._iterator._workers
+    assert len(workers) == 2 and not any(worker.is_alive() for worker in workers)
+    assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL  # the stop handlers are removed

@@ -3,6 +3,8 @@
     python tools/benchmark.py                 # every case, 5 alternating repeats each
     python tools/benchmark.py --cases infer_r50 train_mbv2 --repeats 3
     python tools/benchmark.py --cases data    # data loading vs training throughput
+    python tools/benchmark.py --cases checkpoint  # cost of one R50-FPN training checkpoint
+    python tools/benchmark.py --cases epoch_end   # what blocks every rank at an epoch end (2 gloo ranks)
 
 Each case builds torchvision's model with random weights, copies its state dict into ours, then
 times the two alternately (ours, theirs, ours, ...) and reports medians and the ratio
@@ -28,7 +30,7 @@ sys.path.insert(0, str(ROOT))
 import torch  # noqa: E402
 import torchvision  # noqa: E402
 from torchvision.models.detection import FasterRCNN as TVFasterRCNN  # noqa: E402
-from torchvision.models.detection import fasterrcnn_resnet50_fpn  # noqa: E402
+from torchvision.models.detection.backbone_utils import resnet_fpn_backbone  # noqa: E402
 from torchvision.models.detection.anchor_utils import AnchorGenerator as TVAnchorGenerator  # noqa: E402
 
 from backbone import mobilenet_v2_backbone, resnet50_fpn_backbone  # noqa: E402
@@ -52,7 +54,13 @@ def build_pair(arch: str) -> Tuple[torch.nn.Module, torch.nn.Module]:
     """(ours, torchvision's) with identical weights."""
     torch.manual_seed(0)
     if arch == "r50":
-        theirs = fasterrcnn_resnet50_fpn(weights=None, weights_backbone=None, num_classes=91)
+        # torchvision's detector as its recipe builds it from ImageNet weights (what
+        # fasterrcnn_resnet50_fpn(weights_backbone=...) does): frozen BatchNorm, layers 2-4
+        # trainable, like ours. Without backbone weights it would switch to trainable BatchNorm
+        # and all five layers, another training computation.
+        backbone = resnet_fpn_backbone(backbone_name="resnet50", weights=None,
+                                       norm_layer=torchvision.ops.FrozenBatchNorm2d, trainable_layers=3)
+        theirs = TVFasterRCNN(backbone, num_classes=91)
         randomize_frozen_bn(theirs)
         ours = FasterRCNN(resnet50_fpn_backbone(), num_classes=91)
     else:
@@ -215,9 +223,149 @@ def data_case(repeats: int) -> Dict[str, float]:
     return {"load_img_s": load_rate, "train_img_s": train_rate, "load_over_train": load_rate / train_rate}
 
 
+def checkpoint_case(repeats: int) -> Dict[str, float]:
+    """Seconds to write one training checkpoint of ResNet50-FPN (21 classes, SGD momentum state)
+    atomically with fsync, into save_weights/ (the disk a run writes to), and its size."""
+    from train_utils.checkpoint import Checkpoint, save_checkpoint
+    from train_utils.engine import rng
+    from train_utils.model.builder import build_model
+    from train_utils.model.config import ModelConfig
+
+    config = ModelConfig(num_classes=21, backbone="resnet50_fpn")
+    model = build_model(config)
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.SGD(params, lr=0.01, momentum=0.9, weight_decay=1e-4)
+    for param in params:
+        param.grad = torch.ones_like(param)
+    optimizer.step()  # momentum buffers exist, as in a running training
+    checkpoint = Checkpoint(model=model.state_dict(), config=config, class_names=[f"c{i}" for i in range(20)],
+                            epoch=0, optimizer=optimizer.state_dict(), lr_scheduler={"last_epoch": 1},
+                            rng_state=[rng.capture()], progress={"iteration": 1, "loss_sums": {}})
+    folder = ROOT / "save_weights"
+    folder.mkdir(exist_ok=True)
+    path = folder / "benchmark-checkpoint.pth"
+    times = []
+    try:
+        for _ in range(repeats):
+            start = time.perf_counter()
+            save_checkpoint(checkpoint, str(path))
+            times.append(time.perf_counter() - start)
+        size = path.stat().st_size
+    finally:
+        path.unlink(missing_ok=True)
+    seconds = statistics.median(times)
+    return {"save_s": seconds, "size_mib": size / 2 ** 20,
+            "share_at_15m": seconds / (15 * 60 + seconds)}
+
+
+def _synthetic_evaluation(num_images: int, num_classes: int, seed: int = 0):
+    """A COCO ground truth of ``num_images`` 500x375 images (about 2.4 objects each, VOC's
+    average) and 100 detections per image near the objects, as ``{image_id: prediction}``."""
+    import contextlib
+    import io
+
+    from pycocotools.coco import COCO
+
+    g = torch.Generator().manual_seed(seed)
+    images, annotations, predictions = [], [], {}
+    for image_id in range(num_images):
+        images.append({"id": image_id, "width": 500, "height": 375})
+        count = int(torch.randint(1, 5, (1,), generator=g))
+        xy = torch.rand(count, 2, generator=g) * torch.tensor([400.0, 275.0])
+        boxes = torch.cat([xy, xy + 20 + torch.rand(count, 2, generator=g) * 80], dim=1)
+        labels = torch.randint(1, num_classes + 1, (count,), generator=g)
+        for box, label in zip(boxes.tolist(), labels.tolist()):
+            annotations.append({"id": len(annotations) + 1, "image_id": image_id, "category_id": label,
+                                "bbox": [box[0], box[1], box[2] - box[0], box[3] - box[1]],
+                                "area": (box[2] - box[0]) * (box[3] - box[1]), "iscrowd": 0})
+        picks = torch.randint(0, count, (100,), generator=g)
+        jitter = torch.randn(100, 4, generator=g) * 8
+        predictions[image_id] = {"boxes": (boxes[picks] + jitter).clamp(min=0),
+                                 "scores": torch.rand(100, generator=g),
+                                 "labels": torch.where(torch.rand(100, generator=g) < 0.7, labels[picks],
+                                                       torch.randint(1, num_classes + 1, (100,), generator=g))}
+    coco = COCO()
+    coco.dataset = {"images": images, "annotations": annotations,
+                    "categories": [{"id": c, "name": f"c{c}"} for c in range(1, num_classes + 1)]}
+    with contextlib.redirect_stdout(io.StringIO()):
+        coco.createIndex()
+    return coco, predictions
+
+
+def _epoch_end_worker(rank: int, world_size: int, port: int, num_images: int, result_file: str) -> None:
+    """The end of an epoch on ``world_size`` gloo ranks: COCO scoring of the validation set, the
+    way of the previous version (rank 0 matches every image) and now (shared), then the
+    checkpoint files (three full writes before, one write and two links now)."""
+    import torch.distributed as dist
+
+    from train_utils.evaluation.coco_eval import CocoEvaluator
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", rank=rank, world_size=world_size)
+    coco_gt, predictions = _synthetic_evaluation(num_images, num_classes=20)
+    mine = {i: p for i, p in predictions.items() if i % world_size == rank}
+    times = {}
+    for mode in ("rank0_alone", "shared"):
+        evaluator = CocoEvaluator(coco_gt)
+        evaluator.update(mine)
+        dist.barrier()
+        start = time.perf_counter()
+        evaluator.synchronize_between_processes()
+        if mode == "rank0_alone":
+            evaluator.world_size, evaluator.rank = 1, 0  # the previous version's path
+            if rank == 0:
+                evaluator.accumulate()
+        else:
+            evaluator.accumulate()
+        busy = time.perf_counter() - start
+        dist.barrier()  # the other ranks wait here for rank 0
+        times[mode] = {"busy_s": busy, "wall_s": time.perf_counter() - start}
+    parts = [None] * world_size
+    dist.all_gather_object(parts, times)
+    if rank == 0:
+        Path(result_file).write_text(json.dumps(parts))
+    dist.destroy_process_group()
+
+
+def epoch_end_case(num_images: int = 4952) -> Dict[str, float]:
+    """Seconds of the epoch end that block every rank (2 gloo processes, a VOC07-test-sized
+    validation set): COCO scoring before/after sharing it, and the checkpoint writes before
+    (model-<epoch>, last and best written in full) and after (one write, two links)."""
+    import socket
+
+    import torch.multiprocessing as mp
+
+    from train_utils.checkpoint import link_checkpoint
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    with tempfile.TemporaryDirectory() as tmp:
+        result = Path(tmp) / "times.json"
+        mp.start_processes(_epoch_end_worker, args=(2, port, num_images, str(result)), nprocs=2, start_method="fork")
+        parts = json.loads(result.read_text())
+    write = checkpoint_case(1)["save_s"]
+    folder = ROOT / "save_weights"
+    start = time.perf_counter()
+    try:
+        (folder / "benchmark-a.pth").write_bytes(b"x")
+        link_checkpoint(str(folder / "benchmark-a.pth"), str(folder / "benchmark-b.pth"))
+    finally:
+        for name in ("benchmark-a.pth", "benchmark-b.pth"):
+            (folder / name).unlink(missing_ok=True)
+    link = time.perf_counter() - start
+    return {"score_before_wall_s": parts[0]["rank0_alone"]["wall_s"],
+            "score_before_rank1_busy_s": parts[1]["rank0_alone"]["busy_s"],
+            "score_after_wall_s": parts[0]["shared"]["wall_s"],
+            "score_after_rank1_busy_s": parts[1]["shared"]["busy_s"],
+            "checkpoints_before_s": 3 * write, "checkpoints_after_s": write + 2 * link}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--cases", nargs="+", default=list(CASES) + ["data"], choices=list(CASES) + ["data"])
+    extra = ["data", "checkpoint", "epoch_end"]
+    parser.add_argument("--cases", nargs="+", default=list(CASES) + extra, choices=list(CASES) + extra)
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--memory", action="store_true", help="also measure peak memory (subprocess per model)")
     parser.add_argument("--json", default=None, help="write the figures to this file")
@@ -235,6 +383,16 @@ def main() -> None:
             r = data_case(args.repeats)
             print(f"data      loading {r['load_img_s']:.1f} img/s vs training {r['train_img_s']:.1f} img/s "
                   f"-> {r['load_over_train']:.1f}x")
+        elif name == "epoch_end":
+            r = epoch_end_case()
+            print(f"epoch end (2 ranks, 4952 val images): COCO scoring {r['score_before_wall_s']:.1f}s -> "
+                  f"{r['score_after_wall_s']:.1f}s (rank 1 busy {r['score_before_rank1_busy_s']:.1f}s -> "
+                  f"{r['score_after_rank1_busy_s']:.1f}s); checkpoint files {r['checkpoints_before_s']:.1f}s -> "
+                  f"{r['checkpoints_after_s']:.1f}s")
+        elif name == "checkpoint":
+            r = checkpoint_case(args.repeats)
+            print(f"checkpoint R50-FPN with optimizer state: {r['size_mib']:.0f} MiB written in {r['save_s']:.2f}s "
+                  f"-> {100 * r['share_at_15m']:.2f}% of training time at --checkpoint-every 15m")
         else:
             r = time_case(name, args.repeats)
             if args.memory:

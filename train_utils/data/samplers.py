@@ -1,8 +1,11 @@
-"""Batch images of similar aspect ratio together (less padding in a batch), as torchvision's
-detection references do.
+"""How training batches are formed and keyed.
 
-Aspect ratios come from ``dataset.get_height_and_width(idx)`` (no image is decoded); ``Subset``
-and ``ConcatDataset`` wrappers are looked through.
+- Aspect-ratio grouping, as torchvision's detection references do (less padding in a batch):
+  ratios come from ``dataset.get_height_and_width(idx)`` (no image is decoded); ``Subset`` and
+  ``ConcatDataset`` wrappers are looked through.
+- :class:`ResumableBatches` and :class:`SeededSamples`: batches keyed ``(epoch, index)`` whose
+  augmentation is seeded per image, and an epoch that can start after its first batches (a resume
+  inside the epoch).
 """
 from __future__ import annotations
 

@@ -17,6 +17,7 @@ from typing import Any, Dict, List, Optional, Tuple
 import numpy as np
 import torch
 from torch.utils.data import BatchSampler, DataLoader, DistributedSampler
+from tqdm import tqdm
 
 from backbone import MissingWeightFileError, WeightFileError, get_backbone, weight_url
 from train_utils.checkpoint import (Checkpoint, CheckpointWriteError, checkpoint_candidates, read_checkpoint,
@@ -398,8 +399,8 @@ class Trainer:
         checkpoint = self.checkpoint(state.epoch - 1, None, progress)
         if self.is_main:
             save_checkpoint(checkpoint, os.path.join(self.args.output_dir, "last.pth"))
-            print(f"iteration checkpoint last.pth (epoch {state.epoch}, iteration {state.iteration}) written in "
-                  f"{time.time() - started:.1f}s", flush=True)
+            tqdm.write(f"iteration checkpoint last.pth (epoch {state.epoch}, iteration {state.iteration}) written in "
+                       f"{time.time() - started:.1f}s")  # above a progress bar, if one is drawn
         self.control.mark()
 
     def stop(self, signum: int, where: str) -> None:
@@ -438,7 +439,16 @@ class Trainer:
             raise
         finally:
             self.signals.uninstall()
+            self.shut_down_loaders()
             dist_utils.cleanup(failed)
+
+    def shut_down_loaders(self) -> None:
+        """Stop the loaders' persistent workers now. They ignore stop signals, so the terminate at
+        interpreter exit would not end them if a traceback still held a loader."""
+        for name in ("train_loader", "val_loader"):
+            iterator = getattr(getattr(self, name, None), "_iterator", None)
+            if iterator is not None and hasattr(iterator, "_shutdown_workers"):
+                iterator._shutdown_workers()
 
     def report_model(self) -> None:
         if self.is_main:
