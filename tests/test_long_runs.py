@@ -309,7 +309,7 @@ def test_a_full_disk_stops_with_one_line_and_keeps_the_previous_checkpoint(demo_
 
     def save(obj, f, *a, **k):
         if isinstance(obj, dict) and obj.get("epoch") == 1:
-            Path(f).write_bytes(b"partial")
+            f.write(b"partial")
             raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
         return real_save(obj, f, *a, **k)
 
@@ -324,6 +324,22 @@ def test_a_full_disk_stops_with_one_line_and_keeps_the_previous_checkpoint(demo_
     assert load(tmp_path / "last.pth")["epoch"] == 0
     assert sorted(p.name for p in tmp_path.glob("*.pth")) == ["best.pth", "last.pth", "model-0.pth"]
     assert not list(tmp_path.glob(".*.tmp"))
+
+
+def test_a_real_write_failure_is_one_line(demo_voc, tmp_path):
+    """A file-size limit (RLIMIT_FSIZE: writes fail with EFBIG, as on a full disk they fail with
+    ENOSPC) below the checkpoint's size: torch.save's error becomes one line naming the file."""
+    import resource
+
+    def limit_file_size():
+        resource.setrlimit(resource.RLIMIT_FSIZE, (512 * 1024, resource.RLIM_INFINITY))
+
+    cmd = [sys.executable, *script_cmd("train_mobilenet.py", demo_voc, tmp_path, "--epochs", "1")]
+    done = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300, preexec_fn=limit_file_size)
+    lines = done.stderr.strip().splitlines()
+    assert done.returncode == 1 and len(lines) == 1, done.stderr[-3000:]
+    assert lines[0].startswith(f"error: cannot write {tmp_path / 'model-0.pth'}: File too large")
+    assert not list(tmp_path.glob("*.pth")) and not list(tmp_path.glob(".*.tmp"))
 
 
 def test_keep_checkpoints(demo_voc, tmp_path):
@@ -521,3 +537,48 @@ def test_loader_workers_end_with_the_run_even_on_an_error(demo_voc, tmp_path):
     workers = trainer.train_loader._iterator._workers
     assert len(workers) == 2 and not any(worker.is_alive() for worker in workers)
     assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL  # the stop handlers are removed
+
+
+def test_a_resume_with_other_batches_per_epoch_moves_the_schedule_to_the_same_epoch(demo_voc, uninterrupted,
+                                                                                    tmp_path, capsys):
+    """model-0.pth was written after epoch 0 at 4 batches per epoch (step 4). Resumed with -b 2
+    (9 batches per epoch, as another world size would change it) the schedule goes on at step 9,
+    the start of epoch 1 in this run, not at step 4 (the middle of epoch 0)."""
+    from train_utils.engine import args as args_module
+    from train_utils.engine.trainer import Trainer
+
+    argv = script_cmd("train_mobilenet.py", demo_voc, tmp_path, "--epochs", "2", "-b", "2",
+                      "--aspect-ratio-group-factor", "-1", "--resume", str(uninterrupted / "model-0.pth"))[1:]
+    trainer = Trainer(args_module.parse(args_module.build_parser("test", {"backbone": "mobilenet_v2"}), argv))
+    try:
+        trainer.setup()
+        schedule = trainer.scheduler
+        assert trainer.train_batches.full_length == 9 and schedule.last_epoch == 9 and trainer.start_epoch == 1
+        assert trainer.optimizer.param_groups[0]["lr"] == pytest.approx(0.01 * schedule.lr_lambdas[0](9))
+        assert schedule.get_last_lr() == [group["lr"] for group in trainer.optimizer.param_groups]
+    finally:
+        trainer.signals.uninstall()
+        trainer.shut_down_loaders()
+    assert "schedule was at step 4; with 9 batches per epoch this run goes on at step 9" in capsys.readouterr().err
+
+
+def test_a_non_finite_loss_names_the_terms_and_images_before_any_update():
+    from train_utils.engine.loop import EpochState, NonFiniteLossError, train_one_epoch
+
+    class Exploding(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.w = torch.nn.Parameter(torch.ones(1))
+
+        def forward(self, images, targets):
+            return {"loss_classifier": self.w * float("nan"), "loss_box_reg": self.w * 0.5}
+
+    model = Exploding()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
+    batch = ([torch.zeros(3, 4, 4)], [{"image_id": torch.tensor(7), "boxes": torch.zeros(0, 4)}])
+    with pytest.raises(NonFiniteLossError, match=r"non-finite loss at epoch 3, iteration 0 \(loss_classifier=nan, "
+                                                 r"loss_box_reg=0.5\); images in the batch: img7\. Lower --lr"):
+        train_one_epoch(model, optimizer, [batch], torch.device("cpu"), EpochState(3), scheduler,
+                        describe_images=lambda ids: ", ".join(f"img{i}" for i in ids))
+    assert model.w.item() == 1.0 and model.w.grad is None

@@ -20,7 +20,7 @@ from backbone.registry import DetectorParts, all_option_fields, backbone_help, o
 from backbone.torchvision_backbones import TorchvisionOptions
 from backbone.weight_files import WEIGHT_URLS
 from network_files import FasterRCNN
-from train_utils.checkpoint import Checkpoint, find_last_checkpoint, read_checkpoint, save_checkpoint
+from train_utils.checkpoint import Checkpoint, checkpoint_candidates, read_checkpoint, save_checkpoint
 from train_utils.cli import (
     add_model_flags,
     apply_model_flags,
@@ -731,15 +731,15 @@ def test_unreadable_files(tmp_path, kind):
         assert "holds a list" in message
 
 
-def test_find_last_checkpoint(tmp_path):
-    """last.pth first, else the highest model-N.pth (numeric order), else None."""
-    assert find_last_checkpoint(str(tmp_path)) is None
-    assert find_last_checkpoint(str(tmp_path / "absent")) is None
+def test_checkpoint_candidates(tmp_path):
+    """last.pth first, then model-N.pth by falling N (numeric order); nothing else."""
+    assert checkpoint_candidates(str(tmp_path)) == []
+    assert checkpoint_candidates(str(tmp_path / "absent")) == []
     for name in ("model-9.pth", "model-10.pth", "model-2.pth", "model-x.pth", "model-11.pth.tmp", "other.pth"):
         (tmp_path / name).write_bytes(b"")
-    assert find_last_checkpoint(str(tmp_path)) == str(tmp_path / "model-10.pth")
+    assert checkpoint_candidates(str(tmp_path)) == [str(tmp_path / f"model-{n}.pth") for n in (10, 9, 2)]
     (tmp_path / "last.pth").write_bytes(b"")
-    assert find_last_checkpoint(str(tmp_path)) == str(tmp_path / "last.pth")
+    assert checkpoint_candidates(str(tmp_path))[:2] == [str(tmp_path / "last.pth"), str(tmp_path / "model-10.pth")]
 
 
 # ------------------------------------------------------------------------------------ builder

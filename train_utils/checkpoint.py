@@ -102,9 +102,13 @@ def save_checkpoint(checkpoint: Checkpoint, path: str) -> None:
     """
     try:
         save_atomic(checkpoint.to_dict(), path)
-    except OSError as exc:
-        raise CheckpointWriteError(f"cannot write {path}: {exc.strerror or exc}; the file there before (if any) "
-                                   "is intact", exc.errno) from None
+    except (OSError, RuntimeError) as exc:
+        # torch.save's zip writer may report a failed write as a RuntimeError raised on top of it
+        failure = exc if isinstance(exc, OSError) else exc.__context__
+        if not isinstance(failure, OSError):
+            raise
+        raise CheckpointWriteError(f"cannot write {path}: {failure.strerror or failure}; the file there before "
+                                   "(if any) is intact", failure.errno) from None
 
 
 def link_checkpoint(source: str, target: str) -> None:
@@ -202,8 +206,8 @@ def _current_umask() -> int:
 
 def save_atomic(obj: Any, path: str) -> None:
     """``torch.save`` to ``path`` so that a crash never leaves a truncated file behind."""
-    with temporary_path(path) as tmp:
-        torch.save(obj, tmp)
+    with temporary_path(path) as tmp, open(tmp, "wb") as handle:
+        torch.save(obj, handle)  # through a Python file: a failed write raises the OSError (errno kept)
 
 
 def checkpoint_candidates(output_dir: str) -> List[str]:
@@ -214,12 +218,6 @@ def checkpoint_candidates(output_dir: str) -> List[str]:
                        if (m := _NUMBERED.fullmatch(file.name))), reverse=True)
     last = folder / "last.pth"
     return ([str(last)] if last.is_file() else []) + [str(file) for _, file in numbered]
-
-
-def find_last_checkpoint(output_dir: str) -> Optional[str]:
-    """``last.pth`` if present, else the ``model-<epoch>.pth`` with the highest epoch, else None."""
-    candidates = checkpoint_candidates(output_dir)
-    return candidates[0] if candidates else None
 
 
 def prune_checkpoints(output_dir: str, keep: int) -> List[str]:

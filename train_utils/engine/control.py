@@ -6,11 +6,14 @@ with 128 + the signal number. A second signal stops at once (:class:`ImmediateSt
 torch.distributed every rank acts at the same iteration: :meth:`RunControl.poll` agrees through
 one small collective.
 """
+import os
 import re
 import signal
+import sys
 import threading
 import time
 from dataclasses import dataclass
+from types import FrameType
 from typing import Dict, Optional
 
 from train_utils.engine import distributed as dist_utils
@@ -53,7 +56,7 @@ class CheckpointEvery:
     @classmethod
     def parse(cls, text: str) -> "CheckpointEvery":
         match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([smh]?)\s*", str(text).lower())
-        if text in ("off", "none") or (match and float(match.group(1)) == 0):
+        if str(text).lower() in ("off", "none") or (match and float(match.group(1)) == 0):
             return cls()
         if not match or (not match.group(2) and "." in match.group(1)):
             raise ValueError(f"--checkpoint-every {text!r}: give iterations (500), a time (90s, 15m, 1h) or 0")
@@ -90,13 +93,13 @@ class StopSignals:
             signal.signal(signum, handler)
         self._previous.clear()
 
-    def _handle(self, signum: int, _frame) -> None:
+    def _handle(self, signum: int, _frame: Optional[FrameType]) -> None:
         if self.signum is not None:
             raise ImmediateStop(signum)
         self.signum = signum
-        if dist_utils.is_main_process():
-            print(f"\n{signal.Signals(signum).name} received: finishing this iteration and writing a checkpoint "
-                  "(send it again to stop at once)", flush=True)
+        if dist_utils.is_main_process():  # os.write: print could re-enter a write in progress
+            os.write(sys.stdout.fileno(), f"\n{signal.Signals(signum).name} received: finishing this iteration "
+                                          "and writing a checkpoint (send it again to stop at once)\n".encode())
 
 
 class RunControl:

@@ -18,7 +18,8 @@ import torch.distributed as dist
 _CONTROL_GROUP: Optional[Any] = None
 # Words in the errors gloo and NCCL raise when a peer process died or stopped answering.
 _PEER_FAILURE_MARKERS = ("Connection reset by peer", "Connection closed by peer", "Timed out waiting",
-                         "Broken pipe", "NCCL", "failed to pass monitoredBarrier", "Connection refused")
+                         "Broken pipe", "Watchdog caught collective operation timeout", "NCCL communicator was aborted",
+                         "failed to pass monitoredBarrier", "Connection refused")
 
 
 class PeerFailure(RuntimeError):

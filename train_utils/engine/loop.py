@@ -83,12 +83,7 @@ def train_one_epoch(
         reduced_values = {k: v.detach().item() for k, v in dist_utils.reduce_dict(loss_dict).items()}
         total = sum(reduced_values.values())
         if not math.isfinite(total):
-            ids = [int(t["image_id"]) for t in targets]
-            terms = ", ".join(f"{k}={v:.4g}" for k, v in reduced_values.items())
-            raise NonFiniteLossError(
-                f"non-finite loss at epoch {state.epoch}, iteration {state.iteration} ({terms}); images in the "
-                f"batch: {describe_images(ids)}. Lower --lr, check these annotations, or disable --amp"
-            )
+            raise non_finite_loss(state, reduced_values, describe_images([int(t["image_id"]) for t in targets]))
 
         lr = optimizer.param_groups[0]["lr"]  # the rate this step uses
         optimizer_step(model, optimizer, loss, scaler, clip_grad_norm)
@@ -99,6 +94,13 @@ def train_one_epoch(
         after_step(state)
 
     return {"lr": optimizer.param_groups[0]["lr"], **state.means()}
+
+
+def non_finite_loss(state: EpochState, losses: Dict[str, float], images: str) -> NonFiniteLossError:
+    """The error for a NaN/inf loss: where, which terms, which images, what to try."""
+    terms = ", ".join(f"{k}={v:.4g}" for k, v in losses.items())
+    return NonFiniteLossError(f"non-finite loss at epoch {state.epoch}, iteration {state.iteration} ({terms}); "
+                              f"images in the batch: {images}. Lower --lr, check these annotations, or disable --amp")
 
 
 def optimizer_step(model: nn.Module, optimizer: torch.optim.Optimizer, loss: torch.Tensor,

@@ -288,6 +288,7 @@ class Trainer:
                       "seeds (not bit-exact)", file=sys.stderr)
         if ckpt.progress:
             self.start_state = self.resumed_epoch_state(ckpt.progress)
+        self.align_schedule()
         if self.is_main:
             where = f", iteration {self.start_state.iteration}" if self.start_state else ""
             print(f"resumed from {self.resume_path} at epoch {self.start_epoch}{where}")
@@ -305,6 +306,23 @@ class Trainer:
                       f"{self.world_size}: epoch {self.start_epoch} goes on after the same number of images, "
                       "in another order", file=sys.stderr)
         return state
+
+    def align_schedule(self) -> None:
+        """Put the schedule at the step where the resumed position is in this run's epochs. It is
+        the stored step unless the batches per epoch changed (another world size, batch size or
+        data), where the stored step would move milestones and warmup."""
+        done = self.start_state.iteration if self.start_state else 0
+        step = self.start_epoch * self.train_batches.full_length + done
+        if step == self.scheduler.last_epoch:
+            return
+        if self.is_main:
+            print(f"warning: the checkpoint's schedule was at step {self.scheduler.last_epoch}; with "
+                  f"{self.train_batches.full_length} batches per epoch this run goes on at step {step}", file=sys.stderr)
+        self.scheduler.last_epoch = step
+        for group, base_lr, factor in zip(self.optimizer.param_groups, self.scheduler.base_lrs,
+                                          self.scheduler.lr_lambdas):
+            group["lr"] = base_lr * factor(step)
+        self.scheduler._last_lr = [group["lr"] for group in self.optimizer.param_groups]
 
     def setup(self) -> None:
         """Every build step in order; the resume file and the weight files are checked first."""
@@ -401,6 +419,7 @@ class Trainer:
             save_checkpoint(checkpoint, os.path.join(self.args.output_dir, "last.pth"))
             tqdm.write(f"iteration checkpoint last.pth (epoch {state.epoch}, iteration {state.iteration}) written in "
                        f"{time.time() - started:.1f}s")  # above a progress bar, if one is drawn
+        dist_utils.agree_max([0])  # no rank leaves (a stop) before the file is written
         self.control.mark()
 
     def stop(self, signum: int, where: str) -> None:
