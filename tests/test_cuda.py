@@ -93,8 +93,8 @@ def assert_finite_losses(out: Path) -> None:
 
 
 def assert_cuda_states(states: list) -> None:
-    """``rng_state[rank]["cuda"]``: one non-empty uint8 tensor per visible GPU."""
-    assert isinstance(states, list) and len(states) == torch.cuda.device_count() >= 1
+    """``rng_state[rank]["cuda"]``: one non-empty uint8 tensor, the generator of the rank's GPU."""
+    assert isinstance(states, list) and len(states) == 1
     for state in states:
         assert isinstance(state, torch.Tensor) and state.dtype == torch.uint8, type(state)
         assert state.dim() == 1 and state.numel() > 0
@@ -122,7 +122,7 @@ def test_amp_fp16_run_resumes_with_its_grad_scaler(demo_voc, tmp_path):
     assert trainer.amp_dtype == torch.float16 and trainer.scaler is not None
     assert trainer.scaler.state_dict() == scaler
     assert trainer.start_epoch == 1 and trainer.scheduler.last_epoch == 4
-    restored = torch.cuda.get_rng_state_all()
+    restored = [torch.cuda.get_rng_state()]
     assert all(torch.equal(now, stored) for now, stored in zip(restored, first["rng_state"][0]["cuda"]))
     assert torch.equal(torch.get_rng_state(), first["rng_state"][0]["torch"])
     del trainer
@@ -184,7 +184,7 @@ def test_iteration_checkpoint_holds_the_cuda_random_states(demo_voc, tmp_path):
     shutil.copyfile(snapshot, resumed / "last.pth")
     trainer = set_up_resume(demo_voc, resumed, "--epochs", "1")
     assert trainer.start_epoch == 0 and trainer.start_state.iteration == 2
-    restored = torch.cuda.get_rng_state_all()
+    restored = [torch.cuda.get_rng_state()]
     assert len(restored) == len(ckpt["rng_state"][0]["cuda"])
     assert all(torch.equal(now, stored) for now, stored in zip(restored, ckpt["rng_state"][0]["cuda"]))
     del trainer
@@ -199,7 +199,7 @@ def test_iteration_checkpoint_holds_the_cuda_random_states(demo_voc, tmp_path):
 
 
 def test_rng_capture_and_restore_round_trip_the_cuda_generators():
-    """train_utils.engine.rng on CUDA: capture() holds torch.cuda.get_rng_state_all(), survives a
+    """train_utils.engine.rng on CUDA: capture() holds [torch.cuda.get_rng_state()], survives a
     weights_only save and load, and restore() replays the same GPU random numbers."""
     from train_utils.engine import rng
 
@@ -207,7 +207,7 @@ def test_rng_capture_and_restore_round_trip_the_cuda_generators():
     torch.rand(3, device="cuda")  # move the generator off its seed position
     state = rng.capture()
     assert_cuda_states(state["cuda"])
-    assert all(torch.equal(a, b) for a, b in zip(state["cuda"], torch.cuda.get_rng_state_all()))
+    assert all(torch.equal(a, b) for a, b in zip(state["cuda"], [torch.cuda.get_rng_state()]))
     expected = torch.rand(1000, device="cuda")
     expected_cpu = torch.rand(10)
 
@@ -217,7 +217,7 @@ def test_rng_capture_and_restore_round_trip_the_cuda_generators():
     stored = torch.load(buffer, weights_only=True)[0]
     torch.rand(50, device="cuda")  # draw more so a no-op restore would show
     rng.restore(stored)
-    assert all(torch.equal(a, b) for a, b in zip(torch.cuda.get_rng_state_all(), state["cuda"]))
+    assert all(torch.equal(a, b) for a, b in zip([torch.cuda.get_rng_state()], state["cuda"]))
     assert torch.equal(torch.rand(1000, device="cuda"), expected)
     assert torch.equal(torch.rand(10), expected_cpu)
 

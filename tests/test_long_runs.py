@@ -582,3 +582,18 @@ def test_a_non_finite_loss_names_the_terms_and_images_before_any_update():
         train_one_epoch(model, optimizer, [batch], torch.device("cpu"), EpochState(3), scheduler,
                         describe_images=lambda ids: ", ".join(f"img{i}" for i in ids))
     assert model.w.item() == 1.0 and model.w.grad is None
+
+
+@pytest.mark.parametrize("message, peer", [
+    ("[/pytorch/third_party/gloo/gloo/transport/tcp/pair.cc:545] Read error [127.0.0.1]:40360: Connection reset by "
+     "peer. This is typically caused by a remote worker hanging", True),                      # a dead rank
+    ("[/pytorch/third_party/gloo/gloo/transport/tcp/unbound_buffer.cc:78] Timed out waiting 15000ms for recv "
+     "operation to complete", True),                                                            # a hung rank
+    ("Application timeout caused pair closure", True),                                          # a hung rank, in DDP
+    ("CUDA out of memory. Tried to allocate 2.00 GiB", False),
+    ("mat1 and mat2 shapes cannot be multiplied (4x3 and 4x5)", False),
+])
+def test_which_errors_mean_a_lost_peer(message, peer):
+    from train_utils.engine.distributed import mentions_peer_failure
+
+    assert mentions_peer_failure(message) is peer

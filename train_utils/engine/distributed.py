@@ -17,9 +17,11 @@ import torch.distributed as dist
 
 _CONTROL_GROUP: Optional[Any] = None
 # Words in the errors gloo and NCCL raise when a peer process died or stopped answering.
-_PEER_FAILURE_MARKERS = ("Connection reset by peer", "Connection closed by peer", "Timed out waiting",
-                         "Broken pipe", "Watchdog caught collective operation timeout", "NCCL communicator was aborted",
-                         "failed to pass monitoredBarrier", "Connection refused")
+# (lower case; e.g. a hung peer gives "Timed out waiting ... for recv" or "Application timeout caused
+# pair closure", a dead one "Connection reset by peer").
+_PEER_FAILURE_MARKERS = ("connection reset by peer", "connection closed by peer", "timed out", "timeout",
+                         "broken pipe", "pair closure", "nccl communicator was aborted",
+                         "failed to pass monitoredbarrier", "connection refused")
 
 
 class PeerFailure(RuntimeError):
@@ -186,8 +188,12 @@ def share_newest(choice: Optional[Tuple[str, Any]], newness: Callable[[Any], Tup
 
 def is_peer_failure(exc: BaseException) -> bool:
     """Whether ``exc`` is a collective failing because another rank died or hung."""
-    return is_dist_avail_and_initialized() and (
-        isinstance(exc, dist.DistError) or any(marker in str(exc) for marker in _PEER_FAILURE_MARKERS))
+    return is_dist_avail_and_initialized() and (isinstance(exc, dist.DistError) or mentions_peer_failure(str(exc)))
+
+
+def mentions_peer_failure(message: str) -> bool:
+    """Whether a collective's error message says a peer died or stopped answering."""
+    return any(marker in message.lower() for marker in _PEER_FAILURE_MARKERS)
 
 
 def unresponsive_ranks(grace_seconds: float = 5.0) -> Optional[List[int]]:

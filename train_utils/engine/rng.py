@@ -1,7 +1,8 @@
 """Every random state a training process draws from, as plain values a checkpoint can hold.
 
-A state is ``{"python": [...], "numpy": {...}, "torch": ByteTensor, "cuda": [ByteTensor per GPU]}``
-(``cuda`` empty without CUDA); tensors, lists, ints and floats only, so checkpoints stay loadable
+A state is ``{"python": [...], "numpy": {...}, "torch": ByteTensor, "cuda": [ByteTensor]}``:
+``cuda`` holds the generator of the process's own GPU (one process per GPU; the others are not
+touched, which would create a CUDA context on every GPU), empty when the process has not used CUDA; tensors, lists, ints and floats only, so checkpoints stay loadable
 with ``torch.load(..., weights_only=True)``. Each rank has its own state (the RPN and RoI samplers
 draw from it); a checkpoint holds the list of all ranks' states.
 
@@ -26,13 +27,13 @@ def capture() -> RngState:
         "numpy": {"kind": kind, "keys": torch.from_numpy(keys.astype(np.int64)), "pos": int(pos),
                   "has_gauss": int(has_gauss), "cached_gaussian": float(cached)},
         "torch": torch.get_rng_state(),
-        "cuda": list(torch.cuda.get_rng_state_all()) if torch.cuda.is_available() else [],
+        "cuda": [torch.cuda.get_rng_state()] if torch.cuda.is_available() and torch.cuda.is_initialized() else [],
     }
 
 
 def restore(state: RngState) -> None:
-    """Set this process's random states to ``state`` (from :func:`capture`). CUDA states are set
-    only when the process sees as many GPUs as when they were captured."""
+    """Set this process's random states to ``state`` (from :func:`capture`); the CUDA state goes
+    to the current GPU."""
     version, internal, gauss = state["python"]
     random.setstate((version, tuple(internal), gauss))
     numpy_state = state["numpy"]
@@ -40,8 +41,8 @@ def restore(state: RngState) -> None:
                          numpy_state["has_gauss"], numpy_state["cached_gaussian"]))
     torch.set_rng_state(state["torch"])
     cuda = state.get("cuda") or []
-    if cuda and torch.cuda.is_available() and len(cuda) == torch.cuda.device_count():
-        torch.cuda.set_rng_state_all(cuda)
+    if cuda and torch.cuda.is_available():
+        torch.cuda.set_rng_state(cuda[0])
 
 
 def from_stored(stored: Any) -> List[RngState]:

@@ -281,11 +281,12 @@ class Trainer:
             self.scaler.load_state_dict(ckpt.scaler)
         self.start_epoch = ckpt.epoch + 1
         self.best_ap50 = ckpt.best_ap50
-        if not rng.restore_rank(rng.from_stored(ckpt.rng_state), self.rank):
+        restored = rng.restore_rank(rng.from_stored(ckpt.rng_state), self.rank)
+        if not restored:
             seed_everything(self.args.seed + self.rank + 1009 * self.start_epoch)
-            if self.is_main:
-                print("warning: the checkpoint has no random state for this world size: the run goes on with new "
-                      "seeds (not bit-exact)", file=sys.stderr)
+        if dist_utils.agree_max([int(not restored)])[0] and self.is_main:
+            print("warning: the checkpoint holds no random state for some ranks (another world size, or an older "
+                  "format): they go on with new seeds (not bit-exact)", file=sys.stderr)
         if ckpt.progress:
             self.start_state = self.resumed_epoch_state(ckpt.progress)
         self.align_schedule()
