@@ -98,8 +98,21 @@ class StopSignals:
             raise ImmediateStop(signum)
         self.signum = signum
         if dist_utils.is_main_process():  # os.write: print could re-enter a write in progress
-            os.write(sys.stdout.fileno(), f"\n{signal.Signals(signum).name} received: finishing this iteration "
-                                          "and writing a checkpoint (send it again to stop at once)\n".encode())
+            _write_now(f"\n{signal.Signals(signum).name} received: finishing this iteration and writing a "
+                       "checkpoint (send it again to stop at once)\n")
+
+
+def _write_now(text: str) -> None:
+    """Write ``text`` to standard output's file descriptor (fd 1 where sys.stdout has none, as
+    in a notebook); never raises, it runs inside a signal handler."""
+    try:
+        fd = sys.stdout.fileno()
+    except (AttributeError, OSError, ValueError):
+        fd = 1
+    try:
+        os.write(fd, text.encode())
+    except OSError:
+        pass
 
 
 class RunControl:
