@@ -1,5 +1,6 @@
 """Shared test fixtures: the repository root on ``sys.path`` and a tiny, fast detector."""
 import json
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -138,6 +139,13 @@ def train(script: str, demo_voc: Path, out: Path, *extra: str, timeout: int = 60
     done = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=timeout)
     assert done.returncode == 0, f"{script} failed:\n{done.stdout[-2000:]}\n{done.stderr[-3000:]}"
     return done
+
+
+def free_port() -> int:
+    """A TCP port free on 127.0.0.1 now (for a process group's rendezvous)."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
 
 
 def load(path: Path) -> dict:

@@ -1,7 +1,6 @@
 """Distributed training and evaluation on the CPU (gloo): torchrun with two processes."""
 import json
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -12,7 +11,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 from torch.utils.data import DataLoader, DistributedSampler
 
-from conftest import ROOT, TINY_TRAIN_FLAGS
+from conftest import ROOT, TINY_TRAIN_FLAGS, free_port
 
 import validation
 from my_dataset import VOCDataSet
@@ -21,12 +20,6 @@ from train_utils.evaluation.coco_api import get_coco_api_from_dataset
 from train_utils.inference.loading import load_model
 from train_utils.evaluation.loop import evaluate
 from train_utils.data.transforms import get_transforms
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def test_torchrun_two_processes(demo_voc, tmp_path):

@@ -8,7 +8,6 @@ import json
 import os
 import re
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -18,18 +17,12 @@ from typing import List, Optional
 import pytest
 import torch
 
-from conftest import ROOT, SCHEDULE, TINY_COMMON_FLAGS, TINY_TRAIN_FLAGS, load, metrics, train
+from conftest import ROOT, SCHEDULE, TINY_COMMON_FLAGS, TINY_TRAIN_FLAGS, free_port, load, metrics, train
 
 # Several processes share two cores: one thread each. Single-process runs keep the default
 # environment of conftest.train, whose reference runs they are compared with bit for bit.
 ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
 PROGRESS = re.compile(r"^Epoch (\d+) \[(\d+)/(\d+)\]")
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def script_cmd(script: str, demo_voc: Path, out: Path, *extra: str) -> List[str]:
@@ -75,6 +68,14 @@ class Run:
         return "".join(self.lines)
 
 
+def mobilenet_args(argv: List[str]):
+    """train_mobilenet.py's flags parsed in-process (for a Trainer built in the test)."""
+    from train_utils.engine.args import parse_training_args
+    from train_mobilenet import DEFAULTS
+
+    return parse_training_args("test", DEFAULTS, argv=argv)
+
+
 def iterations_printed(text: str) -> set:
     return {(int(m.group(1)), int(m.group(2))) for line in text.splitlines() if (m := PROGRESS.match(line))}
 
@@ -113,7 +114,7 @@ def test_interrupted_run_resumes_to_the_uninterrupted_weights(how, at, every, wo
         assert len(stop_lines) == 1 and f"{tmp_path}/last.pth" in stop_lines[0] and "--resume auto" in stop_lines[0]
     stopped = load(tmp_path / "last.pth")
     progress = stopped["progress"]
-    assert progress is not None and progress["world_size"] == 1 and progress["batches_per_epoch"] == 4
+    assert progress is not None and progress["world_size"] == 1 and 1 <= progress["iteration"] <= 4
     assert not list(tmp_path.glob(".*.tmp")), "no temporary file left behind"
 
     second = train("train_mobilenet.py", demo_voc, tmp_path, "--epochs", "2", "--resume", "auto",
@@ -302,7 +303,6 @@ def test_resume_from_another_models_checkpoint(demo_voc, uninterrupted, tmp_path
 
 def test_a_full_disk_stops_with_one_line_and_keeps_the_previous_checkpoint(demo_voc, tmp_path, monkeypatch, capsys):
     """ENOSPC in the middle of writing epoch 1's checkpoint: one line, last.pth still holds epoch 0."""
-    from train_utils.engine import args as args_module
     from train_utils.engine.trainer import main
 
     real_save = torch.save
@@ -315,7 +315,7 @@ def test_a_full_disk_stops_with_one_line_and_keeps_the_previous_checkpoint(demo_
 
     monkeypatch.setattr(torch, "save", save)
     argv = script_cmd("train_mobilenet.py", demo_voc, tmp_path, "--epochs", "2", "--checkpoint-every", "0")[1:]
-    args = args_module.parse(args_module.build_parser("test", {"backbone": "mobilenet_v2"}), argv)
+    args = mobilenet_args(argv)
     with pytest.raises(SystemExit) as stop:
         main(args)
     assert stop.value.code == 1
@@ -521,7 +521,6 @@ def test_every_rank_resumes_from_the_newest_checkpoint_of_any_rank(tmp_path):
 def test_loader_workers_end_with_the_run_even_on_an_error(demo_voc, tmp_path):
     """Workers ignore stop signals, so the Trainer stops them itself: after a failed run none is
     left for the interpreter's exit to wait on."""
-    from train_utils.engine import args as args_module
     from train_utils.engine.hooks import Hook
     from train_utils.engine.trainer import Trainer
 
@@ -530,7 +529,7 @@ def test_loader_workers_end_with_the_run_even_on_an_error(demo_voc, tmp_path):
             raise RuntimeError("boom")
 
     argv = script_cmd("train_mobilenet.py", demo_voc, tmp_path, "--epochs", "1", "--workers", "2")[1:]
-    trainer = Trainer(args_module.parse(args_module.build_parser("test", {"backbone": "mobilenet_v2"}), argv),
+    trainer = Trainer(mobilenet_args(argv),
                       extra_hooks=[Boom()])
     with pytest.raises(RuntimeError, match="boom"):
         trainer.train()
@@ -544,12 +543,11 @@ def test_a_resume_with_other_batches_per_epoch_moves_the_schedule_to_the_same_ep
     """model-0.pth was written after epoch 0 at 4 batches per epoch (step 4). Resumed with -b 2
     (9 batches per epoch, as another world size would change it) the schedule goes on at step 9,
     the start of epoch 1 in this run, not at step 4 (the middle of epoch 0)."""
-    from train_utils.engine import args as args_module
     from train_utils.engine.trainer import Trainer
 
     argv = script_cmd("train_mobilenet.py", demo_voc, tmp_path, "--epochs", "2", "-b", "2",
                       "--aspect-ratio-group-factor", "-1", "--resume", str(uninterrupted / "model-0.pth"))[1:]
-    trainer = Trainer(args_module.parse(args_module.build_parser("test", {"backbone": "mobilenet_v2"}), argv))
+    trainer = Trainer(mobilenet_args(argv))
     try:
         trainer.setup()
         schedule = trainer.scheduler

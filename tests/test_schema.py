@@ -573,7 +573,7 @@ def test_format_3_round_trip(tmp_path):
     from train_utils.engine import rng
 
     config = ModelConfig(**TINY_MOBILENET)
-    progress = {"iteration": 7, "loss_sums": {"loss": 3.5}, "lr": 0.01, "world_size": 2, "batches_per_epoch": 9}
+    progress = {"iteration": 7, "loss_sums": {"loss": 3.5}, "lr": 0.01, "world_size": 2}
     written = Checkpoint(
         model=_state(), config=config, class_names=["cat", "dog"], epoch=4,
         optimizer={"state": {0: {"momentum_buffer": torch.ones(2)}}, "param_groups": [{"lr": 0.01, "params": [0]}]},

@@ -11,8 +11,8 @@ On disk (format 3) a checkpoint is a dict of tensors and plain values, loadable 
 | ``class_names`` | label ``i`` is ``class_names[i - 1]`` |
 | ``epoch`` | the last completed epoch (counted from 0; -1 before the first one ends) |
 | ``progress`` | None at an epoch end; inside an epoch (an iteration checkpoint): ``{"iteration": batches of
-  epoch ``epoch + 1`` already trained, "loss_sums": the running sums of the loss terms, "world_size",
-  "batches_per_epoch"}`` |
+  epoch ``epoch + 1`` already trained, "loss_sums": the running sums of the loss terms, "lr": the last
+  step's rate, "world_size"}`` |
 | ``optimizer``, ``lr_scheduler``, ``scaler`` | training state (``scaler``: None without CUDA AMP) |
 | ``rng_state`` | every rank's random states, a list indexed by rank (see ``train_utils.engine.rng``) |
 | ``args`` | the training flags |

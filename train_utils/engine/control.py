@@ -69,11 +69,6 @@ class CheckpointEvery:
         return bool((self.iterations and iterations_since >= self.iterations)
                     or (self.seconds and seconds_since >= self.seconds))
 
-    def __str__(self) -> str:
-        if self.iterations:
-            return f"{self.iterations} iterations"
-        return f"{self.seconds / 60:g} minutes" if self.seconds else "never"
-
 
 class StopSignals:
     """Installs the stop handlers (main thread only) and remembers the first signal."""

@@ -59,7 +59,6 @@ def train_one_epoch(
     print_freq: int = 50,
     describe_images: Callable[[List[int]], str] = lambda ids: ", ".join(map(str, ids)),
     after_step: Callable[[EpochState], None] = lambda state: None,
-    batches_per_epoch: Optional[int] = None,
 ) -> Dict[str, float]:
     """Train over ``data_loader`` (the rest of the epoch after ``state.iteration`` batches); the
     scheduler steps once per iteration and ``after_step(state)`` runs after each (it may raise to
@@ -71,8 +70,7 @@ def train_one_epoch(
         NonFiniteLossError: on a NaN/inf loss, before the optimiser touches the weights.
     """
     model.train()
-    total_batches = batches_per_epoch or state.iteration + len(data_loader)
-    progress = Progress(data_loader, total_batches, f"Epoch {state.epoch}", print_freq,
+    progress = Progress(data_loader, state.iteration + len(data_loader), f"Epoch {state.epoch}", print_freq,
                         dist_utils.is_main_process(), start=state.iteration)
     for images, targets in progress:
         images, targets = move_to_device(images, targets, device)

@@ -164,7 +164,7 @@ class Trainer:
                 built = self.read_datasets(), None
             except (ValueError, FileNotFoundError) as exc:
                 built = None, exc
-        (datasets, error) = dist_utils.broadcast_object(built)
+        datasets, error = dist_utils.broadcast_object(built)
         if error is not None:
             raise error
         self.train_set, self.val_set = datasets
@@ -356,14 +356,14 @@ class Trainer:
     def checkpoint(self, epoch: int, coco_stats: Optional[List[float]],
                    progress: Optional[Dict[str, Any]] = None) -> Checkpoint:
         """The state after ``epoch`` (and ``progress`` into the next one) in the checkpoint schema.
-        Every rank calls it: the random states of all ranks are gathered."""
+        Every rank calls it: the random states of all ranks are gathered on rank 0, which writes."""
         return Checkpoint(
             model=self.model_without_ddp.state_dict(), config=self.config,
             class_names=list(self.train_set.class_names), epoch=epoch,
             optimizer=self.optimizer.state_dict(),
             lr_scheduler={k: v for k, v in self.scheduler.state_dict().items() if k != "lr_lambdas"},
             scaler=self.scaler.state_dict() if self.scaler is not None else None,
-            rng_state=dist_utils.gather_objects(rng.capture()), progress=progress,
+            rng_state=dist_utils.gather_to_rank0(rng.capture()), progress=progress,
             args=plain_args(self.args), data=self.data_description(), coco_stats=coco_stats,
             best_ap50=self.best_ap50, plugins=list(getattr(self.args, "plugin", []) or []))
 
@@ -389,7 +389,7 @@ class Trainer:
             self.model, self.optimizer, self.train_loader, self.device, state, self.scheduler, self.scaler,
             self.amp_dtype, args.clip_grad_norm, args.print_freq,
             describe_images=lambda ids: ", ".join(self.train_set.ids[i] for i in ids),
-            after_step=self.after_step, batches_per_epoch=self.train_batches.full_length)
+            after_step=self.after_step)
         stats["epoch_time"] = time.time() - start
         coco_stats = None
         if (epoch + 1) % max(args.eval_interval, 1) == 0 or epoch + 1 == args.epochs:
@@ -413,8 +413,7 @@ class Trainer:
     def save_iteration_checkpoint(self, state: EpochState) -> None:
         """``last.pth`` with the position inside the epoch (rank 0 writes, every rank takes part)."""
         started = time.time()
-        progress = {**state.to_dict(), "world_size": self.world_size,
-                    "batches_per_epoch": self.train_batches.full_length}
+        progress = {**state.to_dict(), "world_size": self.world_size}
         checkpoint = self.checkpoint(state.epoch - 1, None, progress)
         if self.is_main:
             save_checkpoint(checkpoint, os.path.join(self.args.output_dir, "last.pth"))

@@ -18,11 +18,10 @@ import io
 from typing import Mapping, Sequence
 
 import torch
-import torch.distributed as dist
 from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
 
-from train_utils.engine.distributed import gather_to_rank0
+from train_utils.engine.distributed import gather_objects, gather_to_rank0, get_rank, get_world_size
 
 Detections = dict[int, list[dict]]  # image id -> detections in COCO result format
 
@@ -77,12 +76,8 @@ class CocoEvaluator:
 
     def synchronize_between_processes(self) -> None:
         """Gather every process's detections (each image once) when torch.distributed is running."""
-        if not (dist.is_available() and dist.is_initialized()):
-            return
-        parts: list = [None] * dist.get_world_size()
-        dist.all_gather_object(parts, self.detections)
-        self.detections = merge_detections(parts)
-        self.world_size, self.rank = dist.get_world_size(), dist.get_rank()
+        self.detections = merge_detections(gather_objects(self.detections))
+        self.world_size, self.rank = get_world_size(), get_rank()
 
     def _results(self, image_ids: Sequence[int]) -> COCO:
         """The detections of ``image_ids`` as a pycocotools result object (copies: loadRes edits
