@@ -1,26 +1,35 @@
-"""Detect objects in images, folders or globs and draw the results.
+"""Detect objects in images, folders, globs, videos, cameras and streams; draw and write the results.
 
     python predict.py --weights save_weights/best.pth photo.jpg holiday/ "scans/*.png"
+    python predict.py --weights save_weights/best.pth clip.mp4 --every 2      # annotated clip.mp4 + clip.jsonl
+    python predict.py --weights save_weights/best.pth --source 0             # camera 0; rtsp://... for a stream
+    python predict.py --weights save_weights/best.pth new_photos/ --save-voc prelabels/   # labelImg-ready
     python predict.py --onnx model.onnx photo.jpg      # a tools/export_onnx.py export, on onnxruntime
 
 Each readable image is written to ``--output-dir`` with its boxes drawn, under its own name
 (``.jpg``/``.jpeg`` keep their extension, everything else becomes ``.png``); ``--save-json`` also
-writes every detection as a COCO results file (image ids from ``--coco-gt``, or listed in
-``<name>_images.json``; see train_utils/inference/coco_results.py). Unreadable and non-image files are reported and
-skipped; the exit code is non-zero only when no image could be processed.
+writes every image detection as a COCO results file (image ids from ``--coco-gt``, or listed in
+``<name>_images.json``; see train_utils/inference/coco_results.py). A video or stream becomes an
+annotated ``<name>.mp4`` (same size and frame rate, H.264) and ``<name>.jsonl``, one line per
+processed frame. ``--save-voc``/``--save-yolo`` write the detections as annotations to correct in
+labelImg and train on (train_utils/inference/annotations.py). Unreadable files are reported and
+skipped; the exit code is non-zero only when nothing could be processed.
 
 Images are read upright (EXIF orientation applied) and converted to RGB (alpha is dropped as in
-training), so boxes refer to the image a viewer shows. Decoding runs in DataLoader workers while
-the model works on the previous image.
+training), so boxes refer to the image a viewer shows. Decoding runs in DataLoader workers (a
+thread for videos), images of one size go through the model ``--batch-size`` at a time, and
+drawing and writing run in a thread while the model works on the next batch.
 """
 from __future__ import annotations
 
 import argparse
 import glob
+import json
 import sys
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Optional, Sequence
+from typing import Optional, Sequence
 
 import numpy as np
 import torch
@@ -30,10 +39,15 @@ from torch.utils.data import DataLoader, Dataset
 from train_utils.cli import model_flags_given
 from train_utils.data.classes import load_class_names
 from train_utils.data.images import DECODE_ERRORS, decode_image
+from train_utils.flags import HelpFormatter, import_plugins
+from train_utils.inference.annotations import AnnotationWriter, VocWriter, YoloWriter
 from train_utils.inference.coco_results import CocoResults
 from train_utils.inference.loading import add_model_arguments, load_detector
 from train_utils.inference.onnx_export import OnnxDetector
-from train_utils.flags import HelpFormatter, import_plugins
+from train_utils.inference.pipeline import (BatchDetect, OrderedOutput, Timings, above, batches_by_size,
+                                            default_batch_size, detect_each, one_by_one, torch_batch_detect)
+from train_utils.inference.video import VideoReader, VideoWriter, is_stream, is_video_file
+from train_utils.progress import Progress
 from train_utils.vis.draw import draw_detections
 
 JPEG_SUFFIXES = (".jpg", ".jpeg")
@@ -67,24 +81,36 @@ def find_inputs(patterns: Sequence[str]) -> tuple[list[Path], list[str]]:
 
 
 def output_names(inputs: Sequence[Path], output_dir: Path) -> dict[Path, Path]:
-    """Output path per input: same stem, ``.jpg``/``.jpeg`` kept, else ``.png``. A name already
-    given to an earlier input, or the path of any input, gets a ``_1``, ``_2``... suffix."""
+    """Output path per input: same stem; ``.jpg``/``.jpeg`` kept, a video becomes ``.mp4``, else
+    ``.png``. A name already given to an earlier input, or the path of any input, gets a ``_1``,
+    ``_2``... suffix."""
     taken = {p.resolve() for p in inputs}
     names: dict[Path, Path] = {}
     for file in inputs:
-        suffix = file.suffix if file.suffix.lower() in JPEG_SUFFIXES else ".png"
+        video = is_video_file(file)
+        suffix = file.suffix if file.suffix.lower() in JPEG_SUFFIXES else ".mp4" if video else ".png"
         candidate, number = output_dir / f"{file.stem}{suffix}", 0
-        while candidate.resolve() in taken:
+        while _outputs(candidate, video) & taken:
             number += 1
             candidate = output_dir / f"{file.stem}_{number}{suffix}"
-        taken.add(candidate.resolve())
+        taken |= _outputs(candidate, video)
         names[file] = candidate
     return names
 
 
+def _outputs(target: Path, video: bool) -> set[Path]:
+    """The files an output name stands for: a video's JSON lines go beside it."""
+    return {target.resolve(), target.with_suffix(".jsonl").resolve()} if video else {target.resolve()}
+
+
+def stream_name(source: str, number: int) -> str:
+    """Output stem of a camera or stream: ``camera0``, else ``stream1``, ``stream2``..."""
+    return f"camera{source}" if source.isdigit() else f"stream{number}"
+
+
 class ImageFiles(Dataset):
-    """``files[i] -> (i, uint8 [3, H, W] tensor or None, error message or None)``; never raises on a
-    bad file, so one unreadable file does not stop a DataLoader."""
+    """``files[i] -> (i, uint8 [3, H, W] tensor or None, error message or None, decode seconds)``;
+    never raises on a bad file, so one unreadable file does not stop a DataLoader."""
 
     def __init__(self, files: Sequence[Path]) -> None:
         self.files = list(files)
@@ -92,12 +118,14 @@ class ImageFiles(Dataset):
     def __len__(self) -> int:
         return len(self.files)
 
-    def __getitem__(self, index: int) -> tuple[int, Optional[torch.Tensor], Optional[str]]:
+    def __getitem__(self, index: int) -> tuple[int, Optional[torch.Tensor], Optional[str], float]:
+        tick = time.perf_counter()
         try:
             array = np.asarray(decode_image(self.files[index], exif_transpose=True))  # what a viewer shows
         except DECODE_ERRORS as exc:
-            return index, None, f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else 'unreadable'}"
-        return index, torch.from_numpy(array.copy()).permute(2, 0, 1), None
+            return index, None, f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else 'unreadable'}", 0.0
+        pixels = torch.from_numpy(array.copy()).permute(2, 0, 1)
+        return index, pixels, None, time.perf_counter() - tick
 
 
 def _single(item):
@@ -105,16 +133,21 @@ def _single(item):
     return item
 
 
-# ------------------------------------------------------------------------------ script
+# ------------------------------------------------------------------------------ flags and model
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0], formatter_class=HelpFormatter)
-    parser.add_argument("inputs", nargs="+", metavar="INPUT", help="image file, folder or glob pattern")
-    source = parser.add_mutually_exclusive_group(required=True)
-    source.add_argument("--weights", "--weights-path", dest="weights",
-                        help="checkpoint written by a training script, or a bare state dict")
-    source.add_argument("--onnx", help="a model written by tools/export_onnx.py, run with onnxruntime")
-    parser.add_argument("--output-dir", default="predict_results", help="where drawn images (and JSON) go")
+    parser.add_argument("inputs", nargs="*", metavar="INPUT", help="image or video file, folder or glob pattern")
+    parser.add_argument("--source", action="append", default=[], metavar="SRC",
+                        help="a camera (0, 1...; on Windows video=NAME) or a stream URL (rtsp://, rtmp://, "
+                             "http://...); may be repeated")
+    model = parser.add_mutually_exclusive_group(required=True)
+    model.add_argument("--weights", "--weights-path", dest="weights",
+                       help="checkpoint written by a training script, or a bare state dict")
+    model.add_argument("--onnx", help="a model written by tools/export_onnx.py, run with onnxruntime")
+    parser.add_argument("--output-dir", default="predict_results", help="where drawn images, videos (and JSON) go")
     parser.add_argument("--score-thresh", type=float, default=0.5, help="keep detections scoring at least this")
+    parser.add_argument("--batch-size", type=int, default=None,
+                        help="images (of one size) per model call; default 4 on a GPU, 1 on the CPU")
     parser.add_argument("--line-thickness", type=int, default=None, help="box outline pixels (default: by image size)")
     parser.add_argument("--font-size", type=int, default=None, help="label font pixels (default: by image size)")
     parser.add_argument("--save-json", nargs="?", const="", default=None, metavar="PATH",
@@ -123,23 +156,45 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--coco-gt", metavar="JSON", default=None,
                         help="with --save-json: a COCO ground-truth json whose image ids (matched by file name) "
                              "and category ids (by class name) the results use")
-    parser.add_argument("--no-draw", action="store_true", help="do not write drawn images")
+    labels = parser.add_argument_group("predictions as annotations (pre-labelling)")
+    labels.add_argument("--save-voc", metavar="DIR", default=None,
+                        help="write Pascal VOC XML (labelImg) + JPEGImages + ImageSets/Main/SPLIT.txt to DIR")
+    labels.add_argument("--save-yolo", metavar="DIR", default=None,
+                        help="write YOLO txt labels + images + classes.txt to DIR")
+    labels.add_argument("--save-split", default="predicted", metavar="NAME",
+                        help="split name of --save-voc/--save-yolo (ImageSets/Main/NAME.txt, images/NAME/)")
+    labels.add_argument("--overwrite-labels", action="store_true",
+                        help="replace annotations already in the --save-voc/--save-yolo folder (default: keep them)")
+    video = parser.add_argument_group("videos and streams")
+    video.add_argument("--every", type=int, default=1, metavar="N",
+                       help="run the model on every N-th frame; the frames between show its latest detections")
+    video.add_argument("--max-frames", type=int, default=None, metavar="N", help="stop a video or stream after N frames")
+    parser.add_argument("--no-draw", action="store_true", help="do not write drawn images or annotated videos")
     parser.add_argument("--workers", type=int, default=2, help="image decoding worker processes (at least 1)")
     add_model_arguments(parser, one_token=True)  # list flags must not swallow the INPUTs
     return parser
 
 
-Detect = Callable[[torch.Tensor], dict[str, torch.Tensor]]
+def check_args(args: argparse.Namespace) -> None:
+    """One line per flag combination that cannot work."""
+    if not args.inputs and not args.source:
+        raise ValueError("nothing to predict on: name images, videos or folders, or a --source")
+    if args.coco_gt and args.save_json is None:
+        raise ValueError("--coco-gt needs --save-json (it sets the ids of the results file)")
+    for name in ("batch_size", "every", "max_frames", "workers"):
+        value = getattr(args, name)
+        if value is not None and value < 1:
+            raise ValueError(f"--{name.replace('_', '-')} must be at least 1, got {value}")
 
 
-def load_predictor(args: argparse.Namespace) -> tuple[Detect, list[str], torch.device]:
-    """(image [3, H, W] float in [0, 1] on the device -> detections, class names, device) of the
-    PyTorch checkpoint or the ONNX file the flags name."""
+def load_predictor(args: argparse.Namespace) -> tuple[BatchDetect, list[str], torch.device]:
+    """(batch function, class names, device) of the PyTorch checkpoint or ONNX file the flags name."""
     if args.weights:
         detector = load_detector(args, args.weights)
         model = detector.model
         model.roi_heads.score_thresh = min(model.roi_heads.score_thresh, args.score_thresh)
-        return (lambda image: model([image])[0]), detector.class_names, next(model.parameters()).device
+        device = next(model.parameters()).device
+        return torch_batch_detect(model, device), detector.class_names, device
     fixed = model_flags_given(args)  # an ONNX file has the model and its settings baked in
     if fixed:
         raise ValueError(f"{args.onnx}: the model and its image sizes are fixed at export; "
@@ -153,7 +208,7 @@ def load_predictor(args: argparse.Namespace) -> tuple[Detect, list[str], torch.d
         raise ValueError(f"{args.onnx} stores no class names: pass --classes-json")
     if args.score_thresh < runtime.score_thresh:
         print(f"note: {args.onnx} returns only scores >= {runtime.score_thresh} (set at export)", file=sys.stderr)
-    return runtime, class_names, torch.device("cpu")
+    return one_by_one(runtime), class_names, torch.device("cpu")
 
 
 def json_output_path(args: argparse.Namespace) -> Optional[Path]:
@@ -170,73 +225,243 @@ def json_output_path(args: argparse.Namespace) -> Optional[Path]:
     return path
 
 
-def draw_and_save(pixels: torch.Tensor, boxes: torch.Tensor, labels: torch.Tensor, scores: torch.Tensor,
-                  class_names: Sequence[str], args: argparse.Namespace, target: Path) -> str:
-    """Draw the detections on the uint8 [3, H, W] image and save it to ``target``; returns the
-    " -> target" note of the progress line."""
-    image = Image.fromarray(pixels.permute(1, 2, 0).numpy())
-    drawn = draw_detections(image, boxes.tolist(), labels.tolist(), scores.tolist(), class_names,
-                            args.line_thickness, args.font_size)
-    drawn.save(target, **({"quality": 95} if target.suffix.lower() in JPEG_SUFFIXES else {}))
-    return f" -> {target}"
+# ------------------------------------------------------------------------------ one run
+@dataclass
+class Run:
+    """Everything one predict.py call shares: the model, the sinks and the counters."""
+
+    args: argparse.Namespace
+    detect: BatchDetect
+    class_names: list[str]
+    device: torch.device
+    batch_size: int
+    results: CocoResults
+    writers: list[AnnotationWriter]
+    timings: Timings = field(default_factory=Timings)
+    output: Optional[OrderedOutput] = None
+    done: int = 0
+    skipped: int = 0
+    detections: int = 0
+
+    def draw(self, pixels: torch.Tensor, boxes: torch.Tensor, labels: torch.Tensor,
+             scores: torch.Tensor) -> Image.Image:
+        image = Image.fromarray(pixels.permute(1, 2, 0).numpy())
+        return draw_detections(image, boxes.tolist(), labels.tolist(), scores.tolist(), self.class_names,
+                               self.args.line_thickness, self.args.font_size)
+
+    def annotate(self, hint: str, source: Optional[Path], pixels: torch.Tensor, boxes: torch.Tensor,
+                 labels: torch.Tensor) -> None:
+        for writer in self.writers:
+            writer.add(hint, source, pixels, boxes, labels)
 
 
+def make_writers(args: argparse.Namespace, class_names: list[str]) -> list[AnnotationWriter]:
+    writers: list[AnnotationWriter] = []
+    if args.save_voc:
+        writers.append(VocWriter(Path(args.save_voc), class_names, args.save_split, args.overwrite_labels))
+    if args.save_yolo:
+        writers.append(YoloWriter(Path(args.save_yolo), class_names, args.save_split, args.overwrite_labels))
+    return writers
+
+
+def image_job(run: Run, file: Path, number: int, total: int, pixels: torch.Tensor, output, target: Path,
+              model_ms: float) -> None:
+    """Record, draw and write one image's detections (runs in the output thread)."""
+    boxes, labels, scores = above(output, run.args.score_thresh)
+    run.results.add(file, pixels.shape[1], pixels.shape[2], boxes, labels, scores)
+    run.annotate(file.stem, file, pixels, boxes, labels)
+    written = ""
+    if not run.args.no_draw:
+        drawn = run.draw(pixels, boxes, labels, scores)
+        drawn.save(target, **({"quality": 95} if target.suffix.lower() in JPEG_SUFFIXES else {}))
+        written = f" -> {target}"
+    run.done += 1
+    run.detections += len(scores)
+    print(f"[{number}/{total}] {file}: {len(scores)} detections, {model_ms:.0f} ms{written}", flush=True)
+
+
+def run_images(run: Run, files: list[Path], targets: dict[Path, Path]) -> None:
+    """Decode in workers, detect in same-size batches, hand the results to the output thread."""
+    loader = DataLoader(ImageFiles(files), batch_size=None, shuffle=False, collate_fn=_single,
+                        num_workers=max(int(run.args.workers), 1), pin_memory=run.device.type == "cuda")
+    counter = iter(range(1, len(files) + 1))
+    readable = _readable(run, loader, files, counter)
+    for batch in batches_by_size(readable, lambda item: tuple(item[1].shape), run.batch_size):
+        started = run.timings.model
+        outputs = detect_each(run.detect, [pixels for _, pixels in batch], run.timings, run.device)
+        model_ms = (run.timings.model - started) * 1000 / len(batch)
+        for (index, pixels), output in zip(batch, outputs):
+            file, number = files[index], next(counter)
+            if isinstance(output, ValueError):  # an image the model cannot take; the others still run
+                run.skipped += 1
+                print(f"skipped {file}: {output}", file=sys.stderr)
+                continue
+            run.output.submit(lambda f=file, n=number, p=pixels, o=output: image_job(
+                run, f, n, len(files), p, o, targets[f], model_ms))
+
+
+def _readable(run: Run, loader: DataLoader, files: list[Path], counter):
+    """(index, pixels) of each decodable image; the others are reported and counted."""
+    for index, pixels, error, seconds in loader:
+        run.timings.decode += seconds
+        if pixels is None:
+            run.skipped += 1
+            print(f"skipped {files[index]}: not a readable image ({error})", file=sys.stderr)
+            next(counter)
+            continue
+        yield index, pixels
+
+
+# ------------------------------------------------------------------------------ videos and streams
+def frame_record(source: str, index: int, seconds: Optional[float], boxes: torch.Tensor, labels: torch.Tensor,
+                 scores: torch.Tensor, class_names: Sequence[str]) -> str:
+    """One JSON line: the frame's number and time and its detections (xyxy pixel boxes)."""
+    detections = [{"box": [round(v, 3) for v in box], "label": class_names[label - 1], "class_id": label,
+                   "score": round(score, 5)}
+                  for box, label, score in zip(boxes.tolist(), labels.tolist(), scores.tolist())]
+    time_s = None if seconds is None else round(float(seconds), 4)
+    return json.dumps({"source": source, "frame": index, "time": time_s, "detections": detections}) + "\n"
+
+
+@dataclass
+class VideoSink:
+    """The outputs of one video: the annotated video (unless --no-draw) and the JSON lines."""
+
+    source: str
+    stem: str
+    lines: object
+    writer: Optional[VideoWriter]
+    last: tuple = (torch.zeros(0, 4), torch.zeros(0, dtype=torch.int64), torch.zeros(0))
+
+    def close(self) -> None:
+        self.lines.close()
+        if self.writer is not None:
+            self.writer.close()
+
+
+def frame_job(run: Run, sink: VideoSink, frame: tuple, output) -> None:
+    """Write one frame: its JSON line and annotations when the model saw it, and the video frame
+    with the latest detections drawn (runs in the output thread, in frame order)."""
+    index, seconds, array = frame
+    pixels = torch.from_numpy(array).permute(2, 0, 1)
+    if output is not None:
+        sink.last = above(output, run.args.score_thresh)
+        sink.lines.write(frame_record(sink.source, index, seconds, *sink.last, run.class_names))
+        run.annotate(f"{sink.stem}_{index:06d}", None, pixels, *sink.last[:2])
+        run.done += 1
+        run.detections += len(sink.last[2])
+    if sink.writer is not None:
+        sink.writer.write(np.asarray(run.draw(pixels, *sink.last)) if len(sink.last[2]) else array)
+
+
+def frame_chunks(frames, every: int, batch_size: int):
+    """Consecutive frames cut so that each piece holds ``batch_size`` frames for the model (every
+    ``every``-th frame), plus the frames between them."""
+    chunk, picked = [], 0
+    for frame in frames:
+        chunk.append(frame)
+        picked += frame[0] % every == 0
+        if picked == batch_size:
+            yield chunk
+            chunk, picked = [], 0
+    if chunk:
+        yield chunk
+
+
+def run_video(run: Run, source: str, target: Path) -> None:
+    """Detect on a video file, camera or stream: annotated video + JSON lines at ``target``."""
+    args = run.args
+    try:
+        reader = VideoReader(source, args.max_frames, buffer=2 * run.batch_size * args.every)
+    except ValueError as exc:
+        run.skipped += 1
+        print(f"skipped {exc}", file=sys.stderr)
+        return
+    info = reader.info
+    target.parent.mkdir(parents=True, exist_ok=True)
+    writer = None if args.no_draw else VideoWriter(target, info.width, info.height, info.fps)
+    sink = VideoSink(source, target.stem, target.with_suffix(".jsonl").open("w"), writer)
+    total = info.expected_frames if args.max_frames is None or info.expected_frames is None \
+        else min(info.expected_frames, args.max_frames)
+    print(f"{source}: {info.width}x{info.height} at {float(info.fps):.3g} fps, "
+          f"{total if total is not None else 'unknown number of'} frames -> {target if writer else sink.lines.name}")
+    try:
+        for chunk in frame_chunks(Progress(reader, total, f"{target.stem}", print_freq=100), args.every,
+                                  run.batch_size):
+            picked = [frame for frame in chunk if frame[0] % args.every == 0]
+            images = [torch.from_numpy(frame[2]).permute(2, 0, 1) for frame in picked]
+            outputs = dict(zip((frame[0] for frame in picked), detect_each(run.detect, images, run.timings, run.device)))
+            for frame in chunk:
+                output = outputs.get(frame[0])
+                if isinstance(output, ValueError):
+                    raise ValueError(f"{source}: frame {frame[0]}: {output}")
+                run.output.submit(lambda f=frame, o=output: frame_job(run, sink, f, o))
+    finally:
+        reader.close()
+        run.timings.decode += reader.decode_seconds
+        run.output.submit(sink.close)
+        report_video_end(reader, target if writer else Path(sink.lines.name))
+
+
+def report_video_end(reader: VideoReader, kept: Path) -> None:
+    """One line when the video ended before its announced end, or live frames were dropped."""
+    reason = reader.ended_early()
+    if reason is not None:
+        print(f"warning: {reader.source}: the video ends early after {reader.decoded} frames ({reason}); "
+              f"the frames read are kept in {kept}", file=sys.stderr)
+    if reader.dropped:
+        print(f"note: {reader.source}: {reader.dropped} frames were dropped while the model was busy "
+              "(use --every N to run it on fewer frames)", file=sys.stderr)
+
+
+# ------------------------------------------------------------------------------ script
 def run(args: argparse.Namespace) -> int:
-    """Predict as the flags say; returns the number of images processed."""
+    """Predict as the flags say; returns the number of images and frames processed."""
+    check_args(args)
     json_path = json_output_path(args)
-    if args.coco_gt and json_path is None:
-        raise ValueError("--coco-gt needs --save-json (it sets the ids of the results file)")
     files, problems = find_inputs(args.inputs)
     for problem in problems:
         print(f"skipped {problem}", file=sys.stderr)
-    if not files:
+    if not files and not args.source:
         return 0
     detect, class_names, device = load_predictor(args)
-    results = CocoResults(class_names, Path(args.coco_gt) if args.coco_gt else None)
+    run = Run(args, detect, class_names, device, args.batch_size or default_batch_size(device),
+              CocoResults(class_names, Path(args.coco_gt) if args.coco_gt else None), make_writers(args, class_names))
     output_dir = Path(args.output_dir)
-    if not args.no_draw:
-        output_dir.mkdir(parents=True, exist_ok=True)
+    output_dir.mkdir(parents=True, exist_ok=True)
     targets = output_names(files, output_dir)
-
-    loader = DataLoader(ImageFiles(files), batch_size=None, shuffle=False, num_workers=max(int(args.workers), 1),
-                        collate_fn=_single)
-    done = skipped = detections = 0
     start = time.perf_counter()
-    for index, pixels, error in loader:
-        file = files[index]
-        if pixels is None:
-            skipped += 1
-            print(f"skipped {file}: not a readable image ({error})", file=sys.stderr)
-            continue
-        tick = time.perf_counter()
-        try:
-            with torch.inference_mode():
-                output = detect(pixels.to(device).float().div_(255))
-        except ValueError as exc:  # an image the model cannot take; the others still run
-            skipped += 1
-            print(f"skipped {file}: {exc}", file=sys.stderr)
-            continue
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        took = time.perf_counter() - tick
-        keep = output["scores"] >= args.score_thresh
-        boxes, labels, scores = (output[k][keep].cpu() for k in ("boxes", "labels", "scores"))
-        results.add(file, pixels.shape[1], pixels.shape[2], boxes, labels, scores)
-        done += 1
-        detections += len(scores)
-        written = "" if args.no_draw else draw_and_save(pixels, boxes, labels, scores, class_names, args, targets[file])
-        print(f"[{done + skipped}/{len(files)}] {file}: {len(scores)} detections, {took * 1000:.0f} ms{written}")
-    elapsed = time.perf_counter() - start
+    run.output = OrderedOutput(run.timings, backlog=4 * run.batch_size)
+    try:
+        images = [file for file in files if not is_video_file(file)]
+        if images:
+            run_images(run, images, targets)
+        for file in (file for file in files if is_video_file(file)):
+            run_video(run, str(file), targets[file])
+        for number, source in enumerate(args.source, start=1):
+            run_video(run, source, output_dir / f"{stream_name(source, number)}.mp4")
+    finally:
+        finish(run, json_path, start)
+    return run.done
 
+
+def finish(run: Run, json_path: Optional[Path], start: float) -> None:
+    """Let the output thread drain, then write the lists and results files and the summary."""
+    run.output.finish()
+    for writer in run.writers:
+        print("\n".join(writer.close()))
     if json_path is not None:
-        print("\n".join(results.write(json_path)))
-    print(f"{done} images processed, {skipped} skipped, {detections} detections "
-          f"(score >= {args.score_thresh}); {done / max(elapsed, 1e-9):.2f} images/s")
-    return done
+        print("\n".join(run.results.write(json_path)))
+    elapsed = time.perf_counter() - start
+    run.timings.images = run.done
+    print(f"{run.done} images processed, {run.skipped} skipped, {run.detections} detections "
+          f"(score >= {run.args.score_thresh})")
+    print(run.timings.summary(elapsed))
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    """Script entry: exit code 1 when nothing could be processed or on a setup error."""
+    """Script entry: exit code 1 when nothing could be processed or on a setup error; 130 after Ctrl-C
+    (what was processed so far is written)."""
     import_plugins(argv)
     args = build_parser().parse_args(argv)
     try:
@@ -244,6 +469,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     except (FileNotFoundError, ValueError, ImportError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
+    except KeyboardInterrupt:
+        print("interrupted: the results so far are written", file=sys.stderr)
+        return 130
     if processed == 0:
         print("error: no image could be processed", file=sys.stderr)
         return 1

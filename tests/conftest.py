@@ -126,6 +126,22 @@ def trained_run(demo_voc, tmp_path_factory) -> Path:
     return out
 
 
+@pytest.fixture(scope="session")
+def confident_checkpoint(trained_run, tmp_path_factory) -> Path:
+    """The trained checkpoint with a box classifier that calls every proposal "circle" (label 1,
+    score ~0.99) and at most 3 detections per image, so every image gets boxes to check."""
+    import torch
+    from backbone import read_weight_file
+
+    checkpoint = read_weight_file(str(trained_run / "best.pth"))
+    checkpoint["model"]["roi_heads.box_predictor.cls_score.weight"].zero_()
+    checkpoint["model"]["roi_heads.box_predictor.cls_score.bias"].copy_(torch.tensor([0.0, 6.0, 0.0, 0.0]))
+    checkpoint["model_config"]["box_detections_per_img"] = 3
+    path = tmp_path_factory.mktemp("confident") / "confident.pth"
+    torch.save(checkpoint, path)
+    return path
+
+
 # 19 training images, batch 4 -> 4 iterations per epoch. The warmup (7 iterations) and the LR
 # step (epoch 1) both straddle the epoch boundary where the resumed run restarts.
 SCHEDULE = ["--lr", "0.01", "--warmup-iters", "7", "--lr-scheduler", "multistep", "--lr-steps", "1",

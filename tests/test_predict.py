@@ -22,19 +22,6 @@ TINY_ARCH = ["--backbone", "mobilenet_v2", "--width-mult", "0.5", "--feature-str
 EXIF_ORIENTATION = 0x0112
 
 
-@pytest.fixture(scope="module")
-def confident_checkpoint(trained_run, tmp_path_factory) -> Path:
-    """The trained checkpoint with a box classifier that calls every proposal "circle" (label 1,
-    score ~0.99) and at most 3 detections per image, so every image gets boxes to check."""
-    checkpoint = read_weight_file(str(trained_run / "best.pth"))
-    checkpoint["model"]["roi_heads.box_predictor.cls_score.weight"].zero_()
-    checkpoint["model"]["roi_heads.box_predictor.cls_score.bias"].copy_(torch.tensor([0.0, 6.0, 0.0, 0.0]))
-    checkpoint["model_config"]["box_detections_per_img"] = 3
-    path = tmp_path_factory.mktemp("confident") / "confident.pth"
-    torch.save(checkpoint, path)
-    return path
-
-
 def noise(height: int, width: int, seed: int) -> np.ndarray:
     return np.random.default_rng(seed).integers(0, 256, (height, width, 3), dtype=np.uint8)
 

@@ -5,6 +5,7 @@
     python tools/benchmark.py --cases data    # data loading vs training throughput
     python tools/benchmark.py --cases checkpoint  # cost of one R50-FPN training checkpoint
     python tools/benchmark.py --cases epoch_end   # what blocks every rank at an epoch end (2 gloo ranks)
+    python tools/benchmark.py --cases predict_mbv2 predict_r50  # predict.py on 100 JPEGs vs a plain loop
 
 Each case builds torchvision's model with random weights, copies its state dict into ours, then
 times the two alternately (ours, theirs, ours, ...) and reports medians and the ratio
@@ -362,9 +363,80 @@ def epoch_end_case(num_images: int = 4952) -> Dict[str, float]:
             "checkpoints_before_s": 3 * write, "checkpoints_after_s": write + 2 * link}
 
 
+def _write_photos(folder: Path, count: int, seed: int = 0) -> List[Path]:
+    """``count`` VOC-sized (500x375) JPEGs of coloured rectangles and ellipses on a gradient."""
+    from PIL import Image, ImageDraw
+    generator = torch.Generator().manual_seed(seed)
+    ramp = torch.linspace(40, 200, VOC_SIZE[1]).expand(VOC_SIZE[0], -1)
+    files = []
+    for index in range(count):
+        background = torch.stack([ramp, ramp.flip(1), ramp * 0.5 + 60], dim=2).to(torch.uint8)
+        image = Image.fromarray(background.numpy())
+        draw = ImageDraw.Draw(image)
+        for _ in range(3):
+            x, y = (torch.rand(2, generator=generator) * torch.tensor([350.0, 250.0])).tolist()
+            w, h = (torch.rand(2, generator=generator) * 100 + 40).tolist()
+            colour = tuple(torch.randint(0, 256, (3,), generator=generator).tolist())
+            (draw.ellipse if index % 2 else draw.rectangle)([x, y, x + w, y + h], fill=colour)
+        files.append(folder / f"photo{index:03d}.jpg")
+        image.save(files[-1], quality=90)
+    return files
+
+
+def _plain_torchvision_loop(model: torch.nn.Module, files: List[Path], out: Path, names: List[str]) -> float:
+    """Seconds for the loop users write around torchvision's detector: decode, detect, draw, save."""
+    from PIL import Image
+    from torchvision.transforms.functional import to_tensor
+    from train_utils.vis.draw import draw_detections
+    start = time.perf_counter()
+    with torch.inference_mode():
+        for file in files:
+            image = Image.open(file).convert("RGB")
+            output = model([to_tensor(image)])[0]
+            keep = output["scores"] >= 0.5
+            drawn = draw_detections(image, output["boxes"][keep].tolist(), output["labels"][keep].tolist(),
+                                    output["scores"][keep].tolist(), names)
+            drawn.save(out / file.name, quality=95)
+    return time.perf_counter() - start
+
+
+def predict_case(arch: str, count: int = 100) -> Dict[str, float]:
+    """Images/s of ``predict.py`` on a folder of ``count`` VOC-sized JPEGs vs a plain loop over
+    torchvision's model with the same weights (both draw and save every image)."""
+    import contextlib
+    import io
+    import predict
+    from train_utils.checkpoint import Checkpoint, save_checkpoint
+    from train_utils.model.builder import build_model
+    from train_utils.model.config import ModelConfig
+
+    _, theirs = build_pair(arch)
+    config = ModelConfig(num_classes=91 if arch == "r50" else 21,
+                         backbone="resnet50_fpn" if arch == "r50" else "mobilenet_v2")
+    ours = build_model(config)
+    ours.load_state_dict(theirs.state_dict(), strict=True)
+    names = [f"class{i}" for i in range(1, config.num_classes)]
+    with tempfile.TemporaryDirectory() as tmp:
+        folder, weights = Path(tmp) / "photos", str(Path(tmp) / "model.pth")
+        folder.mkdir()
+        files = _write_photos(folder, count)
+        save_checkpoint(Checkpoint(model=ours.state_dict(), config=config, class_names=names), weights)
+        del ours
+        theirs_s = _plain_torchvision_loop(theirs.eval(), files, Path(tmp), names)
+        log = io.StringIO()
+        start = time.perf_counter()
+        with contextlib.redirect_stdout(log):
+            predict.main(["--weights", weights, str(folder), "--output-dir", str(Path(tmp) / "ours"),
+                          "--device", "cpu"])
+        ours_s = time.perf_counter() - start
+    stages = next(line for line in log.getvalue().splitlines() if line.startswith("throughput"))
+    return {"ours_img_s": count / ours_s, "torchvision_img_s": count / theirs_s,
+            "speedup": theirs_s / ours_s, "stages": stages.split("; ", 1)[1]}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    extra = ["data", "checkpoint", "epoch_end"]
+    extra = ["data", "checkpoint", "epoch_end", "predict_mbv2", "predict_r50"]
     parser.add_argument("--cases", nargs="+", default=list(CASES) + extra, choices=list(CASES) + extra)
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--memory", action="store_true", help="also measure peak memory (subprocess per model)")
@@ -389,6 +461,11 @@ def main() -> None:
                   f"{r['score_after_wall_s']:.1f}s (rank 1 busy {r['score_before_rank1_busy_s']:.1f}s -> "
                   f"{r['score_after_rank1_busy_s']:.1f}s); checkpoint files {r['checkpoints_before_s']:.1f}s -> "
                   f"{r['checkpoints_after_s']:.1f}s")
+        elif name.startswith("predict_"):
+            r = predict_case(name.split("_")[1])
+            print(f"{name:<12} predict.py {r['ours_img_s']:.2f} img/s vs a torchvision loop "
+                  f"{r['torchvision_img_s']:.2f} img/s -> {r['speedup']:.2f}x (100 VOC-sized JPEGs, drawn and "
+                  f"saved; {r['stages']})", flush=True)
         elif name == "checkpoint":
             r = checkpoint_case(args.repeats)
             print(f"checkpoint R50-FPN with optimizer state: {r['size_mib']:.0f} MiB written in {r['save_s']:.2f}s "

@@ -16,14 +16,14 @@ class Progress:
 
     Args:
         iterable: what to iterate.
-        total: number of items (for the ETA).
+        total: number of items (for the ETA); None when unknown (a live stream).
         desc: prefix of every line, e.g. ``"Epoch 3"``.
         print_freq: a plain line every this many items when not on a terminal.
         enabled: False on non-zero ranks: iterate silently.
         start: items already done before this pass (a resumed epoch counts on from there).
     """
 
-    def __init__(self, iterable: Iterable, total: int, desc: str, print_freq: int = 50, enabled: bool = True,
+    def __init__(self, iterable: Iterable, total: Optional[int], desc: str, print_freq: int = 50, enabled: bool = True,
                  start: int = 0) -> None:
         self.iterable = iterable
         self.start = start
@@ -47,13 +47,15 @@ class Progress:
             yield item
             count += 1
             if self.enabled and (count % self.print_freq == 0 or count == self.total):
-                elapsed = time.time() - start
-                eta = elapsed / (count - self.start) * max(self.total - count, 0)
-                print(
-                    f"{self.desc} [{count}/{self.total}] eta {timedelta(seconds=int(eta))} "
-                    f"elapsed {timedelta(seconds=int(elapsed))} {_format(self.values)}".rstrip(),
-                    flush=True,
-                )
+                print(f"{self.desc} {self._position(count, time.time() - start)} {_format(self.values)}".rstrip(),
+                      flush=True)
+
+    def _position(self, count: int, elapsed: float) -> str:
+        """``[count/total] eta ... elapsed ...``, or ``[count] elapsed ...`` without a total."""
+        if self.total is None:
+            return f"[{count}] elapsed {timedelta(seconds=int(elapsed))}"
+        eta = elapsed / (count - self.start) * max(self.total - count, 0)
+        return f"[{count}/{self.total}] eta {timedelta(seconds=int(eta))} elapsed {timedelta(seconds=int(elapsed))}"
 
     def update(self, **values: float) -> None:
         self.values = values
