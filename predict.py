@@ -380,7 +380,7 @@ def run_video(run: Run, source: str, target: Path) -> None:
     info = reader.info
     target.parent.mkdir(parents=True, exist_ok=True)
     writer = None if args.no_draw else VideoWriter(target, info.width, info.height, info.fps)
-    sink = VideoSink(source, target.stem, target.with_suffix(".jsonl").open("w"), writer)
+    sink = VideoSink(source, target.stem, target.with_suffix(".jsonl").open("w", buffering=1), writer)
     total = info.expected_frames if args.max_frames is None or info.expected_frames is None \
         else min(info.expected_frames, args.max_frames)
     print(f"{source}: {info.width}x{info.height} at {float(info.fps):.3g} fps, "

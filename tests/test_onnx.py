@@ -4,8 +4,10 @@ than the traced one; traced size arithmetic equals the eager one; files and erro
 import json
 import warnings
 
+import numpy as np
 import pytest
 import torch
+from PIL import Image
 from torch import nn
 
 import predict
@@ -139,13 +141,21 @@ def test_export_tool_and_predict_onnx_give_the_checkpoint_detections(trained_run
     assert not [p for p in output.parent.iterdir() if p.name != "model.onnx"]  # no temporary left
 
     images = sorted((demo_voc / "VOCdevkit" / "VOC2012" / "JPEGImages").glob("*.jpg"))[:4]
-    results = {}
+    video = tmp_path / "clip.mkv"
+    write_frames(video, [np.asarray(Image.open(image).convert("RGB")) for image in images])
+    results, frames = {}, {}
     for flag, source in (("--onnx", output), ("--weights", weights)):
         out = tmp_path / flag.strip("-")
         args = [flag, str(source), "--output-dir", str(out), "--score-thresh", "0.05", "--workers", "1",
-                *map(str, images), "--save-json"]
+                "--batch-size", "2", *map(str, images), str(video), "--save-json"]
         assert predict.main(args) == 0
         results[flag] = json.loads((out / "predictions.json").read_text())
+        frames[flag] = [json.loads(line) for line in (out / "clip.jsonl").read_text().splitlines()]
+    # The ONNX graph takes one image per call: videos run frame by frame and give the same detections.
+    assert sum(len(f["detections"]) for f in frames["--onnx"]) > 0
+    for mine, theirs in zip(frames["--onnx"], frames["--weights"], strict=True):
+        box_error, score_error = match_detections(*(as_tensors(f["detections"]) for f in (theirs, mine)))
+        assert box_error < BOX_RTOL and score_error < 1e-4
     assert results["--onnx"], "the trained model should detect something on its own data"
     assert len(results["--onnx"]) == len(results["--weights"])
     # Pair each ONNX detection with a PyTorch one of the same image and class, score and box; the
@@ -160,6 +170,26 @@ def test_export_tool_and_predict_onnx_give_the_checkpoint_detections(trained_run
         unmatched.remove(twin)
 
 
+def as_tensors(detections: list) -> dict:
+    """JSON-lines detections of one frame as a detections dict."""
+    return {"boxes": torch.tensor([d["box"] for d in detections], dtype=torch.float64).reshape(-1, 4),
+            "labels": torch.tensor([d["class_id"] for d in detections], dtype=torch.int64),
+            "scores": torch.tensor([d["score"] for d in detections], dtype=torch.float64)}
+
+
+def write_frames(path, frames) -> None:
+    """A lossless (H.264 4:4:4, qp 0) video of the uint8 [H, W, 3] frames."""
+    import av
+
+    with av.open(str(path), "w") as container:
+        stream = container.add_stream("libx264", rate=5, options={"qp": "0"})
+        stream.height, stream.width = frames[0].shape[:2]
+        stream.pix_fmt = "yuv444p"
+        for frame in frames:
+            container.mux(stream.encode(av.VideoFrame.from_ndarray(frame, format="rgb24")))
+        container.mux(stream.encode())
+
+
 def test_onnx_errors_name_the_file(tmp_path, capsys):
     missing = tmp_path / "missing.onnx"
     with pytest.raises(FileNotFoundError, match="missing.onnx"):
@@ -170,8 +200,6 @@ def test_onnx_errors_name_the_file(tmp_path, capsys):
         OnnxDetector(garbage)
 
     image = tmp_path / "a.png"
-    from PIL import Image
-
     Image.new("RGB", (32, 32)).save(image)
     assert predict.main(["--onnx", str(garbage), str(image), "--output-dir", str(tmp_path / "o")]) == 1
     assert predict.main(["--onnx", str(garbage), "--min-size", "300", str(image)]) == 1
@@ -216,8 +244,6 @@ def test_match_detections_pairs_tied_detections_and_reports_differences():
 
 
 def test_save_json_never_overwrites_an_input_image(tmp_path, capsys):
-    from PIL import Image
-
     image = tmp_path / "photo.jpg"
     Image.new("RGB", (32, 32), "red").save(image)
     before = image.read_bytes()

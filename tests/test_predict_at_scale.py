@@ -5,7 +5,9 @@ import http.server
 import json
 import subprocess
 import sys
+import signal
 import threading
+import time
 from fractions import Fraction
 from pathlib import Path
 
@@ -359,3 +361,23 @@ def test_save_voc_keeps_corrected_annotations_and_yolo_round_trip(lively_checkpo
     done = run_predict(*args, "--save-yolo", str(yolo))
     assert done.returncode == 1 and "Traceback" not in done.stderr
     assert "classes.txt lists other classes than the model" in done.stderr
+
+
+def test_ctrl_c_closes_the_video_and_json_lines(lively_checkpoint, tmp_path):
+    write_video(tmp_path / "long.mkv", 400)
+    out = tmp_path / "out"
+    process = subprocess.Popen(
+        [sys.executable, str(ROOT / "predict.py"), "--device", "cpu", "--weights", str(lively_checkpoint),
+         str(tmp_path / "long.mkv"), "--output-dir", str(out), "--score-thresh", "0.3"],
+        cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    lines = out / "long.jsonl"
+    deadline = time.time() + 120
+    while time.time() < deadline and not (lines.exists() and len(lines.read_text().splitlines()) >= 3):
+        time.sleep(0.1)
+    process.send_signal(signal.SIGINT)
+    _, stderr = process.communicate(timeout=120)
+    assert process.returncode == 130, stderr
+    assert "interrupted: the results so far are written" in stderr and "Traceback" not in stderr
+    records = read_lines(lines)
+    assert 3 <= len(records) < 400 and [r["frame"] for r in records] == list(range(len(records)))
+    assert video_facts(out / "long.mp4")[0] == len(records)
