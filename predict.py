@@ -29,7 +29,7 @@ import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Optional, Sequence
+from typing import Optional, Sequence, TextIO
 
 import numpy as np
 import torch
@@ -296,8 +296,8 @@ def run_images(run: Run, files: list[Path], targets: dict[Path, Path]) -> None:
                 run.skipped += 1
                 print(f"skipped {file}: {output}", file=sys.stderr)
                 continue
-            run.output.submit(lambda f=file, n=number, p=pixels, o=output: image_job(
-                run, f, n, len(files), p, o, targets[f], model_ms))
+            run.output.submit(lambda f=file, n=number, p=pixels, o=output, ms=model_ms: image_job(
+                run, f, n, len(files), p, o, targets[f], ms))
 
 
 def _readable(run: Run, loader: DataLoader, files: list[Path], counter):
@@ -329,7 +329,7 @@ class VideoSink:
 
     source: str
     stem: str
-    lines: object
+    lines: TextIO
     writer: Optional[VideoWriter]
     last: tuple = (torch.zeros(0, 4), torch.zeros(0, dtype=torch.int64), torch.zeros(0))
 

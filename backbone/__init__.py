@@ -31,7 +31,7 @@ from .torchvision_backbones import (
     freeze_batch_norms,
     torchvision_backbone,
 )
-from .vgg_model import VGG, vgg, vgg_backbone
+from .vgg_model import VGG, VGGBoxHead, VGGOptions, freeze_vgg_blocks, vgg, vgg_backbone, vgg_paper_parts
 from .weight_files import (
     WEIGHT_FILE_NAMES,
     WEIGHT_URLS,
@@ -61,12 +61,15 @@ __all__ = [
     "ResNetC4Head",
     "TorchvisionBackbone",
     "VGG",
+    "VGGBoxHead",
+    "VGGOptions",
     "WEIGHT_FILE_NAMES",
     "WEIGHT_URLS",
     "WeightFileError",
     "classifier_names",
     "freeze_batch_norms",
     "freeze_resnet_stages",
+    "freeze_vgg_blocks",
     "get_backbone",
     "load_weight_file",
     "mobilenet_v2_backbone",
@@ -80,5 +83,6 @@ __all__ = [
     "validate_trainable_layers",
     "vgg",
     "vgg_backbone",
+    "vgg_paper_parts",
     "weight_url",
 ]

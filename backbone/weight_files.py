@@ -7,6 +7,7 @@ from collections.abc import Mapping
 from typing import Any, Dict, Optional
 
 import torch
+from torch import nn
 
 _DOWNLOAD_ROOT = "https://download.pytorch.org/models/"
 
@@ -77,3 +78,20 @@ def load_weight_file(path: str, kind: Optional[str] = None, url: Optional[str] =
         url: the download address to name instead, for other files.
     """
     return state_dict_of(read_weight_file(path, url or (weight_url(kind) if kind else None)), path)
+
+
+def load_state_strictly(module: nn.Module, state: Mapping[str, torch.Tensor], path: str, what: str) -> None:
+    """``module.load_state_dict(state, strict=True)``, but a missing or unexpected key or a tensor
+    of another shape is one ``WeightFileError`` line naming ``path`` and ``what`` it should hold."""
+    own = module.state_dict()
+    problems = []
+    missing = [k for k in own if k not in state]
+    unexpected = [k for k in state if k not in own]
+    resized = [f"{k} {list(state[k].shape)} (needs {list(v.shape)})" for k, v in own.items()
+               if k in state and state[k].shape != v.shape]
+    for label, keys in (("missing", missing), ("unexpected", unexpected), ("wrong shape", resized)):
+        if keys:
+            problems.append(f"{len(keys)} {label} (e.g. {', '.join(keys[:3])})")
+    if problems:
+        raise WeightFileError(f"weight file '{path}' is not a {what} state dict: {'; '.join(problems)}")
+    module.load_state_dict(state, strict=True)

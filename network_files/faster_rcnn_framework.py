@@ -96,6 +96,8 @@ class FasterRCNN(FasterRCNNBase):
     ``backbone`` must have an ``out_channels`` attribute. ``num_classes`` counts the background.
     The defaults build the FPN configuration: anchors ``(32, 64, 128, 256, 512)`` x
     ``(0.5, 1, 2)``, RoIAlign 7x7 over feature maps ``"0".."3"``, a 1024-wide two-layer head.
+    Three keywords beyond torchvision's select the paper's training rules (see
+    ``RegionProposalNetwork`` and ``RoIHeads``); their defaults keep torchvision's behaviour.
     """
 
     def __init__(
@@ -132,6 +134,10 @@ class FasterRCNN(FasterRCNNBase):
         box_batch_size_per_image: int = 512,
         box_positive_fraction: float = 0.25,
         bbox_reg_weights: Optional[Tuple[float, float, float, float]] = None,
+        # the paper's (py-faster-rcnn's) training rules; the defaults are torchvision's behaviour
+        rpn_ignore_cross_boundary: bool = False,
+        box_bg_iou_low_thresh: float = 0.0,
+        box_smooth_l1_beta: float = 1 / 9,
         **transform_kwargs,
     ) -> None:
         _check_arguments(backbone, num_classes, box_predictor)
@@ -144,13 +150,14 @@ class FasterRCNN(FasterRCNNBase):
             rpn_anchor_generator, rpn_head, rpn_fg_iou_thresh, rpn_bg_iou_thresh, rpn_batch_size_per_image,
             rpn_positive_fraction, dict(training=rpn_pre_nms_top_n_train, testing=rpn_pre_nms_top_n_test),
             dict(training=rpn_post_nms_top_n_train, testing=rpn_post_nms_top_n_test), rpn_nms_thresh,
-            score_thresh=rpn_score_thresh)
+            score_thresh=rpn_score_thresh, ignore_cross_boundary=rpn_ignore_cross_boundary)
 
         box_roi_pool, box_head, box_predictor = _default_box_parts(box_roi_pool, box_head, box_predictor,
                                                                    out_channels, num_classes)
         roi_heads = RoIHeads(
             box_roi_pool, box_head, box_predictor, box_fg_iou_thresh, box_bg_iou_thresh, box_batch_size_per_image,
-            box_positive_fraction, bbox_reg_weights, box_score_thresh, box_nms_thresh, box_detections_per_img)
+            box_positive_fraction, bbox_reg_weights, box_score_thresh, box_nms_thresh, box_detections_per_img,
+            bg_iou_low_thresh=box_bg_iou_low_thresh, smooth_l1_beta=box_smooth_l1_beta)
 
         mean = image_mean if image_mean is not None else [0.485, 0.456, 0.406]
         std = image_std if image_std is not None else [0.229, 0.224, 0.225]

@@ -12,7 +12,8 @@ from .poolers import MultiScaleRoIAlign
 
 
 def fastrcnn_loss(
-    class_logits: Tensor, box_regression: Tensor, labels: List[Tensor], regression_targets: List[Tensor]
+    class_logits: Tensor, box_regression: Tensor, labels: List[Tensor], regression_targets: List[Tensor],
+    beta: float = 1 / 9,
 ) -> Tuple[Tensor, Tensor]:
     """Cross-entropy over all sampled RoIs and smooth L1 on the positives' class-specific offsets.
 
@@ -21,6 +22,7 @@ def fastrcnn_loss(
         box_regression: ``[R, num_classes * 4]``.
         labels: per image ``[R_i]`` int64 (0 = background).
         regression_targets: per image ``[R_i, 4]``.
+        beta: where the smooth L1 turns from quadratic to linear (torchvision's 1/9; py-faster-rcnn's 1).
     Returns:
         ``(loss_classifier, loss_box_reg)``; the box loss is normalised by the number of RoIs.
     """
@@ -32,7 +34,7 @@ def fastrcnn_loss(
     num_rois = class_logits.shape[0]
     per_class = box_regression.reshape(num_rois, box_regression.size(-1) // 4, 4)
     box_loss = det_utils.smooth_l1_loss(
-        per_class[positive, labels_all[positive]], targets_all[positive], beta=1 / 9
+        per_class[positive, labels_all[positive]], targets_all[positive], beta=beta
     ) / labels_all.numel()
     return classification_loss, box_loss
 
@@ -48,6 +50,10 @@ class RoIHeads(nn.Module):
         batch_size_per_image / positive_fraction: RoIs sampled per image in training.
         bbox_reg_weights: BoxCoder weights, default ``(10, 10, 5, 5)``.
         score_thresh / nms_thresh / detections_per_img: post-processing in evaluation.
+        bg_iou_low_thresh: background RoIs need IoU >= this with some object (py-faster-rcnn's
+            BG_THRESH_LO); lower ones are not sampled. 0 (torchvision's) keeps them all. An image
+            without objects keeps every RoI as background.
+        smooth_l1_beta: ``beta`` of the box regression loss (see :func:`fastrcnn_loss`).
     """
 
     def __init__(
@@ -63,6 +69,8 @@ class RoIHeads(nn.Module):
         score_thresh: float,
         nms_thresh: float,
         detections_per_img: int,
+        bg_iou_low_thresh: float = 0.0,
+        smooth_l1_beta: float = 1 / 9,
     ) -> None:
         super().__init__()
         self.box_similarity = box_ops.box_iou
@@ -75,6 +83,8 @@ class RoIHeads(nn.Module):
         self.score_thresh = score_thresh
         self.nms_thresh = nms_thresh
         self.detections_per_img = detections_per_img
+        self.bg_iou_low_thresh = bg_iou_low_thresh
+        self.smooth_l1_beta = smooth_l1_beta
 
     def assign_targets_to_proposals(
         self, proposals: List[Tensor], gt_boxes: List[Tensor], gt_labels: List[Tensor]
@@ -88,11 +98,14 @@ class RoIHeads(nn.Module):
                 matched = torch.zeros((count,), dtype=torch.int64, device=proposals_in_image.device)
                 image_labels = torch.zeros((count,), dtype=torch.int64, device=proposals_in_image.device)
             else:
-                matches = self.proposal_matcher(self.box_similarity(boxes, proposals_in_image))
+                quality = self.box_similarity(boxes, proposals_in_image)
+                matches = self.proposal_matcher(quality)
                 matched = matches.clamp(min=0)
                 image_labels = classes[matched].to(dtype=torch.int64)
                 image_labels[matches == det_utils.Matcher.BELOW_LOW_THRESHOLD] = 0
                 image_labels[matches == det_utils.Matcher.BETWEEN_THRESHOLDS] = -1
+                if self.bg_iou_low_thresh > 0:
+                    image_labels[quality.max(dim=0).values < self.bg_iou_low_thresh] = -1
             matched_idxs.append(matched)
             labels.append(image_labels)
         return matched_idxs, labels
@@ -212,7 +225,8 @@ class RoIHeads(nn.Module):
         class_logits, box_regression = self.box_predictor(box_features)
 
         if self.training:
-            loss_classifier, loss_box_reg = fastrcnn_loss(class_logits, box_regression, labels, regression_targets)
+            loss_classifier, loss_box_reg = fastrcnn_loss(class_logits, box_regression, labels, regression_targets,
+                                                          self.smooth_l1_beta)
             return [], {"loss_classifier": loss_classifier, "loss_box_reg": loss_box_reg}
 
         boxes, scores, labels = self.postprocess_detections(class_logits, box_regression, proposals, image_shapes)

@@ -145,6 +145,13 @@ class RPNHead(nn.Module):
         return logits, deltas
 
 
+def anchors_inside_image(anchors: Tensor, image_size: Tuple[int, int]) -> Tensor:
+    """Mask ``[A]`` of the anchors ``[A, 4]`` lying entirely inside a ``(height, width)`` image:
+    x1 >= 0, y1 >= 0, x2 <= width, y2 <= height."""
+    height, width = image_size
+    return (anchors[:, 0] >= 0) & (anchors[:, 1] >= 0) & (anchors[:, 2] <= width) & (anchors[:, 3] <= height)
+
+
 def permute_and_flatten(layer: Tensor, num_images: int, channels: int, height: int, width: int) -> Tensor:
     """``[B, A*C, H, W] -> [B, H*W*A, C]`` in the same order as the anchors."""
     layer = layer.view(num_images, -1, channels, height, width)
@@ -173,6 +180,9 @@ class RegionProposalNetwork(nn.Module):
         pre_nms_top_n / post_nms_top_n: ``{"training": n, "testing": n}``; pre is per level.
         nms_thresh: IoU threshold of the per-level NMS.
         score_thresh: proposals with objectness probability below this are dropped.
+        ignore_cross_boundary: the paper's training rule: only anchors lying entirely inside the
+            (resized, unpadded) image are matched and sampled, the others are ignored (label -1).
+            Proposals are made from every anchor either way.
     """
 
     def __init__(
@@ -187,6 +197,7 @@ class RegionProposalNetwork(nn.Module):
         post_nms_top_n: Dict[str, int],
         nms_thresh: float,
         score_thresh: float = 0.0,
+        ignore_cross_boundary: bool = False,
     ) -> None:
         super().__init__()
         self.anchor_generator = anchor_generator
@@ -199,6 +210,7 @@ class RegionProposalNetwork(nn.Module):
         self._post_nms_top_n = post_nms_top_n
         self.nms_thresh = nms_thresh
         self.score_thresh = score_thresh
+        self.ignore_cross_boundary = ignore_cross_boundary
         self.min_size = 1e-3
 
     def pre_nms_top_n(self) -> int:
@@ -224,6 +236,27 @@ class RegionProposalNetwork(nn.Module):
                 image_labels = (matches >= 0).to(dtype=torch.float32)
                 image_labels[matches == det_utils.Matcher.BELOW_LOW_THRESHOLD] = 0.0
                 image_labels[matches == det_utils.Matcher.BETWEEN_THRESHOLDS] = -1.0
+            labels.append(image_labels)
+            matched_boxes.append(matched)
+        return labels, matched_boxes
+
+    def assign_targets_inside_image(
+        self, anchors: List[Tensor], targets: List[Dict[str, Tensor]], image_sizes: List[Tuple[int, int]]
+    ) -> Tuple[List[Tensor], List[Tensor]]:
+        """:meth:`assign_targets_to_anchors` over the anchors inside each ``(height, width)`` image
+        only (py-faster-rcnn's anchor_target_layer with allowed_border 0): the others are labelled
+        -1 and match their own box; they never count as an object's best anchor either."""
+        labels, matched_boxes = [], []
+        for anchors_in_image, target, size in zip(anchors, targets, image_sizes):
+            inside = anchors_inside_image(anchors_in_image, size)
+            if not bool(inside.any()):
+                raise ValueError(f"rpn_ignore_cross_boundary: no anchor lies inside the {size[1]}x{size[0]} "
+                                 "(width x height) training image; use smaller anchors or larger images")
+            (inside_labels,), (inside_boxes,) = self.assign_targets_to_anchors([anchors_in_image[inside]], [target])
+            image_labels = torch.full_like(anchors_in_image[:, 0], -1.0, dtype=inside_labels.dtype)
+            image_labels[inside] = inside_labels
+            matched = anchors_in_image.to(inside_boxes.dtype, copy=True)
+            matched[inside] = inside_boxes
             labels.append(image_labels)
             matched_boxes.append(matched)
         return labels, matched_boxes
@@ -317,7 +350,10 @@ class RegionProposalNetwork(nn.Module):
         if self.training:
             if targets is None:
                 raise ValueError("the RPN needs targets in training mode")
-            labels, matched_gt_boxes = self.assign_targets_to_anchors(anchors, targets)
+            if self.ignore_cross_boundary:
+                labels, matched_gt_boxes = self.assign_targets_inside_image(anchors, targets, images.image_sizes)
+            else:
+                labels, matched_gt_boxes = self.assign_targets_to_anchors(anchors, targets)
             regression_targets = self.box_coder.encode(matched_gt_boxes, anchors)
             loss_objectness, loss_rpn_box_reg = self.compute_loss(
                 objectness, pred_bbox_deltas, labels, regression_targets

@@ -17,7 +17,7 @@ from torchvision.models.feature_extraction import create_feature_extractor
 from torchvision.ops import roi_pool
 from torchvision.ops.poolers import _setup_scales
 
-from backbone import DEFAULT_RETURN_NODES, FrozenBatchNorm2d, torchvision_backbone
+from backbone import DEFAULT_RETURN_NODES, FrozenBatchNorm2d, WeightFileError, torchvision_backbone
 from conftest import ROOT, TINY_COMMON_FLAGS, TINY_TRAIN_FLAGS, write_fake_vgg16_file
 from network_files import MultiScaleRoIAlign, MultiScaleRoIPool
 from train_utils.inference.loading import load_model
@@ -252,7 +252,8 @@ def test_vgg16_loads_imagenet_file_and_trains(tmp_path):
     assert all(torch.equal(v, state["features." + k]) for k, v in ours.items())
     del state["features.28.bias"]
     torch.save(state, path)
-    with pytest.raises(RuntimeError, match="features.28.bias"):
+    with pytest.raises(WeightFileError, match=r"vgg16-397923af.pth' is not a torchvision vgg16 state dict: "
+                                              r"1 missing \(e.g. features.28.bias\)$"):
         build_model({**TINY, "backbone": "vgg16"}, str(path))
     train_step(model)
 

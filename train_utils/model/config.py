@@ -50,7 +50,8 @@ class ModelConfig:
                                        "help": "object classes + 1 (background); set from the data"})
     backbone: str = setting("resnet50_fpn", ARCHITECTURE, "backbone network (see the registry)")
     backbone_options: Dict[str, Any] = setting({}, ARCHITECTURE, "the backbone's own options", flag=False)
-    trainable_layers: int = setting(3, TRAINING, "ResNet stages to train, counted from the top (0-5)")
+    trainable_layers: int = setting(3, TRAINING, "ResNet stages (VGG conv blocks with --box-head vgg) to train, "
+                                                 "counted from the top (0-5)")
     representation_size: int = setting(1024, ARCHITECTURE, "width of the two-layer box head")
     roi_op: str = setting("align", ARCHITECTURE, "RoI feature pooling: RoIAlign or the original RoIPool",
                           choices=ROI_OPS)
@@ -87,6 +88,15 @@ class ModelConfig:
                                                      "RoIs sampled per image for the box head loss")
     box_positive_fraction: float = detector_setting("box_positive_fraction", TRAINING,
                                                     "largest share of foreground among those RoIs")
+    rpn_ignore_cross_boundary: bool = detector_setting(
+        "rpn_ignore_cross_boundary", TRAINING, "the paper's rule: only anchors entirely inside the resized image "
+                                               "are matched and sampled for the RPN loss (test proposals are "
+                                               "clipped either way)")
+    box_bg_iou_low_thresh: float = detector_setting(
+        "box_bg_iou_low_thresh", TRAINING, "background RoIs need at least this IoU with an object "
+                                           "(py-faster-rcnn's BG_THRESH_LO 0.1; 0 = torchvision's)")
+    box_smooth_l1_beta: float = detector_setting(
+        "box_smooth_l1_beta", TRAINING, "smooth L1 beta of the box head loss (torchvision 1/9, py-faster-rcnn 1)")
     frozen_bn_eps: Optional[float] = setting(None, ARCHITECTURE, "FrozenBatchNorm eps (0 for the official "
                                                                  "COCO weights; None keeps 1e-5)", flag=False)
 
@@ -167,7 +177,8 @@ def _check_sizes(config: ModelConfig) -> None:
 
 
 def _check_matching(config: ModelConfig) -> None:
-    """IoU thresholds in [0, 1] with background <= foreground; sampling fractions in (0, 1]."""
+    """IoU thresholds in [0, 1] with background <= foreground (and the background floor below
+    both); sampling fractions in (0, 1]; a positive smooth L1 beta."""
     for stage in ("rpn", "box"):
         fg, bg = getattr(config, f"{stage}_fg_iou_thresh"), getattr(config, f"{stage}_bg_iou_thresh")
         if not 0 <= bg <= fg <= 1:
@@ -176,6 +187,11 @@ def _check_matching(config: ModelConfig) -> None:
         fraction = getattr(config, f"{stage}_positive_fraction")
         if not 0 < fraction <= 1:
             raise ValueError(f"--{stage}-positive-fraction must lie in (0, 1], got {fraction}")
+    if not 0 <= config.box_bg_iou_low_thresh <= config.box_bg_iou_thresh:
+        raise ValueError(f"--box-bg-iou-low-thresh {config.box_bg_iou_low_thresh} must lie in "
+                         f"[0, --box-bg-iou-thresh {config.box_bg_iou_thresh}]")
+    if not config.box_smooth_l1_beta > 0:
+        raise ValueError(f"--box-smooth-l1-beta must be positive, got {config.box_smooth_l1_beta}")
 
 
 _RULES = (_check_num_classes, _check_backbone, _check_trainable_layers, _check_roi_op, _check_sizes,
