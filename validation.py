@@ -9,7 +9,9 @@ class names, the data folder it was trained on). A bare state dict (or a checkpo
 ``model``) needs ``--backbone`` and ``--classes-json`` plus the architecture flags it was built with.
 
 Prints pycocotools' summary and a per-class table, then writes ``record_mAP.txt`` (WZ's layout)
-and the same numbers as JSON beside it (``record_mAP.json``).
+and the same numbers as JSON beside it (``record_mAP.json``). ``--report DIR`` also writes an error
+analysis (``DIR/report.html``: precision-recall curves, best-F1 score thresholds, a confusion
+matrix, the TIDE breakdown, the worst and best images; see train_utils/vis/report.py).
 """
 from __future__ import annotations
 
@@ -24,6 +26,7 @@ from pathlib import Path
 from typing import Any, Optional, Sequence, Union
 
 import numpy as np
+from PIL import Image
 from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
 from torch.utils.data import DataLoader
@@ -32,16 +35,13 @@ from train_utils.data.catalog import build_dataset, format_names, get_format, la
 from train_utils.data.dataset import DetectionDataSet
 from train_utils.data.classes import load_class_dict
 from train_utils.data.transforms import get_transforms
+from train_utils.evaluation import COCO_STAT_NAMES
 from train_utils.evaluation.coco_api import get_coco_api_from_dataset
 from train_utils.evaluation.loop import evaluate
 from train_utils.evaluation.voc_eval import RULES, mean_ap, voc_ap_per_class
 from train_utils.inference.loading import add_model_arguments, load_detector
 from train_utils.flags import HelpFormatter, import_plugins
 
-COCO_STAT_NAMES = (
-    "AP@[.5:.95]", "AP@.5", "AP@.75", "AP small", "AP medium", "AP large",
-    "AR@1", "AR@10", "AR@100", "AR small", "AR medium", "AR large",
-)
 
 
 # ------------------------------------------------------------------------------ per-class metrics
@@ -140,6 +140,12 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--output", default="record_mAP.txt", help="summary file; the JSON goes beside it")
     parser.add_argument("--voc-metric", choices=[*RULES, "none"], default="12",
                         help="VOC AP@0.5 rule: 07 = 11-point, 12 = area (VOC2010+), none = skip")
+    parser.add_argument("--report", default=None, metavar="DIR",
+                        help="also write an error analysis into DIR (report.html, report.json, figures, CSVs)")
+    parser.add_argument("--report-score-thresh", type=float, default=None,
+                        help="score threshold of the report's confusion matrix and images "
+                             "(default: the threshold of best F1 over all classes pooled)")
+    parser.add_argument("--report-images", type=int, default=8, help="worst and best images shown in the report")
     add_model_arguments(parser)
     return parser
 
@@ -195,8 +201,35 @@ def evaluation_dataset(args: argparse.Namespace, detector) -> tuple[DetectionDat
     return dataset, str(data_path), split
 
 
+def write_evaluation_report(args: argparse.Namespace, dataset: DetectionDataSet, evaluator, class_names: Sequence[str],
+                            record: dict[str, Any]) -> None:
+    """``--report DIR``: the error analysis of this evaluation (image ids are dataset indices)."""
+    from train_utils.vis.report import ReportInputs, write_report
+
+    def load_image(image_id: int) -> Image.Image:
+        pixels = dataset[image_id][0].permute(1, 2, 0).numpy()  # float [H, W, 3] in 0..1 (ToTensor)
+        return Image.fromarray(np.round(pixels * 255).astype(np.uint8))
+
+    inputs = ReportInputs(record, evaluator.coco_eval["bbox"], evaluator.detections, class_names, load_image,
+                          dict(enumerate(dataset.ids)), Path(args.weights_path).parent, args.report_score_thresh,
+                          args.report_images)
+    write_report(Path(args.report), inputs)
+    print(f"wrote the report {Path(args.report) / 'report.html'}")
+
+
+def check_report_flags(args: argparse.Namespace) -> None:
+    """Reject report flags out of range before any work."""
+    if args.report_images < 0:
+        raise ValueError(f"--report-images must be >= 0, got {args.report_images}")
+    if args.report_score_thresh is not None and not 0 <= args.report_score_thresh <= 1:
+        raise ValueError(f"--report-score-thresh must be within 0..1, got {args.report_score_thresh}")
+    if args.report and Path(args.report).exists() and not Path(args.report).is_dir():
+        raise ValueError(f"--report {args.report} is a file, not a folder")
+
+
 def run(args: argparse.Namespace) -> dict[str, Any]:
     """Evaluate as the flags say, print and write the results; returns the JSON record."""
+    check_report_flags(args)
     detector = load_detector(args, args.weights_path)
     dataset, data_path, split = evaluation_dataset(args, detector)
     device = next(detector.model.parameters()).device
@@ -244,6 +277,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     write_record(output, coco_summary_lines(coco_eval), rows)
     json_path.write_text(json.dumps(record, indent=2) + "\n")
     print(f"wrote {output} and {json_path}")
+    if args.report:
+        write_evaluation_report(args, dataset, evaluator, detector.class_names, record)
     return record
 
 

@@ -6,6 +6,7 @@
     python tools/benchmark.py --cases checkpoint  # cost of one R50-FPN training checkpoint
     python tools/benchmark.py --cases epoch_end   # what blocks every rank at an epoch end (2 gloo ranks)
     python tools/benchmark.py --cases predict_mbv2 predict_r50  # predict.py on 100 JPEGs vs a plain loop
+    python tools/benchmark.py --cases report  # validation.py --report on 1000 images x 100 detections
 
 Each case builds torchvision's model with random weights, copies its state dict into ours, then
 times the two alternately (ours, theirs, ours, ...) and reports medians and the ratio
@@ -293,6 +294,38 @@ def _synthetic_evaluation(num_images: int, num_classes: int, seed: int = 0):
     return coco, predictions
 
 
+def report_case(num_images: int = 1000) -> Dict[str, float]:
+    """Seconds for ``validation.py --report`` on ``num_images`` synthetic VOC-sized images with 100
+    detections each (20 classes; plain grey pictures): COCO scoring (done by every evaluation)
+    and the report alone (matching, F1, confusion, TIDE, figures, 16 drawn images, HTML)."""
+    from dataclasses import asdict
+
+    from PIL import Image
+
+    import validation
+    from train_utils.evaluation.coco_eval import CocoEvaluator
+    from train_utils.vis.report import ReportInputs, write_report
+
+    coco_gt, predictions = _synthetic_evaluation(num_images, num_classes=20)
+    evaluator = CocoEvaluator(coco_gt)
+    evaluator.update(predictions)
+    start = time.perf_counter()
+    evaluator.accumulate()
+    stats = evaluator.stats
+    coco_s = time.perf_counter() - start
+    names = [f"c{i}" for i in range(1, 21)]
+    rows = validation.per_class_results(evaluator.coco_eval["bbox"], evaluator.coco_gt, names, None)
+    record = {"weights": "synthetic", "data_path": "synthetic", "split": "synthetic", "num_images": num_images,
+              "coco_stats": stats, "voc_metric": "none", "voc_map": None, "per_class": [asdict(r) for r in rows]}
+    inputs = ReportInputs(record, evaluator.coco_eval["bbox"], evaluator.detections, names,
+                          lambda image_id: Image.new("RGB", (500, 375), (110, 120, 130)), {})
+    with tempfile.TemporaryDirectory() as tmp:
+        start = time.perf_counter()
+        write_report(Path(tmp), inputs)
+        report_s = time.perf_counter() - start
+    return {"coco_s": coco_s, "report_s": report_s}
+
+
 def _epoch_end_worker(rank: int, world_size: int, port: int, num_images: int, result_file: str) -> None:
     """The end of an epoch on ``world_size`` gloo ranks: COCO scoring of the validation set, the
     way of the previous version (rank 0 matches every image) and now (shared), then the
@@ -436,7 +469,7 @@ def predict_case(arch: str, count: int = 100) -> Dict[str, float]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    extra = ["data", "checkpoint", "epoch_end", "predict_mbv2", "predict_r50"]
+    extra = ["data", "checkpoint", "epoch_end", "predict_mbv2", "predict_r50", "report"]
     parser.add_argument("--cases", nargs="+", default=list(CASES) + extra, choices=list(CASES) + extra)
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--memory", action="store_true", help="also measure peak memory (subprocess per model)")
@@ -461,6 +494,10 @@ def main() -> None:
                   f"{r['score_after_wall_s']:.1f}s (rank 1 busy {r['score_before_rank1_busy_s']:.1f}s -> "
                   f"{r['score_after_rank1_busy_s']:.1f}s); checkpoint files {r['checkpoints_before_s']:.1f}s -> "
                   f"{r['checkpoints_after_s']:.1f}s")
+        elif name == "report":
+            r = report_case()
+            print(f"report    validation.py --report, 1000 images x 100 detections: {r['report_s']:.1f}s "
+                  f"(COCO scoring before it {r['coco_s']:.1f}s)", flush=True)
         elif name.startswith("predict_"):
             r = predict_case(name.split("_")[1])
             print(f"{name:<12} predict.py {r['ours_img_s']:.2f} img/s vs a torchvision loop "

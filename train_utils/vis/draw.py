@@ -123,3 +123,82 @@ def _draw_label(draw: ImageDraw.ImageDraw, text: str, rect: tuple[int, int, int,
     top = rect[1] - label_h if rect[1] - label_h >= 0 else rect[1]
     draw.rectangle((left, top, left + label_w - 1, top + label_h - 1), fill=colour)
     draw.text((left + pad - text_left, top + pad - text_top), text, fill=text_colour(colour), font=font)
+
+
+# ------------------------------------------------------------------------- ground truth next to predictions
+GT_LIGHT, GT_DARK, GT_IGNORED = (255, 255, 255), (0, 0, 0), (150, 150, 150)
+
+
+def draw_dashed_rectangle(draw: ImageDraw.ImageDraw, rect: tuple[int, int, int, int], colour: Colour,
+                          thickness: int, dash: int, gap_colour: Optional[Colour] = None) -> None:
+    """Outline of the inclusive pixel rectangle ``rect`` in dashes of ``dash`` pixels growing
+    inwards with ``thickness``; the gaps are painted ``gap_colour`` (None: left as they are)."""
+    left, top, right, bottom = rect
+    if gap_colour is not None:
+        draw.rectangle(rect, outline=gap_colour, width=thickness)
+    inner = thickness - 1
+    edges = [((left, top), (right, top + inner)), ((left, bottom - inner), (right, bottom)),
+             ((left, top), (left + inner, bottom)), ((right - inner, top), (right, bottom))]
+    for (x0, y0), (x1, y1) in edges:
+        horizontal = x1 - x0 >= y1 - y0
+        start, stop = (x0, x1) if horizontal else (y0, y1)
+        for begin in range(start, stop + 1, 2 * dash):
+            end = min(begin + dash - 1, stop)
+            draw.rectangle((begin, y0, end, y1) if horizontal else (x0, begin, x1, end), fill=colour)
+
+
+def _draw_label_below(draw: ImageDraw.ImageDraw, text: str, rect: tuple[int, int, int, int], colour: Colour,
+                      font, image_size: tuple[int, int]) -> None:
+    """Filled label under the box's bottom edge (just inside it when there is no room below)."""
+    text_left, text_top, text_right, text_bottom = draw.textbbox((0, 0), text, font=font)
+    pad = 2
+    label_w = text_right - text_left + 2 * pad
+    label_h = text_bottom - text_top + 2 * pad
+    left = min(rect[0], max(image_size[0] - label_w, 0))
+    top = rect[3] + 1 if rect[3] + label_h < image_size[1] else rect[3] - label_h
+    draw.rectangle((left, top, left + label_w - 1, top + label_h - 1), fill=colour)
+    draw.text((left + pad - text_left, top + pad - text_top), text, fill=text_colour(colour), font=font)
+
+
+def draw_evaluation(
+    image: Image.Image,
+    gt_boxes: Sequence[Sequence[float]],
+    gt_texts: Sequence[Optional[str]],
+    gt_ignored: Sequence[bool],
+    det_boxes: Sequence[Sequence[float]],
+    det_labels: Sequence[int],
+    det_texts: Sequence[str],
+    min_long_side: int = 0,
+) -> Image.Image:
+    """A copy of ``image`` (RGB) with ground truth and predictions told apart.
+
+    Ground truth [G, 4] xyxy: dashed black-and-white outlines (grey for ignored objects), with a
+    white label under the box when ``gt_texts`` has one (e.g. "missed circle"). Predictions [D, 4]
+    xyxy: solid outlines in their class colour (``det_labels`` [D], see :func:`class_colour`) with
+    ``det_texts`` (e.g. "circle 0.91 Loc") above. The image and boxes are first enlarged to
+    ``min_long_side`` pixels on the longer side when smaller, so labels stay legible.
+    """
+    scale = max(1.0, min_long_side / max(image.size)) if min_long_side else 1.0
+    canvas = image.convert("RGB")
+    if scale > 1:
+        canvas = canvas.resize((round(canvas.width * scale), round(canvas.height * scale)), Image.BILINEAR)
+    draw = ImageDraw.Draw(canvas)
+    thickness = default_line_thickness(*canvas.size)
+    font = load_font(default_font_size(*canvas.size))
+    labels = []
+    for box, text, ignored in zip(gt_boxes, gt_texts, gt_ignored):
+        rect = outline_pixels([v * scale for v in box], *canvas.size)
+        if rect is not None:
+            draw_dashed_rectangle(draw, rect, GT_IGNORED if ignored else GT_LIGHT, thickness, 3 * thickness,
+                                  None if ignored else GT_DARK)
+            if text:
+                labels.append((_draw_label_below, text, rect, GT_LIGHT))
+    for box, label, text in zip(det_boxes, det_labels, det_texts):
+        rect = outline_pixels([v * scale for v in box], *canvas.size)
+        if rect is not None:
+            colour = class_colour(int(label))
+            draw.rectangle(rect, outline=colour, width=thickness)
+            labels.append((_draw_label, text, rect, colour))
+    for place, text, rect, colour in labels:
+        place(draw, text, rect, colour, font, canvas.size)
+    return canvas
