@@ -3,8 +3,8 @@ PYTHON_SYS ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
-# Test-only packages: pytest, and onnx + onnxruntime for the ONNX export tests (pyproject's "test" extra).
-TEST_PACKAGES := pytest onnx onnxruntime
+# Test-only packages: pytest, onnx + onnxruntime for the ONNX export tests and tensorboard for --tensorboard (pyproject's "test" extra).
+TEST_PACKAGES := pytest onnx onnxruntime tensorboard
 
 .PHONY: install demo test benchmark
 

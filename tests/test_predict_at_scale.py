@@ -18,7 +18,6 @@ import torch
 from lxml import etree
 from PIL import Image, ImageOps
 
-import predict
 from backbone import read_weight_file
 from train_utils.data.voc import read_voc_split
 from train_utils.data.yolo import read_yolo

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import argparse
 import typing
-from typing import Any, Dict, List, Optional
+from typing import Any, Dict, List, Optional, Sequence, Union
 
 from backbone import get_backbone
 from backbone.registry import all_option_fields, backbone_help
@@ -16,19 +16,37 @@ from train_utils.flags import ListAction
 from train_utils.model.config import ARCHITECTURE, INFERENCE, ModelConfig, plain, settings
 
 
+AUTO_ANCHORS = "auto"  # training's --anchor-sizes auto: sizes fitted to the training boxes
+
+
 def flag_name(setting: str) -> str:
     return "--" + setting.replace("_", "-")
 
 
+def _int_or_auto(text: str) -> Union[int, str]:
+    """Item type of training's --anchor-sizes: an int, or the word 'auto'."""
+    return AUTO_ANCHORS if text == AUTO_ANCHORS else int(text)
+
+
+_int_or_auto.__name__ = "int"  # as ListAction names it in errors: "expected int values"
+
+
+def anchor_sizes_auto(args: argparse.Namespace) -> bool:
+    """Whether the flags say ``--anchor-sizes auto``."""
+    return getattr(args, "anchor_sizes", None) == [AUTO_ANCHORS]
+
+
 def _add_setting(group, name: str, hint: Any, default: Any, help: str, choices: Optional[tuple],
-                 one_token: bool) -> None:
-    """One flag for a schema field of type ``hint`` (int, float, str, bool, tuples of those)."""
+                 one_token: bool, item_type: Optional[Any] = None) -> None:
+    """One flag for a schema field of type ``hint`` (int, float, str, bool, tuples of those);
+    ``item_type`` replaces a list's item type."""
     base = _unwrap_optional(hint)
     if base is bool:
         group.add_argument(flag_name(name), action=argparse.BooleanOptionalAction, default=default, help=help)
     elif typing.get_origin(base) in (tuple, list):
-        group.add_argument(flag_name(name), action=ListAction, item_type=typing.get_args(base)[0], one_token=one_token,
-                           default=list(default) if default is not None else None, metavar="V", help=help)
+        group.add_argument(flag_name(name), action=ListAction, item_type=item_type or typing.get_args(base)[0],
+                           one_token=one_token, default=list(default) if default is not None else None,
+                           metavar="V", help=help)
     else:
         group.add_argument(flag_name(name), type=base, default=default, help=help,
                            choices=list(choices) if choices else None)
@@ -47,18 +65,27 @@ def backbone_name(text: str) -> str:
         raise argparse.ArgumentTypeError(str(err)) from err
 
 
-def add_model_flags(parser: argparse.ArgumentParser, training: bool, one_token: bool = False) -> None:
+def add_model_flags(parser: argparse.ArgumentParser, training: bool, one_token: bool = False,
+                    auto_anchors: bool = False, names: Optional[Sequence[str]] = None) -> None:
     """The model flags (see the module docstring); ``one_token``: list flags take comma-separated
-    values only (for parsers with positional arguments)."""
+    values only (for parsers with positional arguments); ``auto_anchors``: ``--anchor-sizes``
+    also takes 'auto' (the training scripts); ``names``: only these settings (and the backbone
+    options)."""
     title = "model" if training else "model (the checkpoint's unless given; architecture flags are for bare state dicts)"
     group = parser.add_argument_group(title)
     hints = typing.get_type_hints(ModelConfig)
     for f in settings() if training else settings(ARCHITECTURE) + settings(INFERENCE):
         default = f.default if training else None
+        if names is not None and f.name not in names:
+            continue
         if f.name == "backbone":
             group.add_argument("--backbone", type=backbone_name, default=default, help=backbone_help())
             continue
-        _add_setting(group, f.name, hints[f.name], default, f.metadata["help"], f.metadata["choices"], one_token)
+        auto = auto_anchors and f.name == "anchor_sizes"
+        help = f.metadata["help"] + ("; 'auto': the sizes covering the training boxes best, chosen before training "
+                                     "(see tools/check_dataset.py --anchors)" if auto else "")
+        _add_setting(group, f.name, hints[f.name], default, help, f.metadata["choices"], one_token,
+                     _int_or_auto if auto else None)
     for name, (f, hint, owners) in all_option_fields().items():
         default = "" if f.default is None else f"; default {f.default!r}"
         help = f"{f.metadata['help']} [{', '.join(owners)}{default}]"
@@ -66,8 +93,10 @@ def add_model_flags(parser: argparse.ArgumentParser, training: bool, one_token: 
 
 
 def _given_settings(args: argparse.Namespace) -> Dict[str, Any]:
-    """Model settings present on ``args`` with a value (backbone options under ``backbone_options``)."""
-    values = {f.name: getattr(args, f.name) for f in settings() if getattr(args, f.name, None) is not None}
+    """Model settings present on ``args`` with a value (backbone options under ``backbone_options``);
+    ``--anchor-sizes auto`` counts as not given until the trainer puts the chosen sizes there."""
+    values = {f.name: getattr(args, f.name) for f in settings()
+              if getattr(args, f.name, None) not in (None, [AUTO_ANCHORS])}
     options = {name: getattr(args, name) for name in all_option_fields() if getattr(args, name, None) is not None}
     if options:
         values["backbone_options"] = options

@@ -3,11 +3,13 @@ import argparse
 import os
 from typing import Any, Dict, Optional, Sequence
 
-from train_utils.cli import add_model_flags, model_config_from_args
+from train_utils.cli import AUTO_ANCHORS, add_model_flags, model_config_from_args
 from train_utils.data.catalog import format_names, layout_help
 from train_utils.data.classes import AUTO_CLASSES
 from train_utils.device import AMP_DTYPES
 from train_utils.engine.control import DEFAULT_CHECKPOINT_EVERY, CheckpointEvery
+from train_utils.engine.hooks import summary_writer_class
+from train_utils.engine.recipes import add_recipe_flag, parse_with_recipe
 from train_utils.flags import HelpFormatter, ListAction, add_plugin_flag, import_plugins
 
 
@@ -15,8 +17,9 @@ def build_parser(description: str, defaults: Dict[str, Any], distributed: bool =
     """The shared parser; ``defaults`` holds each script's own defaults (backbone, lr, sizes...)."""
     p = argparse.ArgumentParser(description=description, formatter_class=HelpFormatter)
     add_plugin_flag(p)
+    add_recipe_flag(p)
     _add_data_flags(p)
-    add_model_flags(p, training=True)
+    add_model_flags(p, training=True, auto_anchors=True)
     _add_weight_flags(p)
     _add_optimisation_flags(p, distributed)
     _add_run_flags(p, distributed)
@@ -95,6 +98,11 @@ def _add_run_flags(p: argparse.ArgumentParser, distributed: bool) -> None:
                      help="also write last.pth inside an epoch: every N iterations (500) or every so long "
                           "(90s, 15m, 1h); 0 = at epoch ends only. A stop signal (SIGTERM, SIGINT, SIGUSR1) "
                           "always writes it before the run exits")
+    run.add_argument("--tensorboard", nargs="?", const="", default=None, metavar="DIR",
+                     help="also write TensorBoard events (rank 0) to DIR, or OUTPUT_DIR/tensorboard when given "
+                          "without one: loss terms and lr every --print-freq steps, each epoch's means, and at "
+                          "each evaluation the COCO numbers and 4 validation images with their predictions "
+                          "(needs the tensorboard package)")
     run.add_argument("--keep-checkpoints", type=int, default=0, metavar="K",
                      help="keep only the newest K model-<epoch>.pth files (0 = all); last.pth and best.pth stay")
     if distributed:
@@ -104,11 +112,13 @@ def _add_run_flags(p: argparse.ArgumentParser, distributed: bool) -> None:
 
 
 def parse(parser: argparse.ArgumentParser, argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
-    """Parse and check the model flags at once, before any data is read (the class count, known
-    only from the data, is a placeholder here)."""
-    args = parser.parse_args(argv)
+    """Parse (over the ``--recipe`` values, when one is named) and check the model flags at once,
+    before any data is read (the class count, known only from the data, is a placeholder here)."""
+    args = parse_with_recipe(parser, argv)
     if args.amp_dtype is not None and not args.amp:
         parser.error("--amp-dtype needs --amp")
+    if AUTO_ANCHORS in (args.anchor_sizes or []) and len(args.anchor_sizes) > 1:
+        parser.error(f"--anchor-sizes: '{AUTO_ANCHORS}' stands alone, got {' '.join(map(str, args.anchor_sizes))}")
     try:
         CheckpointEvery.parse(args.checkpoint_every)
     except ValueError as err:
@@ -117,6 +127,11 @@ def parse(parser: argparse.ArgumentParser, argv: Optional[Sequence[str]] = None)
         model_config_from_args(args, num_classes=2)
     except ValueError as err:
         parser.error(str(err))
+    if args.tensorboard is not None:
+        try:
+            summary_writer_class()
+        except ValueError as err:
+            parser.exit(2, f"error: {err}\n")  # one line, before any data is read
     return args
 
 

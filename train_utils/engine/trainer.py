@@ -22,7 +22,7 @@ from tqdm import tqdm
 from backbone import MissingWeightFileError, WeightFileError, get_backbone, weight_url
 from train_utils.checkpoint import (Checkpoint, CheckpointWriteError, checkpoint_candidates, read_checkpoint,
                                     save_checkpoint)
-from train_utils.cli import apply_model_flags, model_config_from_args
+from train_utils.cli import anchor_sizes_auto, apply_model_flags, model_config_from_args
 from train_utils.data.catalog import build_dataset
 from train_utils.data.dataset import DetectionDataSet
 from train_utils.data.classes import AUTO_CLASSES
@@ -34,11 +34,14 @@ from train_utils.engine import distributed as dist_utils
 from train_utils.engine import rng
 from train_utils.engine.control import (CheckpointEvery, ImmediateStop, RunControl, StopSignals, TrainingStopped,
                                         ignore_stop_signals)
-from train_utils.engine.hooks import CheckpointHook, FreezeBackboneHook, Hook, RunLogHook
+from train_utils.engine.hooks import (CheckpointHook, FreezeBackboneHook, Hook, RunLogHook, TensorBoardHook,
+                                      tensorboard_dir)
 from train_utils.engine.loop import EpochState, NonFiniteLossError, train_one_epoch
 from train_utils.engine.lr_schedule import WarmupSchedule, build_scheduler
+from train_utils.engine.recipes import describe_recipe
 from train_utils.evaluation.coco_api import get_coco_api_from_dataset
 from train_utils.evaluation.loop import evaluate
+from train_utils.model.anchor_coverage import auto_anchor_sizes, sizes_text
 from train_utils.model.builder import build_model, count_parameters, load_detector_weights
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
@@ -190,6 +193,31 @@ class Trainer:
                              f"{train_set.num_classes} classes")
         return train_set, val_set
 
+    def choose_anchor_sizes(self) -> None:
+        """``--anchor-sizes auto``: the sizes whose anchors cover the training boxes best (with the
+        --aspect-ratios given), found on rank 0 and put into the flags, so the model config and the
+        checkpoint hold them; a resumed run keeps its checkpoint's."""
+        args = self.args
+        if not anchor_sizes_auto(args):
+            return
+        if self.resume_from is not None:
+            args.anchor_sizes = list(self.resume_from.config.anchor_sizes or []) or None
+            return
+        found = None
+        if self.is_main:
+            try:
+                current, chosen, count = auto_anchor_sizes(self.train_set, model_config_from_args(args, 2))
+                found = list(chosen.layout.sizes), None
+                print(f"--anchor-sizes auto: {sizes_text(chosen.layout)} (best anchor IoU >= 0.7 for "
+                      f"{chosen.positive:.1%} of the {count} training boxes, >= 0.5 for {chosen.loose:.1%}; "
+                      f"the backbone's {sizes_text(current.layout)}: {current.positive:.1%}, {current.loose:.1%})")
+            except ValueError as exc:
+                found = None, exc
+        sizes, error = dist_utils.broadcast_object(found)
+        if error is not None:
+            raise error
+        args.anchor_sizes = sizes
+
     def build_loaders(self) -> None:
         """A seeded sampler reshuffles per epoch (set_epoch) and augmentation is seeded per image,
         so a resumed run, at any iteration, sees the same batches. Evaluation takes one image per
@@ -261,10 +289,14 @@ class Trainer:
         self.scheduler = build_scheduler(self.optimizer, schedule)
 
     def build_hooks(self) -> List[Hook]:
-        """Backbone freezing and checkpoints on every rank (rank 0 writes); the run log on rank 0."""
+        """Backbone freezing and checkpoints on every rank (rank 0 writes); the run log and, with
+        --tensorboard, the TensorBoard events on rank 0, both written before the epoch's checkpoint."""
         hooks: List[Hook] = [FreezeBackboneHook()]
         if self.is_main:
             hooks.append(RunLogHook())
+            log_dir = tensorboard_dir(self.args)
+            if log_dir is not None:
+                hooks.append(TensorBoardHook(log_dir))
         return hooks + [CheckpointHook()]
 
     def resume(self) -> None:
@@ -332,6 +364,7 @@ class Trainer:
         # Fail on a missing weight file before reading any data.
         self.backbone_weights = None if self.resume_from else resolve_weight_files(self.args)
         self.build_datasets()
+        self.choose_anchor_sizes()
         self.build_loaders()
         self.build_model()
         self.build_optimizer()
@@ -471,6 +504,8 @@ class Trainer:
 
     def report_model(self) -> None:
         if self.is_main:
+            if getattr(self.args, "recipe", None):
+                print(describe_recipe(self.args))
             trainable, total = count_parameters(self.model_without_ddp)
             print(f"model: {self.config.backbone}, {self.config.num_classes} classes incl. background, "
                   f"{trainable:,} of {total:,} parameters trainable; device {self.device}, "

@@ -13,7 +13,6 @@ model falls behind, the oldest waiting frames are dropped and counted.
 from __future__ import annotations
 
 import queue
-import re
 import sys
 import threading
 import time
@@ -25,7 +24,6 @@ from typing import Iterator, Optional, Union
 import numpy as np
 
 VIDEO_SUFFIXES = (".mp4", ".avi", ".mkv", ".mov", ".webm", ".m4v", ".mpg", ".mpeg", ".wmv", ".flv", ".ts")
-_URL = re.compile(r"^(rtsp|rtsps|rtmp|rtmps|http|https|udp|tcp|srt|rtp)://", re.IGNORECASE)
 _LIVE_SCHEMES = ("rtsp", "rtsps", "rtmp", "rtmps", "udp", "tcp", "srt", "rtp")
 DEFAULT_FPS = Fraction(25)
 _END = object()
@@ -43,11 +41,6 @@ def import_av():
 
 def is_video_file(path: Path) -> bool:
     return path.suffix.lower() in VIDEO_SUFFIXES
-
-
-def is_stream(text: str) -> bool:
-    """Whether ``text`` names a camera (a number, ``video=NAME``) or a URL rather than a file."""
-    return text.isdigit() or text.startswith("video=") or bool(_URL.match(text))
 
 
 def is_live(source: str) -> bool:
