@@ -46,7 +46,7 @@ from train_utils.inference.loading import add_model_arguments, load_detector
 from train_utils.inference.onnx_export import OnnxDetector
 from train_utils.inference.pipeline import (BatchDetect, OrderedOutput, Timings, above, batches_by_size,
                                             default_batch_size, detect_each, one_by_one, torch_batch_detect)
-from train_utils.inference.video import VideoReader, VideoWriter, is_stream, is_video_file
+from train_utils.inference.video import VideoReader, VideoWriter, is_video_file
 from train_utils.progress import Progress
 from train_utils.vis.draw import draw_detections
 
