@@ -46,7 +46,7 @@ from train_utils.inference.loading import add_model_arguments, load_detector
 from train_utils.inference.onnx_export import OnnxDetector
 from train_utils.inference.pipeline import (BatchDetect, OrderedOutput, Timings, above, batches_by_size,
                                             default_batch_size, detect_each, one_by_one, torch_batch_detect)
-from train_utils.inference.video import VideoReader, VideoWriter, is_video_file
+from train_utils.inference.video import VideoReader, VideoWriter, import_av, is_video_file
 from train_utils.progress import Progress
 from train_utils.vis.draw import draw_detections
 
@@ -167,7 +167,8 @@ def build_parser() -> argparse.ArgumentParser:
                         help="replace annotations already in the --save-voc/--save-yolo folder (default: keep them)")
     video = parser.add_argument_group("videos and streams")
     video.add_argument("--every", type=int, default=1, metavar="N",
-                       help="run the model on every N-th frame; the frames between show its latest detections")
+                       help="run the model on every N-th frame (one frame per call when N > 1); the frames "
+                            "between show its latest detections")
     video.add_argument("--max-frames", type=int, default=None, metavar="N", help="stop a video or stream after N frames")
     parser.add_argument("--no-draw", action="store_true", help="do not write drawn images or annotated videos")
     parser.add_argument("--workers", type=int, default=2, help="image decoding worker processes (at least 1)")
@@ -369,44 +370,62 @@ def frame_chunks(frames, every: int, batch_size: int):
 
 
 def run_video(run: Run, source: str, target: Path) -> None:
-    """Detect on a video file, camera or stream: annotated video + JSON lines at ``target``."""
+    """Detect on a video file, camera or stream: annotated video + JSON lines at ``target``. With
+    ``--every`` above 1 the model takes one frame per call, so at most ``--every`` frames wait."""
     args = run.args
+    batch = run.batch_size if args.every == 1 else 1
     try:
-        reader = VideoReader(source, args.max_frames, buffer=2 * run.batch_size * args.every)
+        reader = VideoReader(source, args.max_frames, buffer=2 * batch)
     except ValueError as exc:
         run.skipped += 1
         print(f"skipped {exc}", file=sys.stderr)
         return
-    info = reader.info
-    target.parent.mkdir(parents=True, exist_ok=True)
-    writer = None if args.no_draw else VideoWriter(target, info.width, info.height, info.fps)
-    sink = VideoSink(source, target.stem, target.with_suffix(".jsonl").open("w", buffering=1), writer)
-    total = info.expected_frames if args.max_frames is None or info.expected_frames is None \
-        else min(info.expected_frames, args.max_frames)
-    print(f"{source}: {info.width}x{info.height} at {float(info.fps):.3g} fps, "
-          f"{total if total is not None else 'unknown number of'} frames -> {target if writer else sink.lines.name}")
+    sink = None
     try:
-        for chunk in frame_chunks(Progress(reader, total, f"{target.stem}", print_freq=100), args.every,
-                                  run.batch_size):
+        sink = open_sink(run, reader, target)
+        for chunk in frame_chunks(Progress(reader, expected_total(reader), target.stem, print_freq=100),
+                                  args.every, batch):
             picked = [frame for frame in chunk if frame[0] % args.every == 0]
             images = [torch.from_numpy(frame[2]).permute(2, 0, 1) for frame in picked]
             outputs = dict(zip((frame[0] for frame in picked), detect_each(run.detect, images, run.timings, run.device)))
+            failed = next((output for output in outputs.values() if isinstance(output, ValueError)), None)
+            if failed is not None:  # every frame has the same size: the rest would fail alike
+                run.skipped += 1
+                print(f"skipped the rest of {source}: {failed}", file=sys.stderr)
+                break
             for frame in chunk:
-                output = outputs.get(frame[0])
-                if isinstance(output, ValueError):
-                    raise ValueError(f"{source}: frame {frame[0]}: {output}")
-                run.output.submit(lambda f=frame, o=output: frame_job(run, sink, f, o))
+                run.output.submit(lambda f=frame, o=outputs.get(frame[0]): frame_job(run, sink, f, o))
     finally:
         reader.close()
         run.timings.decode += reader.decode_seconds
-        run.output.submit(sink.close)
-        report_video_end(reader, target if writer else Path(sink.lines.name))
+        if sink is not None:
+            run.output.submit(sink.close)
+            report_video_end(reader, target if sink.writer is not None else Path(sink.lines.name))
+
+
+def expected_total(reader: VideoReader) -> Optional[int]:
+    """Frames the progress bar expects: the announced count, at most --max-frames (None: unknown)."""
+    expected, limit = reader.info.expected_frames, reader.max_frames
+    return expected if limit is None or expected is None else min(expected, limit)
+
+
+def open_sink(run: Run, reader: VideoReader, target: Path) -> VideoSink:
+    """The annotated video (unless --no-draw) and the JSON lines of ``reader``'s frames."""
+    info = reader.info
+    writer = None if run.args.no_draw else VideoWriter(target, info.width, info.height, info.fps)
+    lines = target.with_suffix(".jsonl").open("w", buffering=1)
+    total = expected_total(reader)
+    print(f"{reader.source}: {info.width}x{info.height} at {float(info.fps):.3g} fps, "
+          f"{total if total is not None else 'unknown number of'} frames -> {target if writer else lines.name}")
+    return VideoSink(reader.source, target.stem, lines, writer)
 
 
 def report_video_end(reader: VideoReader, kept: Path) -> None:
     """One line when the video ended before its announced end, or live frames were dropped."""
     reason = reader.ended_early()
-    if reason is not None:
+    if reason is not None and reader.decoded == 0:
+        print(f"warning: {reader.source}: no frame could be decoded ({reason})", file=sys.stderr)
+    elif reason is not None:
         print(f"warning: {reader.source}: the video ends early after {reader.decoded} frames ({reason}); "
               f"the frames read are kept in {kept}", file=sys.stderr)
     if reader.dropped:
@@ -422,41 +441,67 @@ def run(args: argparse.Namespace) -> int:
     files, problems = find_inputs(args.inputs)
     for problem in problems:
         print(f"skipped {problem}", file=sys.stderr)
+    images = [file for file in files if not is_video_file(file)]
+    videos = [file for file in files if is_video_file(file)]
     if not files and not args.source:
         return 0
+    if videos or args.source:
+        import_av()  # a missing PyAV is one line before any work, not after the images
     detect, class_names, device = load_predictor(args)
     run = Run(args, detect, class_names, device, args.batch_size or default_batch_size(device),
               CocoResults(class_names, Path(args.coco_gt) if args.coco_gt else None), make_writers(args, class_names))
     output_dir = Path(args.output_dir)
-    output_dir.mkdir(parents=True, exist_ok=True)
+    if not args.no_draw or videos or args.source:
+        output_dir.mkdir(parents=True, exist_ok=True)
     targets = output_names(files, output_dir)
+    streams = stream_targets(args.source, output_dir, files, targets)
     start = time.perf_counter()
     run.output = OrderedOutput(run.timings, backlog=4 * run.batch_size)
     try:
-        images = [file for file in files if not is_video_file(file)]
         if images:
             run_images(run, images, targets)
-        for file in (file for file in files if is_video_file(file)):
+        for file in videos:
             run_video(run, str(file), targets[file])
-        for number, source in enumerate(args.source, start=1):
-            run_video(run, source, output_dir / f"{stream_name(source, number)}.mp4")
+        for source, target in zip(args.source, streams):
+            run_video(run, source, target)
     finally:
         finish(run, json_path, start)
     return run.done
 
 
+def stream_targets(sources: Sequence[str], output_dir: Path, files: Sequence[Path],
+                   targets: dict[Path, Path]) -> list[Path]:
+    """Output video per camera or stream (``camera0.mp4``, ``stream2.mp4``...), never the name of
+    an input or of another output."""
+    taken = {file.resolve() for file in files}
+    for file, target in targets.items():
+        taken |= _outputs(target, is_video_file(file))
+    result = []
+    for number, source in enumerate(sources, start=1):
+        stem, suffix = stream_name(source, number), 0
+        candidate = output_dir / f"{stem}.mp4"
+        while _outputs(candidate, True) & taken:
+            suffix += 1
+            candidate = output_dir / f"{stem}_{suffix}.mp4"
+        taken |= _outputs(candidate, True)
+        result.append(candidate)
+    return result
+
+
 def finish(run: Run, json_path: Optional[Path], start: float) -> None:
-    """Let the output thread drain, then write the lists and results files and the summary."""
-    run.output.finish()
-    for writer in run.writers:
-        print("\n".join(writer.close()))
-    if json_path is not None:
-        print("\n".join(run.results.write(json_path)))
-    elapsed = time.perf_counter() - start
-    run.timings.images = run.done
-    print(f"{run.done} images processed, {run.skipped} skipped, {run.detections} detections "
-          f"(score >= {run.args.score_thresh})")
-    print(run.timings.summary(elapsed))
+    """Let the output thread drain, then write the lists and results files and the summary; these
+    are written even when a job of the output thread failed (its error is raised afterwards)."""
+    try:
+        run.output.finish()
+    finally:
+        for writer in run.writers:
+            print("\n".join(writer.close()))
+        if json_path is not None:
+            print("\n".join(run.results.write(json_path)))
+        run.timings.images = run.done
+        print(f"{run.done} images processed, {run.skipped} skipped, {run.detections} detections "
+              f"(score >= {run.args.score_thresh})")
+        print(run.timings.summary(time.perf_counter() - start))
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
@@ -466,7 +511,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         processed = run(args)
-    except (FileNotFoundError, ValueError, ImportError) as exc:
+    except (OSError, ValueError, ImportError) as exc:  # OSError: an output folder or disk that fails
         print(f"error: {exc}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:

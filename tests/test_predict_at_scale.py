@@ -377,6 +377,38 @@ def test_ctrl_c_closes_the_video_and_json_lines(lively_checkpoint, tmp_path):
     _, stderr = process.communicate(timeout=120)
     assert process.returncode == 130, stderr
     assert "interrupted: the results so far are written" in stderr and "Traceback" not in stderr
+    assert "ends early" not in stderr  # a stopped read is not a damaged file
     records = read_lines(lines)
     assert 3 <= len(records) < 400 and [r["frame"] for r in records] == list(range(len(records)))
     assert video_facts(out / "long.mp4")[0] == len(records)
+
+
+def test_voc_objects_keep_their_class_when_a_box_rounds_to_nothing(tmp_path):
+    from train_utils.inference.annotations import VocWriter
+
+    writer = VocWriter(tmp_path / "voc", ["cat", "dog"], "predicted")
+    pixels = torch.zeros(3, 80, 100, dtype=torch.uint8)
+    boxes = torch.tensor([[10.2, 10.0, 10.4, 50.0], [20.0, 20.0, 60.0, 60.0], [99.7, 5.0, 120.0, 30.0]])
+    writer.add("frame", None, pixels, boxes, torch.tensor([1, 2, 1]))
+    writer.close()
+    root = etree.fromstring((tmp_path / "voc" / "Annotations" / "frame.xml").read_bytes())
+    objects = [(o.findtext("name"), [int(o.findtext(f"bndbox/{t}")) for t in ("xmin", "ymin", "xmax", "ymax")])
+               for o in root.findall("object")]
+    assert objects == [("dog", [20, 20, 60, 60])]  # the sub-pixel box and the one outside the image are dropped
+
+
+def test_a_new_picture_with_a_known_name_gets_its_own_id(tmp_path):
+    from train_utils.inference.annotations import VocWriter
+
+    first, second = tmp_path / "a" / "photo.png", tmp_path / "b" / "photo.png"
+    for path, step in ((first, 0), (second, 5)):
+        path.parent.mkdir()
+        Image.fromarray(scene(128, 160, step)).save(path)
+    box, label = torch.tensor([[20.0, 20.0, 60.0, 60.0]]), torch.tensor([1])
+    for source in (first, second, first):  # the third is a re-run on the first picture: kept
+        writer = VocWriter(tmp_path / "voc", CLASSES, "predicted")
+        writer.add(source.stem, source, torch.from_numpy(np.array(Image.open(source))).permute(2, 0, 1), box, label)
+        writer.close()
+    assert (tmp_path / "voc" / "ImageSets" / "Main" / "predicted.txt").read_text().split() == ["photo", "photo_1"]
+    assert (tmp_path / "voc" / "JPEGImages" / "photo_1.png").read_bytes() == second.read_bytes()
+    assert writer.kept == ["photo"]

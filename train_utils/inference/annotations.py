@@ -44,16 +44,17 @@ def write_atomic(path: Path, data: bytes) -> None:
     os.replace(temporary, path)
 
 
+def pixel_box(box: Sequence[float], width: int, height: int) -> Optional[tuple[int, int, int, int]]:
+    """A float xyxy box rounded and clipped to the image, or None when it rounds to nothing (zero
+    width or height)."""
+    left, top, right, bottom = (min(max(round(value), 0), limit)
+                                for value, limit in zip(box, (width, height, width, height)))
+    return (left, top, right, bottom) if right > left and bottom > top else None
+
+
 def pixel_boxes(boxes: torch.Tensor, width: int, height: int) -> list[tuple[int, int, int, int]]:
-    """[N, 4] float xyxy -> integer boxes rounded and clipped to the image; boxes that round to
-    nothing (zero width or height) are left out."""
-    result = []
-    for x1, y1, x2, y2 in boxes.tolist():
-        left, top = min(max(round(x1), 0), width), min(max(round(y1), 0), height)
-        right, bottom = min(max(round(x2), 0), width), min(max(round(y2), 0), height)
-        if right > left and bottom > top:
-            result.append((left, top, right, bottom))
-    return result
+    """[N, 4] float xyxy -> the integer boxes of :func:`pixel_box`, empty ones left out."""
+    return [box for box in (pixel_box(b, width, height) for b in boxes.tolist()) if box is not None]
 
 
 class AnnotationWriter:
@@ -90,17 +91,28 @@ class AnnotationWriter:
         raise NotImplementedError
 
     def add(self, hint: str, source: Optional[Path], pixels: torch.Tensor, boxes: torch.Tensor,
-            labels: torch.Tensor) -> Optional[str]:
-        """Store one image (uint8 [3, H, W], upright) and its detections; returns the id, or None
-        when an annotation of that id exists and is kept."""
+            labels: torch.Tensor) -> None:
+        """Store one image (uint8 [3, H, W], upright) and its detections, unless an annotation of
+        that image exists (it is kept and counted)."""
         image_id = self.new_id(hint)
+        while self.label_path(image_id).exists() and not self.overwrite and self._other_image(image_id, source, pixels):
+            image_id = self.new_id(hint)  # another picture of the same name from an earlier run
         if self.label_path(image_id).exists() and not self.overwrite:
             self.kept.append(image_id)
-            return None
+            return
         image_path = store_image(source, pixels, self.image_dir, image_id)
         write_atomic(self.label_path(image_id), self.encode(image_path, pixels, boxes, labels))
         self.ids.append(image_id)
-        return image_id
+
+    def _other_image(self, image_id: str, source: Optional[Path], pixels: torch.Tensor) -> bool:
+        """Whether the stored image of ``image_id`` is a copy of another file than ``source``. Only
+        files stored as they are can be compared; a converted image or a video frame counts as
+        the same picture."""
+        if source is None or source.suffix.lower() not in IMAGE_EXTENSIONS or not _stored_upright(source, pixels):
+            return False
+        stored = self.image_dir / f"{image_id}{source.suffix.lower()}"
+        return stored.is_file() and (stored.stat().st_size != source.stat().st_size
+                                     or stored.read_bytes() != source.read_bytes())
 
     def encode(self, image_path: Path, pixels: torch.Tensor, boxes: torch.Tensor, labels: torch.Tensor) -> bytes:
         raise NotImplementedError
@@ -180,7 +192,10 @@ class VocWriter(AnnotationWriter):
         for tag, value in (("width", width), ("height", height), ("depth", 3)):
             _child(size, tag, str(value))
         _child(root, "segmented", "0")
-        for label, box in zip(labels.tolist(), pixel_boxes(boxes, width, height)):
+        for label, float_box in zip(labels.tolist(), boxes.tolist()):
+            box = pixel_box(float_box, width, height)
+            if box is None:
+                continue
             obj = _child(root, "object")
             for tag, value in (("name", self.class_names[label - 1]), ("pose", "Unspecified"), ("truncated", "0"),
                                ("difficult", "0")):

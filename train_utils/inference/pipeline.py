@@ -121,7 +121,7 @@ def above(output: Detections, score_thresh: float) -> tuple[torch.Tensor, torch.
 class OrderedOutput:
     """Runs output jobs (drawing, encoding, file writes) one after another in a thread, in the
     order given, while the model goes on; at most ``backlog`` jobs wait. A job's exception is
-    raised in the caller at the next :meth:`submit` or at :meth:`finish`."""
+    raised in the caller at the first :meth:`submit` after the job ended, or at :meth:`finish`."""
 
     def __init__(self, timings: Timings, backlog: int = 8) -> None:
         self.timings = timings
@@ -130,7 +130,7 @@ class OrderedOutput:
         self._pending: deque[Future] = deque()
 
     def submit(self, job: Callable[[], None]) -> None:
-        while len(self._pending) >= self.backlog:
+        while self._pending and (self._pending[0].done() or len(self._pending) >= self.backlog):
             self._pending.popleft().result()
         self._pending.append(self._pool.submit(self._timed, job))
 

@@ -101,6 +101,7 @@ class VideoReader:
         self.stream.thread_type = "AUTO"  # FFmpeg's frame/slice threads
         self.info = self._info()
         self.problem: Optional[str] = None
+        self.exhausted = False  # the data (or --max-frames) ended, not a close()
         self.decoded = self.dropped = 0
         self.decode_seconds = 0.0
         self._queue: queue.Queue = queue.Queue(maxsize=max(buffer, 1))
@@ -126,9 +127,12 @@ class VideoReader:
                 if not self._put((self.decoded, frame.time, pixels)):
                     return
                 self.decoded += 1
-                if self._stop.is_set() or (self.max_frames is not None and self.decoded >= self.max_frames):
+                if self._stop.is_set():
+                    return
+                if self.max_frames is not None and self.decoded >= self.max_frames:
                     break
                 tick = time.perf_counter()
+            self.exhausted = True
         except (av.FFmpegError, OSError, ValueError) as exc:
             self.problem = _reason(exc)
         finally:
@@ -164,6 +168,8 @@ class VideoReader:
         """Why the source gave fewer frames than it announced, or None."""
         if self.problem is not None:
             return self.problem
+        if not self.exhausted:  # closed early (Ctrl-C, an error elsewhere): nothing to say
+            return None
         expected = self.info.expected_frames
         wanted = expected if self.max_frames is None or expected is None else min(expected, self.max_frames)
         if wanted is not None and self.decoded < wanted - 1:  # durations round to a frame
@@ -171,9 +177,12 @@ class VideoReader:
         return None
 
     def close(self) -> None:
+        """Stop decoding; the container is closed once the decoder thread has left it (a stalled
+        stream's thread, still inside FFmpeg, is left to end with the process)."""
         self._stop.set()
         self._thread.join(timeout=5)
-        self.container.close()
+        if not self._thread.is_alive():
+            self.container.close()
 
 
 def _reason(exc: BaseException) -> str:
@@ -186,19 +195,16 @@ class VideoWriter:
     """An H.264 video of RGB frames at a fixed rate (``.mp4``, ``.mkv`` or ``.mov``).
 
     Frames of odd width or height are encoded as YUV 4:4:4 (4:2:0 needs even sizes), so the
-    output keeps the input's exact size.
+    output keeps the input's exact size; some players (browsers, QuickTime) cannot play 4:4:4.
     """
 
     def __init__(self, path: Path, width: int, height: int, fps: Fraction) -> None:
         av = import_av()
-        self.path = path
-        path.parent.mkdir(parents=True, exist_ok=True)
         self.container = av.open(str(path), mode="w")
         self.stream = self.container.add_stream("libx264", rate=fps)
         self.stream.width, self.stream.height = width, height
         self.stream.pix_fmt = "yuv420p" if width % 2 == 0 and height % 2 == 0 else "yuv444p"
         self.stream.options = {"crf": "20", "preset": "veryfast"}
-        self.frames = 0
         self._av = av
 
     def write(self, pixels: np.ndarray) -> None:
@@ -206,7 +212,6 @@ class VideoWriter:
         frame = self._av.VideoFrame.from_ndarray(np.ascontiguousarray(pixels), format="rgb24")
         for packet in self.stream.encode(frame):
             self.container.mux(packet)
-        self.frames += 1
 
     def close(self) -> None:
         """Flush the encoder and finish the file (a video stopped early is still playable)."""
