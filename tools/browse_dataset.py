@@ -34,7 +34,7 @@ from train_utils.data.samplers import SeededSamples  # noqa: E402
 from train_utils.data.transforms import AUGMENT_POLICIES, get_transforms  # noqa: E402
 from train_utils.flags import add_plugin_flag, import_plugins  # noqa: E402
 from train_utils.progress import Progress  # noqa: E402
-from train_utils.vis.draw import class_colour, load_font, outline_pixels, text_colour  # noqa: E402
+from train_utils.vis.draw import class_colour, draw_label, load_font, outline_pixels  # noqa: E402
 
 GAP = 4  # pixels between cells
 BACKGROUND = (40, 40, 40)
@@ -81,13 +81,9 @@ def draw_cell(image: Image.Image, boxes: Sequence[Sequence[float]], labels: Sequ
         if rect is not None:
             draw.rectangle(rect, outline=class_colour(int(label)), width=LINE_THICKNESS)
             named.append((rect, int(label)))
-    for (left, top, _, _), label in named:  # names last: no outline crosses them
+    for rect, label in named:  # names last: no outline crosses them
         name = class_names[label - 1] if 1 <= label <= len(class_names) else f"class {label}"
-        text_left, text_top, text_right, text_bottom = draw.textbbox((0, 0), name, font=font)
-        width, height = text_right - text_left + 4, text_bottom - text_top + 4
-        left, top = min(left, max(scaled.width - width, 0)), top - height if top >= height else top
-        draw.rectangle((left, top, left + width - 1, top + height - 1), fill=class_colour(label))
-        draw.text((left + 2 - text_left, top + 2 - text_top), name, fill=text_colour(class_colour(label)), font=font)
+        draw_label(draw, name, rect, class_colour(label), font, scaled.size)
     for line, text in enumerate(caption[:2]):
         draw.text((2, cell_size + 2 + line * (FONT_SIZE + 4)), _fit(draw, text, font, cell_size - 4),
                   fill=CAPTION_COLOUR, font=font)

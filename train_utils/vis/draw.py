@@ -108,19 +108,23 @@ def draw_detections(
         placed.append((rect, int(label), float(score), colour))
     for rect, label, score, colour in placed:
         name = class_names[label - 1] if 1 <= label <= len(class_names) else f"class {label}"
-        _draw_label(draw, f"{name} {score:.2f}", rect, colour, font, canvas.size)
+        draw_label(draw, f"{name} {score:.2f}", rect, colour, font, canvas.size)
     return canvas
 
 
-def _draw_label(draw: ImageDraw.ImageDraw, text: str, rect: tuple[int, int, int, int], colour: Colour,
-                font, image_size: tuple[int, int]) -> None:
-    """Filled label box in ``colour`` with contrasting ``text``, kept inside the image."""
+def draw_label(draw: ImageDraw.ImageDraw, text: str, rect: tuple[int, int, int, int], colour: Colour,
+               font, image_size: tuple[int, int], below: bool = False) -> None:
+    """Filled label box in ``colour`` with contrasting ``text``, kept inside the image: above the
+    box's top edge (``below``: under its bottom edge), or just inside it when there is no room."""
     text_left, text_top, text_right, text_bottom = draw.textbbox((0, 0), text, font=font)
     pad = 2
     label_w = text_right - text_left + 2 * pad
     label_h = text_bottom - text_top + 2 * pad
     left = min(rect[0], max(image_size[0] - label_w, 0))
-    top = rect[1] - label_h if rect[1] - label_h >= 0 else rect[1]
+    if below:
+        top = rect[3] + 1 if rect[3] + label_h < image_size[1] else rect[3] - label_h
+    else:
+        top = rect[1] - label_h if rect[1] - label_h >= 0 else rect[1]
     draw.rectangle((left, top, left + label_w - 1, top + label_h - 1), fill=colour)
     draw.text((left + pad - text_left, top + pad - text_top), text, fill=text_colour(colour), font=font)
 
@@ -145,19 +149,6 @@ def draw_dashed_rectangle(draw: ImageDraw.ImageDraw, rect: tuple[int, int, int, 
         for begin in range(start, stop + 1, 2 * dash):
             end = min(begin + dash - 1, stop)
             draw.rectangle((begin, y0, end, y1) if horizontal else (x0, begin, x1, end), fill=colour)
-
-
-def _draw_label_below(draw: ImageDraw.ImageDraw, text: str, rect: tuple[int, int, int, int], colour: Colour,
-                      font, image_size: tuple[int, int]) -> None:
-    """Filled label under the box's bottom edge (just inside it when there is no room below)."""
-    text_left, text_top, text_right, text_bottom = draw.textbbox((0, 0), text, font=font)
-    pad = 2
-    label_w = text_right - text_left + 2 * pad
-    label_h = text_bottom - text_top + 2 * pad
-    left = min(rect[0], max(image_size[0] - label_w, 0))
-    top = rect[3] + 1 if rect[3] + label_h < image_size[1] else rect[3] - label_h
-    draw.rectangle((left, top, left + label_w - 1, top + label_h - 1), fill=colour)
-    draw.text((left + pad - text_left, top + pad - text_top), text, fill=text_colour(colour), font=font)
 
 
 def draw_evaluation(
@@ -192,13 +183,13 @@ def draw_evaluation(
             draw_dashed_rectangle(draw, rect, GT_IGNORED if ignored else GT_LIGHT, thickness, 3 * thickness,
                                   None if ignored else GT_DARK)
             if text:
-                labels.append((_draw_label_below, text, rect, GT_LIGHT))
+                labels.append((True, text, rect, GT_LIGHT))
     for box, label, text in zip(det_boxes, det_labels, det_texts):
         rect = outline_pixels([v * scale for v in box], *canvas.size)
         if rect is not None:
             colour = class_colour(int(label))
             draw.rectangle(rect, outline=colour, width=thickness)
-            labels.append((_draw_label, text, rect, colour))
-    for place, text, rect, colour in labels:
-        place(draw, text, rect, colour, font, canvas.size)
+            labels.append((False, text, rect, colour))
+    for below, text, rect, colour in labels:
+        draw_label(draw, text, rect, colour, font, canvas.size, below)
     return canvas
