@@ -498,10 +498,9 @@ def finish(run: Run, json_path: Optional[Path], start: float) -> None:
             print("\n".join(writer.close()))
         if json_path is not None:
             print("\n".join(run.results.write(json_path)))
-        run.timings.images = run.done
         print(f"{run.done} images processed, {run.skipped} skipped, {run.detections} detections "
               f"(score >= {run.args.score_thresh})")
-        print(run.timings.summary(time.perf_counter() - start))
+        print(run.timings.summary(run.done, time.perf_counter() - start))
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:

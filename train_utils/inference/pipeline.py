@@ -38,11 +38,10 @@ class Timings:
     decode: float = 0.0
     model: float = 0.0
     output: float = 0.0
-    images: int = 0
 
-    def summary(self, elapsed: float) -> str:
-        rate = self.images / max(elapsed, 1e-9)
-        return (f"throughput: {self.images} images in {elapsed:.1f} s = {rate:.2f} images/s; time per stage: "
+    def summary(self, images: int, elapsed: float) -> str:
+        rate = images / max(elapsed, 1e-9)
+        return (f"throughput: {images} images in {elapsed:.1f} s = {rate:.2f} images/s; time per stage: "
                 f"decode {self.decode:.1f} s (in parallel), model {self.model:.1f} s, "
                 f"drawing/writing {self.output:.1f} s (in parallel)")
 
