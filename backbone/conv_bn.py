@@ -1,8 +1,11 @@
-"""Convolution followed by BatchNorm, folded into one convolution when no gradient is needed.
+"""Convolution followed by BatchNorm, folded into one convolution when the statistics are fixed.
 
-In inference the normalisation is an affine map per channel, so ``bn(conv(x))`` equals a single
-convolution with scaled weights and a bias: one pass over the activations instead of two. The
-module structure and state dict are unchanged, and training (autograd on) never folds.
+With fixed statistics (a FrozenBatchNorm2d, or a BatchNorm2d in eval mode) the normalisation is
+an affine map per channel, so ``bn(conv(x))`` equals a single convolution with scaled weights and
+a bias: one pass over the activations instead of two, forward and backward. The scaling is part
+of the autograd graph, so in training the gradients reach the convolution's weight (and a
+BatchNorm2d's affine parameters) as they would without folding. The module structure and state
+dict are unchanged; a BatchNorm2d in training mode (batch statistics) never folds.
 """
 from typing import Tuple
 
@@ -33,9 +36,9 @@ def folded_parameters(conv: nn.Conv2d, bn: nn.Module) -> Tuple[Tensor, Tensor]:
 
 
 def can_fold(bn: nn.Module) -> bool:
-    """Folding is exact only with fixed statistics and no autograd through the weights."""
+    """Folding is exact only with fixed statistics (not batch statistics)."""
     fixed_statistics = isinstance(bn, FrozenBatchNorm2d) or (not bn.training and bn.running_var is not None)
-    return fast_path.enabled() and not torch.is_grad_enabled() and fixed_statistics
+    return fast_path.enabled() and fixed_statistics
 
 
 def conv_bn(x: Tensor, conv: nn.Conv2d, bn: nn.Module) -> Tensor:

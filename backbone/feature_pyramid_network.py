@@ -8,6 +8,9 @@ from typing import Optional
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from network_files import fast_path
+from network_files.sparse_grad_conv import sparse_grad_conv2d
+
 
 class IntermediateLayerGetter(nn.ModuleDict):
     """Runs the direct children of `model` in registration order and returns chosen outputs.
@@ -134,15 +137,23 @@ class FeaturePyramidNetwork(nn.Module):
         names = list(x.keys())
         features = list(x.values())
         top_down = self.inner_blocks[-1](features[-1])
-        results = [self.layer_blocks[-1](top_down)]
+        results = [self._output(-1, top_down)]
         for idx in range(len(features) - 2, -1, -1):
             lateral = self.inner_blocks[idx](features[idx])
             upsampled = F.interpolate(top_down, size=lateral.shape[-2:], mode="nearest")
             top_down = lateral + upsampled
-            results.insert(0, self.layer_blocks[idx](top_down))
+            results.insert(0, self._output(idx, top_down))
         if self.extra_blocks is not None:
             results, names = self.extra_blocks(results, features, names)
         return OrderedDict(zip(names, results))
+
+    def _output(self, idx: int, x: Tensor) -> Tensor:
+        """Level ``idx``'s 3x3 output conv. The detector's losses reach the outputs only around the
+        sampled anchors and RoIs, so in CPU training the backward pass visits those positions alone
+        (the whole map when its gradient turns out dense)."""
+        if fast_path.sparse_backward(x):
+            return sparse_grad_conv2d(x, self.layer_blocks[idx][0])
+        return self.layer_blocks[idx](x)
 
 
 class BackboneWithFPN(nn.Module):

@@ -56,8 +56,7 @@ class FasterRCNNBase(nn.Module):
 
         image_list, targets = self.transform(images, targets)
         batch = image_list.tensors
-        if fast_path.enabled() and batch.device.type == "cpu" and not torch.is_grad_enabled():
-            # oneDNN's CPU convolutions run faster on channels-last tensors.
+        if fast_path.use_channels_last(batch):
             batch = batch.contiguous(memory_format=torch.channels_last)
         features = self.backbone(batch)
         if isinstance(features, Tensor):

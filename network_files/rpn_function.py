@@ -6,8 +6,9 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from . import boxes as box_ops
-from . import det_utils
+from . import det_utils, fast_path
 from .image_list import ImageList
+from .sparse_grad_conv import sparse_grad_conv2d
 from .tracing import is_tracing
 
 
@@ -139,10 +140,19 @@ class RPNHead(nn.Module):
         """Per level: objectness ``[B, A, H, W]`` and box offsets ``[B, A*4, H, W]``."""
         logits, deltas = [], []
         for feature in features:
-            hidden = self.conv(feature)
+            hidden = self._hidden(feature)
             logits.append(self.cls_logits(hidden))
             deltas.append(self.bbox_pred(hidden))
         return logits, deltas
+
+    def _hidden(self, x: Tensor) -> Tensor:
+        """The 3x3 conv + ReLU blocks. The losses sample a few hundred anchors per image, so in
+        CPU training each conv's backward pass visits only the positions with a gradient."""
+        if not fast_path.sparse_backward(x):
+            return self.conv(x)
+        for conv, relu in self.conv:
+            x = relu(sparse_grad_conv2d(x, conv))
+        return x
 
 
 def anchors_inside_image(anchors: Tensor, image_size: Tuple[int, int]) -> Tensor:

@@ -1,8 +1,11 @@
-"""The inference fast path (BatchNorm folded into convolutions) against the reference arithmetic."""
+"""The fast paths (BatchNorm folded into convolutions, in inference and training) against the
+reference arithmetic."""
+import contextlib
+
 import torch
 from torch import nn
 
-from backbone import FrozenBatchNorm2d, mobilenet_v2_backbone, resnet50_fpn_backbone
+from backbone import Bottleneck, FrozenBatchNorm2d, mobilenet_v2_backbone, resnet50_fpn_backbone
 from backbone.conv_bn import ConvBNSequential, conv_bn, folded_parameters
 from my_dataset import VOCDataSet
 from network_files import fast_path
@@ -74,15 +77,53 @@ def test_folded_weights_follow_weight_changes():
     torch.testing.assert_close(fast, reference, rtol=1e-6, atol=1e-6)
 
 
-def test_training_never_folds():
+def count_folds(monkeypatch) -> list:
+    from backbone import conv_bn as conv_bn_module
+
+    calls = []
+    original = conv_bn_module.folded_parameters
+    monkeypatch.setattr(conv_bn_module, "folded_parameters", lambda *a: calls.append(1) or original(*a))
+    return calls
+
+
+def test_frozen_bn_folds_in_training_with_equal_gradients(monkeypatch):
+    """A ResNet block with frozen BatchNorm in a training step: folded, the output and the
+    gradients of the input and of every convolution weight equal the reference (float64)."""
+    folds = count_folds(monkeypatch)
+    torch.manual_seed(0)
+    downsample = ConvBNSequential(nn.Conv2d(16, 32, 1, stride=2, bias=False), FrozenBatchNorm2d(32))
+    block = Bottleneck(16, 8, stride=2, downsample=downsample, norm_layer=FrozenBatchNorm2d).double().train()
+    randomise_norms_(block, seed=4)
+    x = torch.randn(2, 16, 12, 10, dtype=torch.float64)
+    results = {}
+    for reference in (True, False):
+        folds.clear()
+        inputs = x.clone().requires_grad_()
+        with fast_path.reference_mode() if reference else contextlib.nullcontext():
+            out = block(inputs)
+        grads = torch.autograd.grad((out * out).sum(), [inputs] + list(block.parameters()))
+        results[reference] = (out.detach(), grads)
+        assert len(folds) == (0 if reference else 4)  # conv1..3 and the projection
+    (out_ref, grads_ref), (out_fast, grads_fast) = results[True], results[False]
+    torch.testing.assert_close(out_fast, out_ref, rtol=1e-12, atol=1e-12)
+    for got, expected in zip(grads_fast, grads_ref):
+        torch.testing.assert_close(got, expected, rtol=1e-12, atol=1e-12)
+
+
+def test_batch_statistics_never_fold(monkeypatch):
+    """MobileNetV2 training its BatchNorm (batch statistics) is the reference arithmetic; in eval
+    mode the same BatchNorm has fixed statistics and folds."""
+    folds = count_folds(monkeypatch)
     backbone = mobilenet_v2_backbone()
     randomise_norms_(backbone, seed=3)
-    backbone.eval()
-    x = torch.rand(1, 3, 64, 64)
-    fast = backbone(x)  # autograd on: reference arithmetic
+    x = torch.rand(2, 3, 64, 64)
+    fast = backbone.train()(x)
     with fast_path.reference_mode():
         reference = backbone(x)
-    assert torch.equal(fast, reference)
+    assert torch.equal(fast, reference) and not folds
+    with torch.no_grad():
+        backbone.eval()(x)
+    assert folds
 
 
 def test_trained_detector_detections_match_reference(trained_run, demo_voc):
