@@ -2,6 +2,7 @@
 
     python tools/benchmark.py                 # every case, 5 alternating repeats each
     python tools/benchmark.py --cases infer_r50 train_mbv2 --repeats 3
+    python tools/benchmark.py --cases train_r50 --regime plain   # identity frozen BN, 2 small boxes
     python tools/benchmark.py --cases data    # data loading vs training throughput
     python tools/benchmark.py --cases checkpoint  # cost of one R50-FPN training checkpoint
     python tools/benchmark.py --cases epoch_end   # what blocks every rank at an epoch end (2 gloo ranks)
@@ -51,10 +52,20 @@ def randomize_frozen_bn(model: torch.nn.Module) -> None:
             module.running_var.uniform_(0.5, 1.5)
 
 
+# How the models' frozen statistics and the targets are chosen (--regime).
+REGIMES = {
+    "random": "randomised frozen BatchNorm, 4 boxes of 16 px + up to 35% of the image side per image",
+    "plain": "identity frozen BatchNorm (as built without weight files), 2 boxes of 10% of the image side per image",
+    "trained": "the weights of a ResNet50-FPN checkpoint of this project (--weights), demo images and their boxes",
+}
+
+
 @torch.no_grad()
-def build_pair(arch: str) -> Tuple[torch.nn.Module, torch.nn.Module]:
-    """(ours, torchvision's) with identical weights."""
+def build_pair(arch: str, regime: str = "random", weights: str = "") -> Tuple[torch.nn.Module, torch.nn.Module]:
+    """(ours, torchvision's) with identical weights: random ones, or those of ``weights``."""
     torch.manual_seed(0)
+    if weights:
+        return trained_pair(arch, weights)
     if arch == "r50":
         # torchvision's detector as its recipe builds it from ImageNet weights (what
         # fasterrcnn_resnet50_fpn(weights_backbone=...) does): frozen BatchNorm, layers 2-4
@@ -63,7 +74,8 @@ def build_pair(arch: str) -> Tuple[torch.nn.Module, torch.nn.Module]:
         backbone = resnet_fpn_backbone(backbone_name="resnet50", weights=None,
                                        norm_layer=torchvision.ops.FrozenBatchNorm2d, trainable_layers=3)
         theirs = TVFasterRCNN(backbone, num_classes=91)
-        randomize_frozen_bn(theirs)
+        if regime == "random":
+            randomize_frozen_bn(theirs)
         ours = FasterRCNN(resnet50_fpn_backbone(), num_classes=91)
     else:
         features = torchvision.models.mobilenet_v2().features
@@ -82,15 +94,59 @@ def build_pair(arch: str) -> Tuple[torch.nn.Module, torch.nn.Module]:
     return ours, theirs
 
 
-def make_inputs(batch: int, size: Tuple[int, int], seed: int = 0):
+def trained_pair(arch: str, path: str) -> Tuple[torch.nn.Module, torch.nn.Module]:
+    """Our ResNet50-FPN and torchvision's, both holding a checkpoint's weights (any class count)."""
+    from train_utils.checkpoint import read_checkpoint
+
+    checkpoint = read_checkpoint(path)
+    if arch != "r50" or checkpoint.config is None or checkpoint.config.backbone != "resnet50_fpn":
+        raise SystemExit(f"--regime trained: {path} is not a resnet50_fpn checkpoint of this project "
+                         "(and only the ResNet50-FPN cases take one)")
+    classes = checkpoint.config.num_classes
+    backbone = resnet_fpn_backbone(backbone_name="resnet50", weights=None,
+                                   norm_layer=torchvision.ops.FrozenBatchNorm2d, trainable_layers=3)
+    theirs = TVFasterRCNN(backbone, num_classes=classes)
+    theirs.load_state_dict(checkpoint.model, strict=True)
+    ours = FasterRCNN(resnet50_fpn_backbone(), num_classes=classes)
+    ours.load_state_dict(checkpoint.model, strict=True)
+    return ours, theirs
+
+
+def demo_inputs(batch: int, size: Tuple[int, int], num_classes: int):
+    """``batch`` demo images (tools/make_demo_voc.py: shapes on gradients) resized to ``size`` and
+    their boxes, labels below ``num_classes``."""
+    from tools.make_demo_voc import make_demo_voc
+    from train_utils.data.transforms import get_transforms
+    from my_dataset import VOCDataSet
+
+    with tempfile.TemporaryDirectory() as folder:
+        make_demo_voc(Path(folder), num_images=batch * 4, seed=0, size=max(size))
+        dataset = VOCDataSet(folder, transforms=get_transforms(False), txt_name="train.txt",
+                             classes_json=str(Path(folder) / "classes.json"))
+        samples = [dataset[i] for i in range(len(dataset))]
+    samples = [(image, target) for image, target in samples if len(target["boxes"])][:batch]
+    scale = torch.tensor([size[1], size[0], size[1], size[0]]) / max(size)
+    images = [torch.nn.functional.interpolate(image[None], size=size, mode="bilinear")[0] for image, _ in samples]
+    targets = [{"boxes": target["boxes"] * scale, "labels": target["labels"].clamp(max=num_classes - 1)}
+               for _, target in samples]
+    return images, targets
+
+
+def make_inputs(batch: int, size: Tuple[int, int], seed: int = 0, regime: str = "random"):
+    """``batch`` noise images [3, H, W] and their targets, boxes as REGIMES[regime] says."""
     generator = torch.Generator().manual_seed(seed)
     images = [torch.rand(3, *size, generator=generator) for _ in range(batch)]
+    extent = torch.tensor([size[1], size[0]], dtype=torch.float32)
+    count = 4 if regime == "random" else 2
     targets = []
     for _ in range(batch):
-        xy = torch.rand(4, 2, generator=generator) * torch.tensor([size[1] * 0.6, size[0] * 0.6])
-        wh = torch.rand(4, 2, generator=generator) * torch.tensor([size[1] * 0.35, size[0] * 0.35]) + 16
+        xy = torch.rand(count, 2, generator=generator) * extent * 0.6
+        if regime == "random":
+            wh = torch.rand(count, 2, generator=generator) * extent * 0.35 + 16
+        else:
+            wh = extent.expand(count, 2) * 0.1
         targets.append({"boxes": torch.cat([xy, xy + wh], dim=1),
-                        "labels": torch.randint(1, 20, (4,), generator=generator)})
+                        "labels": torch.randint(1, 20, (count,), generator=generator)})
     return images, targets
 
 
@@ -114,19 +170,35 @@ def train_step(model, images, targets) -> Callable[[], None]:
     return run
 
 
-# name -> (architecture, step kind, batch size, image size, description)
+# name -> (architecture, step kind, batch size, image size, description); the models resize to
+# --min-size 800 --max-size 1333 unless RESIZE names the case.
 CASES: Dict[str, Tuple[str, str, int, Tuple[int, int], str]] = {
     "infer_r50": ("r50", "infer", 1, VOC_SIZE, "inference, ResNet50-FPN, 1 VOC image (800x1066 inside)"),
     "infer_mbv2": ("mbv2", "infer", 1, VOC_SIZE, "inference, MobileNetV2, 1 VOC image"),
-    "train_r50": ("r50", "train", 2, VOC_SIZE, "training step, ResNet50-FPN, batch 2 VOC images"),
+    "train_r50": ("r50", "train", 2, VOC_SIZE, "training step, ResNet50-FPN, batch 2 VOC images (800x1066 inside)"),
+    "train_r50_480": ("r50", "train", 2, (480, 640), "training step, ResNet50-FPN, batch 2 480x640 (not resized)"),
     "train_mbv2": ("mbv2", "train", 4, (600, 600), "training step, MobileNetV2, batch 4 600x600, 512 RoIs/img"),
 }
+RESIZE = {"train_r50_480": (480, 640)}  # case -> (min_size, max_size)
 
 
-def time_case(name: str, repeats: int) -> Dict[str, float]:
-    arch, kind, batch, size, _ = CASES[name]
-    ours, theirs = build_pair(arch)
-    images, targets = make_inputs(batch, size)
+def build_case(name: str, regime: str, weights: str = ""):
+    """(ours, torchvision's, images, targets) of a CASES entry."""
+    arch, _, batch, size, _ = CASES[name]
+    ours, theirs = build_pair(arch, regime, weights if regime == "trained" else "")
+    if name in RESIZE:
+        for model in (ours, theirs):
+            model.transform.min_size, model.transform.max_size = (RESIZE[name][0],), RESIZE[name][1]
+    if regime == "trained":
+        images, targets = demo_inputs(batch, size, ours.roi_heads.box_predictor.cls_score.out_features)
+    else:
+        images, targets = make_inputs(batch, size, regime=regime)
+    return ours, theirs, images, targets
+
+
+def time_case(name: str, repeats: int, regime: str = "random", weights: str = "") -> Dict[str, float]:
+    kind = CASES[name][1]
+    ours, theirs, images, targets = build_case(name, regime, weights)
     make = infer_step if kind == "infer" else train_step
     steps = {"ours": make(ours, images, targets), "torchvision": make(theirs, images, targets)}
     for step in steps.values():  # warm-up (allocator, kernels, anchor caches)
@@ -159,14 +231,13 @@ def _release_free_heap() -> None:
         pass
 
 
-def memory_child(name: str, which: str, steps: int = 3) -> None:
+def memory_child(name: str, which: str, regime: str, weights: str, steps: int = 3) -> None:
     """In a fresh process: peak RSS growth (MiB) during a warm step of one model, median of
     ``steps`` steps, each measured from a trimmed heap."""
-    arch, kind, batch, size, _ = CASES[name]
-    ours, theirs = build_pair(arch)
+    kind = CASES[name][1]
+    ours, theirs, images, targets = build_case(name, regime, weights)
     model = ours if which == "ours" else theirs
     del theirs, ours
-    images, targets = make_inputs(batch, size)
     step = (infer_step if kind == "infer" else train_step)(model, images, targets)
     step()
     peaks = []
@@ -180,10 +251,10 @@ def memory_child(name: str, which: str, steps: int = 3) -> None:
     print(json.dumps({"peak_mib": statistics.median(peaks)}))
 
 
-def memory_case(name: str) -> Dict[str, float]:
+def memory_case(name: str, regime: str, weights: str) -> Dict[str, float]:
     result = {}
     for which in ("ours", "torchvision"):
-        out = subprocess.run([sys.executable, __file__, "--memory-child", name, which],
+        out = subprocess.run([sys.executable, __file__, "--memory-child", name, which, regime, weights],
                              capture_output=True, text=True, check=True)
         result[f"{which}_peak_mib"] = json.loads(out.stdout.strip().splitlines()[-1])["peak_mib"]
     result["memory_ratio"] = result["ours_peak_mib"] / max(result["torchvision_peak_mib"], 1e-9)
@@ -474,14 +545,20 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--memory", action="store_true", help="also measure peak memory (subprocess per model)")
     parser.add_argument("--json", default=None, help="write the figures to this file")
-    parser.add_argument("--memory-child", nargs=2, metavar=("CASE", "WHICH"), help=argparse.SUPPRESS)
+    parser.add_argument("--regime", choices=list(REGIMES), default="random",
+                        help="frozen statistics and targets of the model cases: " +
+                             "; ".join(f"{k}: {v}" for k, v in REGIMES.items()).replace("%", "%%"))
+    parser.add_argument("--weights", default="", help="--regime trained: a resnet50_fpn checkpoint of this project")
+    parser.add_argument("--memory-child", nargs=4, metavar=("CASE", "WHICH", "REGIME", "WEIGHTS"), help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.regime == "trained" and not args.weights:
+        parser.error("--regime trained needs --weights (a resnet50_fpn checkpoint of this project)")
     if args.memory_child:
         memory_child(*args.memory_child)
         return
 
     print(f"torch {torch.__version__}, torchvision {torchvision.__version__}, "
-          f"{torch.get_num_threads()} threads, {os.cpu_count()} CPUs")
+          f"{torch.get_num_threads()} threads, {os.cpu_count()} CPUs; regime {args.regime}: {REGIMES[args.regime]}")
     results = {}
     for name in args.cases:
         if name == "data":
@@ -508,9 +585,9 @@ def main() -> None:
             print(f"checkpoint R50-FPN with optimizer state: {r['size_mib']:.0f} MiB written in {r['save_s']:.2f}s "
                   f"-> {100 * r['share_at_15m']:.2f}% of training time at --checkpoint-every 15m")
         else:
-            r = time_case(name, args.repeats)
+            r = time_case(name, args.repeats, args.regime, args.weights)
             if args.memory:
-                r.update(memory_case(name))
+                r.update(memory_case(name, args.regime, args.weights))
             line = (f"{name:<10} ours {r['ours_s']:.3f}s  torchvision {r['torchvision_s']:.3f}s  "
                     f"ratio {r['ratio']:.2f}   ({CASES[name][4]})")
             if args.memory:
