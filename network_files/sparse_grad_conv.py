@@ -2,9 +2,10 @@
 
 The RPN's losses look at ``rpn_batch_size_per_image`` sampled anchors per image (256 of about
 100,000 at 800 px), so the gradient reaching its 3x3 convolution is exactly zero at every other
-position, yet the dense backward pass multiplies all of them: at 800 px that is as much work as
-the convolution's forward pass twice over. Here the forward pass is the usual convolution and
-the backward pass computes the same sums without the terms that are exactly zero:
+position, and the FPN's 3x3 output convolutions get gradient only around those anchors and the
+sampled RoIs; yet the dense backward pass multiplies every zero, as much work as the forward pass
+twice over. Here the forward pass is the usual convolution and the backward pass computes the
+same sums without the terms that are exactly zero:
 
     grad_weight [D, k*k*C] = g[P, D]^T @ patches[P, k*k*C]
     grad_input             = each position's  g[P, D] @ weight[D, k*k*C]  added back onto its patch
@@ -44,6 +45,8 @@ def _taps(positions: Tensor, x_shape: torch.Size, kernel: Tuple[int, int],
 
 
 class _SparseGradConv2d(torch.autograd.Function):
+    """``F.conv2d`` forward; backward through _SparseBackward, or the dense one when the gradient is dense."""
+
     @staticmethod
     def forward(ctx, x: Tensor, weight: Tensor, bias: Optional[Tensor], stride: Tuple[int, int],
                 padding: Tuple[int, int], dilation: Tuple[int, int]) -> Tensor:
