@@ -24,7 +24,8 @@ def folded_parameters(conv: nn.Conv2d, bn: nn.Module) -> Tuple[Tensor, Tensor]:
     """``(weight, bias)`` of the single convolution equal to ``bn(conv(x))`` with fixed statistics.
 
     Computed on every call (a per-channel scale of the weights, cheap next to the convolution),
-    so no second copy of the weights is kept and changed weights are always honoured.
+    so changed weights are always honoured; in inference no second copy of the weights is kept,
+    in training the scaled copy lives until the backward pass (ResNet-50 layers 2-4: about 90 MB).
     """
     gamma = bn.weight if bn.weight is not None else torch.ones_like(bn.running_var)
     beta = bn.bias if bn.bias is not None else torch.zeros_like(bn.running_var)
@@ -36,9 +37,12 @@ def folded_parameters(conv: nn.Conv2d, bn: nn.Module) -> Tuple[Tensor, Tensor]:
 
 
 def can_fold(bn: nn.Module) -> bool:
-    """Folding is exact only with fixed statistics (not batch statistics)."""
+    """Folding is exact only with fixed statistics (not batch statistics). Not in mixed-precision
+    training: there the unfolded BatchNorm returns float32 activations, the folded convolution
+    would return low-precision ones with a rounded bias."""
     fixed_statistics = isinstance(bn, FrozenBatchNorm2d) or (not bn.training and bn.running_var is not None)
-    return fast_path.enabled() and fixed_statistics
+    mixed_training = torch.is_grad_enabled() and torch.is_autocast_enabled(bn.running_var.device.type)
+    return fast_path.enabled() and fixed_statistics and not mixed_training
 
 
 def conv_bn(x: Tensor, conv: nn.Conv2d, bn: nn.Module) -> Tensor:

@@ -151,7 +151,7 @@ class FeaturePyramidNetwork(nn.Module):
         """Level ``idx``'s 3x3 output conv. The detector's losses reach the outputs only around the
         sampled anchors and RoIs, so in CPU training the backward pass visits those positions alone
         (the whole map when its gradient turns out dense)."""
-        if fast_path.sparse_backward(x):
+        if fast_path.sparse_backward(self, x):
             return sparse_grad_conv2d(x, self.layer_blocks[idx][0])
         return self.layer_blocks[idx](x)
 

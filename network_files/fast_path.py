@@ -12,7 +12,7 @@ from contextlib import contextmanager
 from typing import Iterator
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
 _enabled = True
 
@@ -33,10 +33,12 @@ def use_channels_last(batch: Tensor) -> bool:
     return _enabled and batch.device.type == "cpu"
 
 
-def sparse_backward(x: Tensor) -> bool:
-    """Whether a convolution of ``x`` whose output gradient is mostly zero (the RPN head's, the FPN
-    outputs') should use :func:`network_files.sparse_grad_conv.sparse_grad_conv2d`: CPU training."""
-    return _enabled and torch.is_grad_enabled() and x.device.type == "cpu"
+def sparse_backward(module: nn.Module, x: Tensor) -> bool:
+    """Whether ``module``'s convolution of ``x``, whose output gradient is mostly zero in training
+    (the RPN head's, the FPN outputs'), should use
+    :func:`network_files.sparse_grad_conv.sparse_grad_conv2d`: CPU training, not traced."""
+    return (_enabled and module.training and torch.is_grad_enabled() and x.device.type == "cpu"
+            and not torch.jit.is_tracing() and not torch.jit.is_scripting())
 
 
 @contextmanager

@@ -148,7 +148,7 @@ class RPNHead(nn.Module):
     def _hidden(self, x: Tensor) -> Tensor:
         """The 3x3 conv + ReLU blocks. The losses sample a few hundred anchors per image, so in
         CPU training each conv's backward pass visits only the positions with a gradient."""
-        if not fast_path.sparse_backward(x):
+        if not fast_path.sparse_backward(self, x):
             return self.conv(x)
         for conv, relu in self.conv:
             x = relu(sparse_grad_conv2d(x, conv))

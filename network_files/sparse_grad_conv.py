@@ -20,6 +20,7 @@ from typing import List, Optional, Tuple
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.autograd.function import once_differentiable
 
 DENSE_FRACTION = 0.5  # measured (256 channels, 3x3): the sparse pass is faster below about 60%
 CHUNK = 4096
@@ -56,6 +57,7 @@ class _SparseGradConv2d(torch.autograd.Function):
         return F.conv2d(x, weight, bias, stride, padding, dilation)
 
     @staticmethod
+    @once_differentiable  # the zero terms it skips would matter to a second derivative
     def backward(ctx, grad: Tensor) -> Tuple[Optional[Tensor], ...]:
         x, weight = ctx.saved_tensors
         stride, padding, dilation = ctx.geometry
@@ -97,14 +99,14 @@ class _SparseBackward:
         d, c, kh, kw = self.shape
         g = self.grad[positions[:, 0], positions[:, 1], positions[:, 2]]  # [P, D]
         taps, inside = _taps(positions, self.x.shape, (kh, kw), self.geometry)  # [k*k, P]
-        mask = inside.t().unsqueeze(-1).to(g.dtype) if masked else None  # [P, k*k, 1]
+        outside = ~inside.t().unsqueeze(-1)  # [P, k*k, 1]: taps in the zero padding
         if self.grad_w is not None:
             patches = self.x_rows.index_select(0, taps.t().reshape(-1)).reshape(-1, kh * kw, c)  # [P, k*k, C]
-            patches = patches * mask if masked else patches
+            patches = patches.masked_fill(outside, 0) if masked else patches
             self.grad_w.addmm_(g.t(), patches.reshape(-1, kh * kw * c))
         if self.grad_rows is not None:
             contributions = (g @ self.flat_weight).reshape(-1, kh * kw, c)  # [P, k*k, C]
-            contributions = contributions * mask if masked else contributions
+            contributions = contributions.masked_fill(outside, 0) if masked else contributions
             self.grad_rows.index_add_(0, taps.t().reshape(-1), contributions.reshape(-1, c))
         if self.grad_b is not None:
             self.grad_b += g.sum(0)
@@ -123,10 +125,12 @@ class _SparseBackward:
 
 
 def sparse_grad_conv2d(x: Tensor, conv: nn.Conv2d) -> Tensor:
-    """``conv(x)`` [N, C, H, W] -> [N, D, Ho, Wo], with the sparse backward pass above (groups 1,
-    numeric padding, no autocast: other convolutions are run as usual)."""
-    usable = (conv.groups == 1 and not isinstance(conv.padding, str) and conv.padding_mode == "zeros"
-              and not torch.is_autocast_enabled(x.device.type))
+    """``conv(x)`` [N, C, H, W] -> [N, D, Ho, Wo], with the sparse backward pass above (a plain
+    nn.Conv2d without hooks, groups 1, numeric zero padding, float32/float64, no autocast: other
+    convolutions are run as usual)."""
+    usable = (type(conv) is nn.Conv2d and not conv._forward_hooks and not conv._forward_pre_hooks
+              and conv.groups == 1 and not isinstance(conv.padding, str) and conv.padding_mode == "zeros"
+              and x.dtype in (torch.float32, torch.float64) and not torch.is_autocast_enabled(x.device.type))
     if not usable:
         return conv(x)
     return _SparseGradConv2d.apply(x, conv.weight, conv.bias, conv.stride, conv.padding, conv.dilation)

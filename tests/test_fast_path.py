@@ -110,6 +110,23 @@ def test_frozen_bn_folds_in_training_with_equal_gradients(monkeypatch):
         torch.testing.assert_close(got, expected, rtol=1e-12, atol=1e-12)
 
 
+def test_no_folding_in_mixed_precision_training(monkeypatch):
+    """Under autocast the unfolded frozen BatchNorm returns float32 activations; training keeps
+    that (no fold), inference folds as before."""
+    folds = count_folds(monkeypatch)
+    block = Bottleneck(16, 4, norm_layer=FrozenBatchNorm2d).train()
+    randomise_norms_(block, seed=5)
+    x = torch.randn(1, 16, 8, 8, requires_grad=True)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = block(x)
+        with fast_path.reference_mode():
+            reference = block(x)
+    assert not folds and torch.equal(out, reference)
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        block(x)
+    assert folds
+
+
 def test_batch_statistics_never_fold(monkeypatch):
     """MobileNetV2 training its BatchNorm (batch statistics) is the reference arithmetic; in eval
     mode the same BatchNorm has fixed statistics and folds."""

@@ -106,3 +106,38 @@ def test_rpn_head_gradient_is_sparse_in_training(tiny_detector, monkeypatch):
     with fast_path.reference_mode():
         sum(model(images, targets).values()).backward()
     assert not seen
+
+
+def test_hooked_or_subclassed_convolutions_and_low_precision_run_as_usual():
+    x = torch.randn(1, 4, 8, 8)
+    hooked = nn.Conv2d(4, 4, 3, padding=1)
+    calls = []
+    hooked.register_forward_hook(lambda module, inputs, output: calls.append(1))
+
+    class Scaled(nn.Conv2d):
+        def forward(self, inputs):
+            return super().forward(inputs) * 2
+
+    for conv, inputs in ((hooked, x), (Scaled(4, 4, 3, padding=1), x), (nn.Conv2d(4, 4, 3, padding=1).bfloat16(), x.bfloat16())):
+        y = sparse_grad_conv2d(inputs, conv)
+        assert "SparseGrad" not in type(y.grad_fn).__name__
+        torch.testing.assert_close(y, conv(inputs))
+    assert calls
+
+
+def test_second_derivative_is_refused_not_wrong():
+    conv = nn.Conv2d(3, 4, 3, padding=1)
+    x = torch.randn(1, 3, 6, 6)
+    m = torch.randn(1, 4, 6, 6, requires_grad=True)
+    (grad_w,) = torch.autograd.grad((sparse_grad_conv2d(x, conv) * m).sum(), conv.weight, create_graph=True)
+    with pytest.raises(RuntimeError):
+        torch.autograd.grad(grad_w.sum(), m)
+
+
+def test_traced_model_keeps_plain_convolutions():
+    """torch.jit.trace in training mode with autograd on records convolutions, not a Python op."""
+    from network_files.rpn_function import RPNHead
+
+    head = RPNHead(8, 3).train()
+    traced = torch.jit.trace(head, ([torch.randn(1, 8, 6, 6)],), strict=False)
+    assert "SparseGrad" not in str(traced.graph) and "conv" in str(traced.graph)
