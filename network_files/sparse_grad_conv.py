@@ -89,25 +89,28 @@ class _SparseBackward:
 
     def add(self, positions: Tensor) -> None:
         """Positions whose taps all lie inside x go without masking; the few at the border are masked."""
-        kernel = self.shape[2:]
-        interior = _taps(positions, self.x.shape, kernel, self.geometry)[1].all(dim=0)
-        for group, masked in ((positions[interior], False), (positions[~interior], True)):
-            for chunk in group.split(CHUNK):
-                self._add_chunk(chunk, masked)
+        taps, inside = _taps(positions, self.x.shape, self.shape[2:], self.geometry)  # [k*k, P]
+        interior = inside.all(dim=0)
+        for group, masked in ((interior, False), (~interior, True)):
+            chunks = zip(positions[group].split(CHUNK), taps[:, group].split(CHUNK, dim=1),
+                         inside[:, group].split(CHUNK, dim=1))
+            for chunk in chunks:
+                self._add_chunk(*chunk, masked=masked)
 
-    def _add_chunk(self, positions: Tensor, masked: bool) -> None:
+    def _add_chunk(self, positions: Tensor, taps: Tensor, inside: Tensor, masked: bool) -> None:
+        """positions [P, 3], and their taps' rows and inside flags [k*k, P] from _taps."""
         d, c, kh, kw = self.shape
         g = self.grad[positions[:, 0], positions[:, 1], positions[:, 2]]  # [P, D]
-        taps, inside = _taps(positions, self.x.shape, (kh, kw), self.geometry)  # [k*k, P]
         outside = ~inside.t().unsqueeze(-1)  # [P, k*k, 1]: taps in the zero padding
+        rows = taps.t().reshape(-1)  # [P*k*k], position-major
         if self.grad_w is not None:
-            patches = self.x_rows.index_select(0, taps.t().reshape(-1)).reshape(-1, kh * kw, c)  # [P, k*k, C]
+            patches = self.x_rows.index_select(0, rows).reshape(-1, kh * kw, c)  # [P, k*k, C]
             patches = patches.masked_fill(outside, 0) if masked else patches
             self.grad_w.addmm_(g.t(), patches.reshape(-1, kh * kw * c))
         if self.grad_rows is not None:
             contributions = (g @ self.flat_weight).reshape(-1, kh * kw, c)  # [P, k*k, C]
             contributions = contributions.masked_fill(outside, 0) if masked else contributions
-            self.grad_rows.index_add_(0, taps.t().reshape(-1), contributions.reshape(-1, c))
+            self.grad_rows.index_add_(0, rows, contributions.reshape(-1, c))
         if self.grad_b is not None:
             self.grad_b += g.sum(0)
 

@@ -61,20 +61,22 @@ REGIMES = {
 }
 
 
+def torchvision_r50(num_classes: int) -> torch.nn.Module:
+    """torchvision's ResNet50-FPN detector as its recipe builds it from ImageNet weights (what
+    fasterrcnn_resnet50_fpn(weights_backbone=...) does): frozen BatchNorm, layers 2-4 trainable,
+    like ours. Without backbone weights it would switch to trainable BatchNorm and all five
+    layers, another training computation."""
+    backbone = resnet_fpn_backbone(backbone_name="resnet50", weights=None,
+                                   norm_layer=torchvision.ops.FrozenBatchNorm2d, trainable_layers=3)
+    return TVFasterRCNN(backbone, num_classes=num_classes)
+
+
 @torch.no_grad()
-def build_pair(arch: str, regime: str = "random", weights: str = "") -> Tuple[torch.nn.Module, torch.nn.Module]:
-    """(ours, torchvision's) with identical weights: random ones, or those of ``weights``."""
+def build_pair(arch: str, regime: str = "random") -> Tuple[torch.nn.Module, torch.nn.Module]:
+    """(ours, torchvision's) with identical random weights."""
     torch.manual_seed(0)
-    if weights:
-        return trained_pair(arch, weights)
     if arch == "r50":
-        # torchvision's detector as its recipe builds it from ImageNet weights (what
-        # fasterrcnn_resnet50_fpn(weights_backbone=...) does): frozen BatchNorm, layers 2-4
-        # trainable, like ours. Without backbone weights it would switch to trainable BatchNorm
-        # and all five layers, another training computation.
-        backbone = resnet_fpn_backbone(backbone_name="resnet50", weights=None,
-                                       norm_layer=torchvision.ops.FrozenBatchNorm2d, trainable_layers=3)
-        theirs = TVFasterRCNN(backbone, num_classes=91)
+        theirs = torchvision_r50(91)
         if regime == "random":
             randomize_frozen_bn(theirs)
         ours = FasterRCNN(resnet50_fpn_backbone(), num_classes=91)
@@ -105,12 +107,9 @@ def trained_pair(arch: str, path: str) -> Tuple[torch.nn.Module, torch.nn.Module
                          "(and only the ResNet50-FPN cases take one; only its weights are used, the "
                          "case keeps the default detector settings)")
     classes = checkpoint.config.num_classes
-    backbone = resnet_fpn_backbone(backbone_name="resnet50", weights=None,
-                                   norm_layer=torchvision.ops.FrozenBatchNorm2d, trainable_layers=3)
-    theirs = TVFasterRCNN(backbone, num_classes=classes)
-    theirs.load_state_dict(checkpoint.model, strict=True)
-    ours = FasterRCNN(resnet50_fpn_backbone(), num_classes=classes)
-    ours.load_state_dict(checkpoint.model, strict=True)
+    ours, theirs = FasterRCNN(resnet50_fpn_backbone(), num_classes=classes), torchvision_r50(classes)
+    for model in (ours, theirs):
+        model.load_state_dict(checkpoint.model, strict=True)
     return ours, theirs
 
 
@@ -188,7 +187,7 @@ RESIZE = {"train_r50_480": (480, 640)}  # case -> (min_size, max_size)
 def build_case(name: str, regime: str, weights: str = ""):
     """(ours, torchvision's, images, targets) of a CASES entry."""
     arch, _, batch, size, _ = CASES[name]
-    ours, theirs = build_pair(arch, regime, weights if regime == "trained" else "")
+    ours, theirs = trained_pair(arch, weights) if regime == "trained" else build_pair(arch, regime)
     if name in RESIZE:
         for model in (ours, theirs):
             model.transform.min_size, model.transform.max_size = (RESIZE[name][0],), RESIZE[name][1]
