@@ -1,4 +1,5 @@
 """VOCDataSet parsing, error reporting and skipping; aspect-ratio grouping; the demo generator."""
+import colorsys
 import importlib.util
 import sys
 import warnings
@@ -389,6 +390,32 @@ def test_demo_generator_is_deterministic_and_loads(tmp_path):
             for label in target["labels"].tolist():
                 counts[dataset.class_names[label - 1]] += 1
     assert counts == {name: stats[name] for name in counts}
+
+
+def test_demo_recipe_sets_object_sizes_counts_and_colours():
+    demo = load_demo_module()
+    dense = demo.Recipe(size_range=(0.10, 0.15), objects=(5, 6))
+    assert dense.small_probability == 0.0  # no 10-14% "small" objects among 10-15% ones
+    images = [demo.draw_image(7, i, 128, dense)[1] for i in range(20)]
+    assert {len(objects) for objects in images} <= {0, 5, 6} and sum(map(len, images)) >= 5 * 18
+    sides = [max(o.box[2] - o.box[0], o.box[3] - o.box[1]) for objects in images for o in objects
+             if not o.truncated and not o.difficult]
+    assert sides and 0.10 * 128 - 2 <= min(sides) and max(sides) <= 0.15 * 128 + 2  # PIL fills both end pixels
+
+    def circle_hues(recipe):
+        hues = []
+        for i in range(30):
+            for o in demo.draw_image(7, i, 128, recipe)[1]:
+                if o.name == "circle":
+                    hue = colorsys.rgb_to_hsv(*(c / 255 for c in o.colour))[0]
+                    hues.append(min(hue, 1 - hue))  # distance from red
+        return hues
+
+    assert max(circle_hues(demo.Recipe())) <= 0.05 + 0.01  # red family (rounded to whole RGB)
+    assert max(circle_hues(demo.Recipe(one_colour=True))) > 0.2
+    for bad in ({"size_range": (0.5, 0.2)}, {"size_range": (0.0, 0.2)}, {"objects": (3, 2)}):
+        with pytest.raises(ValueError, match="make_demo_voc"):
+            demo.Recipe(**bad)
 
 
 def test_demo_boxes_are_tight_around_visible_pixels():

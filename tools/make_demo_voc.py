@@ -1,6 +1,7 @@
 """Generate a small deterministic VOC2012-style dataset of coloured shapes for demos and smoke runs.
 
     python tools/make_demo_voc.py [--out data/demo] [--num-images 300] [--seed 0] [--size 192]
+                                  [--object-size 0.2 0.45] [--objects 1 4] [--one-colour]
 
 Writes ``<out>/VOCdevkit/VOC2012/{Annotations,JPEGImages,ImageSets/Main/{train,val}.txt}`` (about
 80/20) and ``<out>/classes.json``. Classes differ in shape and colour family: red circles, green
@@ -12,6 +13,10 @@ Boxes are the tight box of each object's visible pixels in continuous pixel coor
 pixel columns c0..c1 give xmin = c0, xmax = c1 + 1 (the dataset does not shift coordinates).
 Each image is drawn from its own generator seeded with (seed, index), so the output is
 byte-identical for the same arguments.
+
+``--object-size``, ``--objects`` and ``--one-colour`` make harder sets (a :class:`Recipe`): e.g.
+``--object-size 0.04 0.08 --objects 8 20`` gives 8-20 objects of 4-8% of the side per image, the
+small-object set of the README's anchor experiments.
 """
 from __future__ import annotations
 
@@ -30,12 +35,37 @@ HUE_RANGES = {"circle": (-0.03, 0.05), "square": (0.25, 0.42), "triangle": (0.55
 SIZE_RANGE = (0.20, 0.45)  # object side as a fraction of the image side
 SMALL_SIZE_RANGE = (0.10, 0.14)  # occasional small objects, marked difficult
 SMALL_PROBABILITY = 0.03
+OBJECTS_RANGE = (1, 4)  # objects per non-empty image, both ends included
 EMPTY_PROBABILITY = 0.05
 BORDER_PROBABILITY = 0.12  # chance an object may stick out of the image
 MIN_VISIBLE = 0.6  # placements hiding more than 40% of an earlier object are rejected
 DIFFICULT_VISIBLE = 0.7  # objects less visible than this are difficult
 VAL_FRACTION = 0.2
 JPEG_QUALITY = 90
+
+
+@dataclass(frozen=True)
+class Recipe:
+    """How the objects look: side as a fraction of the image side (low, high); objects per
+    non-empty image (both ends included); the chance of a small difficult object (only with the
+    default sizes); ``one_colour``: every class drawn in any hue, told apart by shape alone."""
+
+    size_range: tuple[float, float] = SIZE_RANGE
+    objects: tuple[int, int] = OBJECTS_RANGE
+    small_probability: float = SMALL_PROBABILITY
+    one_colour: bool = False
+
+    def __post_init__(self) -> None:
+        low, high = self.size_range
+        if not 0 < low <= high <= 1:
+            raise ValueError(f"make_demo_voc: object sizes must satisfy 0 < low <= high <= 1, got {low}, {high}")
+        if not 0 <= self.objects[0] <= self.objects[1]:
+            raise ValueError(f"make_demo_voc: object counts must satisfy 0 <= low <= high, got {self.objects}")
+        if self.size_range != SIZE_RANGE:
+            object.__setattr__(self, "small_probability", 0.0)
+
+    def hue_range(self, name: str) -> tuple[float, float]:
+        return (0.0, 1.0) if self.one_colour else HUE_RANGES[name]
 
 
 @dataclass
@@ -90,10 +120,10 @@ def _shape_mask(rng: np.random.Generator, name: str, size: int, x0: float, y0: f
     return np.asarray(mask) > 0
 
 
-def _sample_mask(rng: np.random.Generator, name: str, size: int) -> tuple[np.ndarray, bool, bool]:
+def _sample_mask(rng: np.random.Generator, name: str, size: int, recipe: Recipe) -> tuple[np.ndarray, bool, bool]:
     """(bool [size, size] mask, cut by the border, small) for one random placement."""
-    small = rng.random() < SMALL_PROBABILITY
-    side = size * rng.uniform(*(SMALL_SIZE_RANGE if small else SIZE_RANGE))
+    small = rng.random() < recipe.small_probability
+    side = size * rng.uniform(*(SMALL_SIZE_RANGE if small else recipe.size_range))
     if rng.random() < BORDER_PROBABILITY:  # up to 30% of the side may stick out
         low, high = -0.3 * side, size - 0.7 * side
     else:
@@ -110,24 +140,24 @@ def _tight_box(mask: np.ndarray) -> tuple[int, int, int, int]:
     return int(cols[0]), int(rows[0]), int(cols[-1]) + 1, int(rows[-1]) + 1
 
 
-def draw_image(seed: int, index: int, size: int) -> tuple[Image.Image, list[DemoObject]]:
+def draw_image(seed: int, index: int, size: int, recipe: Recipe = Recipe()) -> tuple[Image.Image, list[DemoObject]]:
     """Render image ``index`` of the dataset generated with ``seed``."""
     rng = np.random.default_rng([seed, index])
     canvas = Image.fromarray(np.clip(_background(rng, size), 0, 255).round().astype(np.uint8))
     _draw_lines(rng, canvas)
     pixels = np.asarray(canvas).copy()
-    count = 0 if rng.random() < EMPTY_PROBABILITY else int(rng.integers(1, 5))
+    count = 0 if rng.random() < EMPTY_PROBABILITY else int(rng.integers(recipe.objects[0], recipe.objects[1] + 1))
     owner = np.full((size, size), -1)  # index of the object visible at each pixel
     placed: list[tuple[str, np.ndarray, bool, bool, tuple[int, int, int]]] = []
     for _ in range(count):
         name = CLASSES[int(rng.integers(len(CLASSES)))]
         for _attempt in range(20):
-            mask, truncated, small = _sample_mask(rng, name, size)
+            mask, truncated, small = _sample_mask(rng, name, size, recipe)
             trial = np.where(mask, len(placed), owner)
             areas = [p[1].sum() for p in placed]
             if mask.any() and all((trial == j).sum() >= MIN_VISIBLE * a for j, a in enumerate(areas)):
                 owner = trial
-                hue = rng.uniform(*HUE_RANGES[name])
+                hue = rng.uniform(*recipe.hue_range(name))
                 rgb = _hsv_to_rgb(hue, rng.uniform(0.65, 1.0), rng.uniform(0.55, 1.0)).round().astype(np.uint8)
                 pixels[mask] = rgb
                 placed.append((name, mask, truncated, small, (int(rgb[0]), int(rgb[1]), int(rgb[2]))))
@@ -164,7 +194,8 @@ def annotation_xml(image_id: str, size: int, objects: list[DemoObject]) -> str:
     return "\n".join(parts + ["</annotation>", ""])
 
 
-def make_demo_voc(out: Path, num_images: int = 300, seed: int = 0, size: int = 192) -> dict[str, int]:
+def make_demo_voc(out: Path, num_images: int = 300, seed: int = 0, size: int = 192,
+                  recipe: Recipe = Recipe()) -> dict[str, int]:
     """Write the dataset under ``out`` and return counts (images, objects per class, difficult, ...)."""
     if num_images < 2 or size < 32:
         raise ValueError(f"make_demo_voc: need num_images >= 2 and size >= 32, got {num_images}, {size}")
@@ -175,7 +206,7 @@ def make_demo_voc(out: Path, num_images: int = 300, seed: int = 0, size: int = 1
     stats = {"images": num_images, "empty_images": 0, "difficult": 0, "truncated": 0, **{c: 0 for c in CLASSES}}
     ids = [f"demo_{i:05d}" for i in range(num_images)]
     for index, image_id in enumerate(ids):
-        image, objects = draw_image(seed, index, size)
+        image, objects = draw_image(seed, index, size, recipe)
         buffer = io.BytesIO()
         image.save(buffer, "JPEG", quality=JPEG_QUALITY)
         (folders["JPEGImages"] / f"{image_id}.jpg").write_bytes(buffer.getvalue())
@@ -201,11 +232,21 @@ def main() -> None:
     parser.add_argument("--num-images", type=int, default=300)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--size", type=int, default=192, help="image side in pixels")
+    parser.add_argument("--object-size", type=float, nargs=2, default=SIZE_RANGE, metavar=("LOW", "HIGH"),
+                        help="object side as a fraction of the image side (other than the default: no "
+                             "small difficult objects)")
+    parser.add_argument("--objects", type=int, nargs=2, default=OBJECTS_RANGE, metavar=("LOW", "HIGH"),
+                        help="objects per non-empty image")
+    parser.add_argument("--one-colour", action="store_true", help="any hue for every class: shapes told apart by shape alone")
     args = parser.parse_args()
     if args.num_images < 2 or args.size < 32:
         parser.error(f"--num-images must be at least 2 and --size at least 32, got {args.num_images} and {args.size}")
+    try:
+        recipe = Recipe(tuple(args.object_size), tuple(args.objects), one_colour=args.one_colour)
+    except ValueError as exc:
+        parser.error(str(exc))
     start = time.perf_counter()
-    stats = make_demo_voc(args.out, args.num_images, args.seed, args.size)
+    stats = make_demo_voc(args.out, args.num_images, args.seed, args.size, recipe)
     print(f"wrote {args.out / 'VOCdevkit' / 'VOC2012'} and {args.out / 'classes.json'} "
           f"in {time.perf_counter() - start:.1f}s: {stats}")
 
