@@ -3,6 +3,7 @@ arrays, TIDE dAP per error type worked out by hand, the confusion matrix and bes
 hand cases, and the written report (every link exists, the HTML parses) on the demo data."""
 import contextlib
 import io
+import itertools
 import json
 import math
 import random
@@ -19,7 +20,7 @@ from pycocotools.cocoeval import COCOeval
 
 import validation
 from train_utils.evaluation import analysis as an
-from train_utils.vis.draw import GT_DARK, GT_LIGHT, class_colour, draw_evaluation
+from train_utils.vis.draw import GT_DARK, GT_IGNORED, GT_LIGHT, class_colour, default_line_thickness, draw_evaluation
 
 R = 101  # recall thresholds of COCO's interpolation
 
@@ -274,6 +275,17 @@ def test_draw_evaluation_styles():
     colours = {tuple(p) for p in edge}
     assert GT_LIGHT in colours and GT_DARK in colours
     assert tuple(pixels[150, 100]) == class_colour(1)  # the prediction's left edge
+
+
+def test_ignored_ground_truth_is_dotted_grey_and_black_on_any_background():
+    for background in [(255, 255, 255), (150, 150, 150), (0, 0, 0)]:
+        picture = Image.new("RGB", (40, 30), background)
+        drawn = draw_evaluation(picture, [[2, 2, 38, 28]], [None], [True], [], [], [], min_long_side=400)
+        edge = np.asarray(drawn)[20:280, 20]  # the left edge (x = 2 * 10)
+        thickness = default_line_thickness(400, 300)
+        run_lengths = [len(list(run)) for _, run in itertools.groupby(map(tuple, edge))]
+        assert {tuple(p) for p in edge} == {GT_IGNORED, GT_DARK}
+        assert max(run_lengths[1:-1]) == thickness  # dots one line thick, not the 3x dashes of real objects
 
 
 # ------------------------------------------------------------------------------ the written report

@@ -134,12 +134,11 @@ GT_LIGHT, GT_DARK, GT_IGNORED = (255, 255, 255), (0, 0, 0), (150, 150, 150)
 
 
 def draw_dashed_rectangle(draw: ImageDraw.ImageDraw, rect: tuple[int, int, int, int], colour: Colour,
-                          thickness: int, dash: int, gap_colour: Optional[Colour] = None) -> None:
+                          thickness: int, dash: int, gap_colour: Colour) -> None:
     """Outline of the inclusive pixel rectangle ``rect`` in dashes of ``dash`` pixels growing
-    inwards with ``thickness``; the gaps are painted ``gap_colour`` (None: left as they are)."""
+    inwards with ``thickness``; the gaps are painted ``gap_colour``, so it shows on any background."""
     left, top, right, bottom = rect
-    if gap_colour is not None:
-        draw.rectangle(rect, outline=gap_colour, width=thickness)
+    draw.rectangle(rect, outline=gap_colour, width=thickness)
     inner = thickness - 1
     edges = [((left, top), (right, top + inner)), ((left, bottom - inner), (right, bottom)),
              ((left, top), (left + inner, bottom)), ((right - inner, top), (right, bottom))]
@@ -163,7 +162,8 @@ def draw_evaluation(
 ) -> Image.Image:
     """A copy of ``image`` (RGB) with ground truth and predictions told apart.
 
-    Ground truth [G, 4] xyxy: dashed black-and-white outlines (grey for ignored objects), with a
+    Ground truth [G, 4] xyxy: dashed black-and-white outlines (ignored objects: dotted
+    black-and-grey, which shows on light backgrounds as well as dark ones), with a
     white label under the box when ``gt_texts`` has one (e.g. "missed circle"). Predictions [D, 4]
     xyxy: solid outlines in their class colour (``det_labels`` [D], see :func:`class_colour`) with
     ``det_texts`` (e.g. "circle 0.91 Loc") above. The image and boxes are first enlarged to
@@ -180,8 +180,8 @@ def draw_evaluation(
     for box, text, ignored in zip(gt_boxes, gt_texts, gt_ignored):
         rect = outline_pixels([v * scale for v in box], *canvas.size)
         if rect is not None:
-            draw_dashed_rectangle(draw, rect, GT_IGNORED if ignored else GT_LIGHT, thickness, 3 * thickness,
-                                  None if ignored else GT_DARK)
+            draw_dashed_rectangle(draw, rect, GT_IGNORED if ignored else GT_LIGHT, thickness,
+                                  thickness if ignored else 3 * thickness, GT_DARK)
             if text:
                 labels.append((True, text, rect, GT_LIGHT))
     for box, label, text in zip(det_boxes, det_labels, det_texts):
