@@ -15,7 +15,8 @@ from tools import browse_dataset, check_dataset
 from train_utils.cli import add_model_flags
 from train_utils.data.catalog import build_dataset
 from train_utils.model.anchor_coverage import (DetectorAnchors, best_anchor_iou, coverage_table, dataset_boxes,
-                                               larger_inputs, resize_boxes, score_layout, suggest_anchors)
+                                               larger_inputs, low_coverage_hint, resize_boxes, score_layout,
+                                               suggest_anchors)
 from train_utils.model.builder import build_model
 from train_utils.model.config import ModelConfig
 from train_utils.vis.draw import class_colour, outline_pixels
@@ -164,6 +165,21 @@ def test_suggestion_raises_the_coverage_of_small_objects():
     assert len(after.layout.sizes) == 5 and len(after.layout.aspect_ratios) == 3
     [(min_sizes, max_size, larger)] = larger_inputs(images, config, anchors, True, factors=(2.0,))
     assert (min_sizes, max_size) == ((256,), 256) and larger.positive > after.positive + 0.2
+    assert low_coverage_hint(after) is None
+
+
+def test_low_coverage_hint_for_small_objects_on_a_coarse_map():
+    """The same 10-24 px objects on MobileNetV2's stride-16 map: no sizes give most of them an
+    anchor of IoU 0.5 (centres 16 px apart), so training's auto prints where the fix lies."""
+    config = ModelConfig(num_classes=2, backbone="mobilenet_v2", min_size=(128,), max_size=128,
+                         backbone_options={"feature_stride": 16, "width_mult": 0.5})
+    images = random_images(2, [(128, 128)] * 6, 30, side_range=(10.0, 24 / 128))
+    chosen = suggest_anchors(resize_boxes(images, (128,), 128), DetectorAnchors(config), search_ratios=False)
+    assert 0 < chosen.loose < 0.5
+    hint = low_coverage_hint(chosen)
+    assert hint is not None and "\n" not in hint
+    assert f"for only {chosen.loose:.1%} of the boxes" in hint and "feature stride 16:" in hint
+    assert "--min-size" in hint and "FPN" in hint
 
 
 def test_check_dataset_anchors_report_and_plot(demo_voc, tmp_path, capsys):
@@ -222,6 +238,7 @@ def test_anchor_sizes_auto_in_training(demo_voc, tmp_path, capsys):
     assert len(sizes) == 5 and all(b >= 1.35 * a for a, b in zip(sizes, sizes[1:])), sizes  # no near-duplicates
     assert trainer.model_without_ddp.rpn.anchor_generator.sizes == (sizes,)
     assert f"--anchor-sizes auto: {','.join(map(str, sizes))} (best anchor IoU >= 0.7 for " in printed
+    assert printed.count("--anchor-sizes auto:") == 1 + (low_coverage_hint(chosen) is not None)
     typed = built_trainer(flags[:position] + [",".join(map(str, sizes))] + flags[position + 1:])
     assert typed.config == trainer.config
     for key, value in typed.model_without_ddp.state_dict().items():

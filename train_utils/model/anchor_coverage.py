@@ -37,6 +37,9 @@ SEARCH_BOXES = 100_000  # boxes the suggestion search looks at (a fixed random s
 # search packs near-equal sizes onto the split's few box sizes; a spread set also serves the sizes
 # the split has few of (zoom-out augmentation, other images), as the usual factor-2 sets do.
 MIN_SIZE_STEP = 1.35
+# Below this share of boxes at IoU >= 0.5 even the best sizes leave most objects to the RPN's
+# low-quality matches: the objects are small for the stride, which anchor sizes cannot change.
+LOW_COVERAGE = 0.5
 
 ImageBoxes = tuple[int, int, np.ndarray, np.ndarray]  # (height, width, boxes [n, 4] xyxy, labels [n])
 
@@ -367,3 +370,14 @@ def auto_anchor_sizes(dataset, config: ModelConfig) -> tuple[Scored, Scored, int
     if not len(box_set):
         raise ValueError("--anchor-sizes auto: the training split holds no boxes to fit anchors to")
     return score_layout(box_set, anchors.default), suggest_anchors(box_set, anchors, search_ratios=False), len(box_set)
+
+
+def low_coverage_hint(chosen: Scored) -> Optional[str]:
+    """A one-line hint when even the suggested anchors miss most boxes, else None."""
+    if chosen.loose >= LOW_COVERAGE:
+        return None
+    strides = ",".join(str(s) for s in chosen.layout.strides)
+    return (f"--anchor-sizes auto: even these anchors reach IoU >= {LOOSE_IOU} for only {chosen.loose:.1%} of "
+            f"the boxes, which are small for the feature stride {strides}: a larger --min-size "
+            "(tools/check_dataset.py --anchors suggests one) or an FPN backbone helps more; compare a run "
+            "with the default anchors before keeping these")
