@@ -14,9 +14,10 @@ from conftest import MOBILENET_OPTIONS, TINY_COMMON_FLAGS
 from tools import browse_dataset, check_dataset
 from train_utils.cli import add_model_flags
 from train_utils.data.catalog import build_dataset
+from train_utils.model import anchor_coverage
 from train_utils.model.anchor_coverage import (DetectorAnchors, best_anchor_iou, coverage_table, dataset_boxes,
-                                               larger_inputs, low_coverage_hint, resize_boxes, score_layout,
-                                               suggest_anchors)
+                                               describe_auto_anchors, fit_anchor_sizes, larger_inputs,
+                                               low_coverage_hint, resize_boxes, score_layout, suggest_anchors)
 from train_utils.model.builder import build_model
 from train_utils.model.config import ModelConfig
 from train_utils.vis.draw import class_colour, outline_pixels
@@ -165,21 +166,39 @@ def test_suggestion_raises_the_coverage_of_small_objects():
     assert len(after.layout.sizes) == 5 and len(after.layout.aspect_ratios) == 3
     [(min_sizes, max_size, larger)] = larger_inputs(images, config, anchors, True, factors=(2.0,))
     assert (min_sizes, max_size) == ((256,), 256) and larger.positive > after.positive + 0.2
-    assert low_coverage_hint(after) is None
+    assert low_coverage_hint(after, box_set) is None
 
 
 def test_low_coverage_hint_for_small_objects_on_a_coarse_map():
     """The same 10-24 px objects on MobileNetV2's stride-16 map: no sizes give most of them an
-    anchor of IoU 0.5 (centres 16 px apart), so training's auto prints where the fix lies."""
+    anchor of IoU 0.5 (centres 16 px apart), so auto names the stride as the cause."""
     config = ModelConfig(num_classes=2, backbone="mobilenet_v2", min_size=(128,), max_size=128,
                          backbone_options={"feature_stride": 16, "width_mult": 0.5})
     images = random_images(2, [(128, 128)] * 6, 30, side_range=(10.0, 24 / 128))
-    chosen = suggest_anchors(resize_boxes(images, (128,), 128), DetectorAnchors(config), search_ratios=False)
-    assert 0 < chosen.loose < 0.5
-    hint = low_coverage_hint(chosen)
-    assert hint is not None and "\n" not in hint
-    assert f"for only {chosen.loose:.1%} of the boxes" in hint and "feature stride 16:" in hint
-    assert "--min-size" in hint and "FPN" in hint
+    fit = fit_anchor_sizes(resize_boxes(images, (128,), 128), DetectorAnchors(config))
+    assert fit.chosen is not fit.current and fit.chosen.loose > fit.current.loose and 0 < fit.chosen.loose < 0.5
+    assert fit.hint is not None and "\n" not in fit.hint
+    assert f"for only {fit.chosen.loose:.1%} of the boxes: they are small" in fit.hint
+    assert "for the feature stride 16; a larger --min-size or an FPN backbone helps more" in fit.hint
+    assert describe_auto_anchors(fit).splitlines()[1] == fit.hint
+
+
+def test_auto_keeps_the_backbone_sizes_when_no_sizes_cover_more():
+    """Boxes of 114 x 19 px (1:6) on the FPN: no anchor of ratio 0.5-2 of any size reaches IoU 0.5,
+    so auto keeps the backbone's sizes (the search would otherwise return an arbitrary tie) and
+    blames the aspect ratios, not the stride."""
+    rng = np.random.default_rng(0)
+    images = []
+    for _ in range(4):
+        x, y = rng.uniform(0, 512 - 114, 20), rng.uniform(0, 512 - 19, 20)
+        images.append((512, 512, np.stack([x, y, x + 114, y + 19], 1), np.ones(20, dtype=np.int64)))
+    config = ModelConfig(num_classes=2, backbone="resnet50_fpn", min_size=(512,), max_size=512)
+    fit = fit_anchor_sizes(resize_boxes(images, (512,), 512), DetectorAnchors(config))
+    assert fit.chosen is fit.current and fit.current.loose == 0.0 and fit.count == 80
+    assert fit.hint.endswith("of the boxes: their shapes do not fit --aspect-ratios 0.5,1,2; "
+                             "tools/check_dataset.py --anchors suggests ratios that cover more")
+    assert describe_auto_anchors(fit).startswith(
+        "--anchor-sizes auto: no sizes cover more of the 80 training boxes than the backbone's 32,64,128,256,512 ")
 
 
 def test_check_dataset_anchors_report_and_plot(demo_voc, tmp_path, capsys):
@@ -218,16 +237,18 @@ def built_trainer(argv):
     return trainer
 
 
-def test_anchor_sizes_auto_in_training(demo_voc, tmp_path, capsys):
+def test_anchor_sizes_auto_in_training(demo_voc, tmp_path, capsys, monkeypatch):
     """The trainer puts the suggestion into the model config (what the checkpoint stores) and
     builds exactly the model the same sizes typed in give (same weights: the search leaves the
-    random state alone); 'auto' mixed with sizes, or outside training, is refused."""
+    random state alone) and prints the sizes and the low-coverage hint (forced here: the demo's
+    objects need none); 'auto' mixed with sizes, or outside training, is refused."""
     from train_mobilenet import DEFAULTS
     from train_utils.engine.args import parse_training_args
 
     flags = ["--data-path", str(demo_voc), "--classes-json", str(demo_voc / "classes.json"), "--output-dir",
              str(tmp_path), *TINY_COMMON_FLAGS, *MOBILENET_OPTIONS]
     position = flags.index("--anchor-sizes") + 1
+    monkeypatch.setattr(anchor_coverage, "LOW_COVERAGE", 1.01)
     trainer = built_trainer(flags[:position] + ["auto"] + flags[position + 1:])
     printed = capsys.readouterr().out
     config = ModelConfig.from_dict({**trainer.config.to_dict(), "anchor_sizes": None})
@@ -238,7 +259,10 @@ def test_anchor_sizes_auto_in_training(demo_voc, tmp_path, capsys):
     assert len(sizes) == 5 and all(b >= 1.35 * a for a, b in zip(sizes, sizes[1:])), sizes  # no near-duplicates
     assert trainer.model_without_ddp.rpn.anchor_generator.sizes == (sizes,)
     assert f"--anchor-sizes auto: {','.join(map(str, sizes))} (best anchor IoU >= 0.7 for " in printed
-    assert printed.count("--anchor-sizes auto:") == 1 + (low_coverage_hint(chosen) is not None)
+    hint = low_coverage_hint(chosen, box_set)
+    assert hint is not None and printed.count("--anchor-sizes auto:") == 2 and f"\n{hint}\n" in printed
+    monkeypatch.undo()
+    assert chosen.loose >= 0.5 and low_coverage_hint(chosen, box_set) is None
     typed = built_trainer(flags[:position] + [",".join(map(str, sizes))] + flags[position + 1:])
     assert typed.config == trainer.config
     for key, value in typed.model_without_ddp.state_dict().items():

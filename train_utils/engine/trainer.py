@@ -41,7 +41,7 @@ from train_utils.engine.lr_schedule import WarmupSchedule, build_scheduler
 from train_utils.engine.recipes import describe_recipe
 from train_utils.evaluation.coco_api import get_coco_api_from_dataset
 from train_utils.evaluation.loop import evaluate
-from train_utils.model.anchor_coverage import auto_anchor_sizes, low_coverage_hint, sizes_text
+from train_utils.model.anchor_coverage import auto_anchor_sizes, describe_auto_anchors
 from train_utils.model.builder import build_model, count_parameters, load_detector_weights
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
@@ -206,14 +206,9 @@ class Trainer:
         found = None
         if self.is_main:
             try:
-                current, chosen, count = auto_anchor_sizes(self.train_set, model_config_from_args(args, 2))
-                found = list(chosen.layout.sizes), None
-                print(f"--anchor-sizes auto: {sizes_text(chosen.layout)} (best anchor IoU >= 0.7 for "
-                      f"{chosen.positive:.1%} of the {count} training boxes, >= 0.5 for {chosen.loose:.1%}; "
-                      f"the backbone's {sizes_text(current.layout)}: {current.positive:.1%}, {current.loose:.1%})")
-                hint = low_coverage_hint(chosen)
-                if hint:
-                    print(hint)
+                fit = auto_anchor_sizes(self.train_set, model_config_from_args(args, 2))
+                found = list(fit.chosen.layout.sizes), None
+                print(describe_auto_anchors(fit))
             except ValueError as exc:
                 found = None, exc
         sizes, error = dist_utils.broadcast_object(found)

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Callable, Optional, Sequence
+from typing import Callable, NamedTuple, Optional, Sequence
 
 import numpy as np
 import torch
@@ -37,8 +37,8 @@ SEARCH_BOXES = 100_000  # boxes the suggestion search looks at (a fixed random s
 # search packs near-equal sizes onto the split's few box sizes; a spread set also serves the sizes
 # the split has few of (zoom-out augmentation, other images), as the usual factor-2 sets do.
 MIN_SIZE_STEP = 1.35
-# Below this share of boxes at IoU >= 0.5 even the best sizes leave most objects to the RPN's
-# low-quality matches: the objects are small for the stride, which anchor sizes cannot change.
+# Below this share of boxes at IoU >= 0.5 the chosen sizes leave most objects to the RPN's
+# low-quality matches: the cause lies elsewhere (objects small for the stride, or odd shapes).
 LOW_COVERAGE = 0.5
 
 ImageBoxes = tuple[int, int, np.ndarray, np.ndarray]  # (height, width, boxes [n, 4] xyxy, labels [n])
@@ -362,22 +362,63 @@ def larger_inputs(images: Sequence[ImageBoxes], config: ModelConfig, anchors: De
     return found
 
 
-def auto_anchor_sizes(dataset, config: ModelConfig) -> tuple[Scored, Scored, int]:
-    """``--anchor-sizes auto``: (the detector's anchors scored, the suggested sizes with the
-    config's aspect ratios, the number of boxes) on ``dataset`` (the training split)."""
-    anchors = DetectorAnchors(config)
+class AutoAnchors(NamedTuple):
+    """What ``--anchor-sizes auto`` found: the config's anchors scored; the chosen ones (the
+    suggested sizes with the config's aspect ratios, or the config's own when those cover no
+    more boxes); the number of boxes; a hint when even the chosen anchors miss most boxes."""
+
+    current: Scored
+    chosen: Scored
+    count: int
+    hint: Optional[str]
+
+
+def fit_anchor_sizes(box_set: BoxSet, anchors: DetectorAnchors) -> AutoAnchors:
+    """The sizes ``--anchor-sizes auto`` trains with, for the boxes ``box_set`` (resized)."""
+    current = score_layout(box_set, anchors.default)
+    suggested = suggest_anchors(box_set, anchors, search_ratios=False)
+    chosen = suggested if suggested.key > current.key else current
+    return AutoAnchors(current, chosen, len(box_set), low_coverage_hint(chosen, box_set))
+
+
+def auto_anchor_sizes(dataset, config: ModelConfig) -> AutoAnchors:
+    """:func:`fit_anchor_sizes` on ``dataset`` (the training split) resized as ``config`` resizes."""
     box_set = resize_boxes(dataset_boxes(dataset), config.min_size, config.max_size)
     if not len(box_set):
         raise ValueError("--anchor-sizes auto: the training split holds no boxes to fit anchors to")
-    return score_layout(box_set, anchors.default), suggest_anchors(box_set, anchors, search_ratios=False), len(box_set)
+    return fit_anchor_sizes(box_set, DetectorAnchors(config))
 
 
-def low_coverage_hint(chosen: Scored) -> Optional[str]:
-    """A one-line hint when even the suggested anchors miss most boxes, else None."""
+def describe_auto_anchors(fit: AutoAnchors) -> str:
+    """The lines training prints for ``--anchor-sizes auto``: the sizes, their coverage against the
+    backbone's, and the hint if any."""
+    chosen, current = fit.chosen, fit.current
+    if chosen is current:
+        text = (f"--anchor-sizes auto: no sizes cover more of the {fit.count} training boxes than the backbone's "
+                f"{sizes_text(current.layout)} (best anchor IoU >= 0.7 for {current.positive:.1%}, >= 0.5 for "
+                f"{current.loose:.1%}): keeping them")
+    else:
+        text = (f"--anchor-sizes auto: {sizes_text(chosen.layout)} (best anchor IoU >= 0.7 for {chosen.positive:.1%} "
+                f"of the {fit.count} training boxes, >= 0.5 for {chosen.loose:.1%}; the backbone's "
+                f"{sizes_text(current.layout)}: {current.positive:.1%}, {current.loose:.1%})")
+    return text if fit.hint is None else f"{text}\n{fit.hint}"
+
+
+def low_coverage_hint(chosen: Scored, box_set: BoxSet) -> Optional[str]:
+    """A one-line hint when ``chosen`` reaches IoU 0.5 for fewer than LOW_COVERAGE of the boxes,
+    naming the likely cause: boxes small for the finest stride (median side under two strides),
+    else box shapes the aspect ratios do not fit; None when coverage is fine."""
     if chosen.loose >= LOW_COVERAGE:
         return None
-    strides = ",".join(str(s) for s in chosen.layout.strides)
-    return (f"--anchor-sizes auto: even these anchors reach IoU >= {LOOSE_IOU} for only {chosen.loose:.1%} of "
-            f"the boxes, which are small for the feature stride {strides}: a larger --min-size "
-            "(tools/check_dataset.py --anchors suggests one) or an FPN backbone helps more; compare a run "
-            "with the default anchors before keeping these")
+    widths, heights = box_set.boxes[:, 2] - box_set.boxes[:, 0], box_set.boxes[:, 3] - box_set.boxes[:, 1]
+    side, stride = float(np.median(np.sqrt(widths * heights))), min(chosen.layout.strides)
+    start = (f"--anchor-sizes auto: the chosen anchors reach IoU >= {LOOSE_IOU} for only {chosen.loose:.1%} of "
+             "the boxes: ")
+    if side >= 2 * stride:
+        ratios = ",".join(f"{r:g}" for r in chosen.layout.aspect_ratios)
+        return start + (f"their shapes do not fit --aspect-ratios {ratios}; tools/check_dataset.py --anchors "
+                        "suggests ratios that cover more")
+    fpn = " or an FPN backbone" if len(chosen.layout.strides) == 1 else ""
+    return start + (f"they are small (median side {side:.0f} px after resizing) for the feature stride {stride}; "
+                    f"a larger --min-size{fpn} helps more (tools/check_dataset.py --anchors suggests a size), "
+                    "and compare a run with the default anchors before keeping these")
