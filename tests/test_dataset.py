@@ -392,10 +392,12 @@ def test_demo_generator_is_deterministic_and_loads(tmp_path):
     assert counts == {name: stats[name] for name in counts}
 
 
-def test_demo_recipe_sets_object_sizes_counts_and_colours():
+def test_demo_recipe_sets_object_sizes_counts_and_colours(capsys, monkeypatch):
     demo = load_demo_module()
     dense = demo.Recipe(size_range=(0.10, 0.15), objects=(5, 6))
-    assert dense.small_probability == 0.0  # no 10-14% "small" objects among 10-15% ones
+    assert dense.small_chance == 0.0  # no 10-14% "small" objects among 10-15% ones
+    assert demo.Recipe().small_chance == demo.SMALL_PROBABILITY
+    assert demo.Recipe(size_range=(0.10, 0.15), small_probability=0.5).small_chance == 0.5  # asked for: kept
     images = [demo.draw_image(7, i, 128, dense)[1] for i in range(20)]
     assert {len(objects) for objects in images} <= {0, 5, 6} and sum(map(len, images)) >= 5 * 18
     sides = [max(o.box[2] - o.box[0], o.box[3] - o.box[1]) for objects in images for o in objects
@@ -413,9 +415,20 @@ def test_demo_recipe_sets_object_sizes_counts_and_colours():
 
     assert max(circle_hues(demo.Recipe())) <= 0.05 + 0.01  # red family (rounded to whole RGB)
     assert max(circle_hues(demo.Recipe(one_colour=True))) > 0.2
-    for bad in ({"size_range": (0.5, 0.2)}, {"size_range": (0.0, 0.2)}, {"objects": (3, 2)}):
-        with pytest.raises(ValueError, match="make_demo_voc"):
-            demo.Recipe(**bad)
+    bad = [({"size_range": (0.5, 0.2)}, "--object-size LOW HIGH must satisfy 0 < LOW <= HIGH <= 1, got 0.5 0.2"),
+           ({"size_range": (0.0, 0.2)}, "--object-size LOW HIGH must satisfy 0 < LOW <= HIGH <= 1, got 0 0.2"),
+           ({"objects": (3, 2)}, "--objects LOW HIGH must satisfy 1 <= LOW <= HIGH, got 3 2"),
+           ({"objects": (0, 2)}, "--objects LOW HIGH must satisfy 1 <= LOW <= HIGH, got 0 2"),
+           ({"small_probability": 1.5}, "the small-object probability must lie in [0, 1], got 1.5")]
+    for kwargs, message in bad:
+        with pytest.raises(ValueError) as raised:
+            demo.Recipe(**kwargs)
+        assert str(raised.value) == message
+    monkeypatch.setattr(sys, "argv", ["make_demo_voc.py", "--objects", "3", "2"])
+    with pytest.raises(SystemExit):
+        demo.main()
+    assert capsys.readouterr().err.splitlines()[-1] == (
+        "make_demo_voc.py: error: --objects LOW HIGH must satisfy 1 <= LOW <= HIGH, got 3 2")
 
 
 def test_demo_boxes_are_tight_around_visible_pixels():

@@ -15,8 +15,9 @@ Each image is drawn from its own generator seeded with (seed, index), so the out
 byte-identical for the same arguments.
 
 ``--object-size``, ``--objects`` and ``--one-colour`` make harder sets (a :class:`Recipe`): e.g.
-``--object-size 0.04 0.08 --objects 8 20`` gives 8-20 objects of 4-8% of the side per image, the
-small-object set of the README's anchor experiments.
+``--object-size 0.04 0.08 --objects 8 20`` asks for 8-20 objects of 4-8% of the side per image
+(fewer where a placement would hide an earlier object too much), the small-object set of the
+README's anchor experiments.
 """
 from __future__ import annotations
 
@@ -27,6 +28,8 @@ import json
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Optional
+
 import numpy as np
 from PIL import Image, ImageDraw
 
@@ -46,23 +49,32 @@ JPEG_QUALITY = 90
 
 @dataclass(frozen=True)
 class Recipe:
-    """How the objects look: side as a fraction of the image side (low, high); objects per
-    non-empty image (both ends included); the chance of a small difficult object (only with the
-    default sizes); ``one_colour``: every class drawn in any hue, told apart by shape alone."""
+    """How the objects look: side as a fraction of the image side (low, high); objects asked for
+    per non-empty image (both ends included; fewer where a placement would hide an earlier object
+    too much); the chance of a small difficult object (None: SMALL_PROBABILITY with the default
+    sizes, else none); ``one_colour``: every class drawn in any hue, told apart by shape alone.
+    The size and count messages name their command-line flags."""
 
     size_range: tuple[float, float] = SIZE_RANGE
     objects: tuple[int, int] = OBJECTS_RANGE
-    small_probability: float = SMALL_PROBABILITY
+    small_probability: Optional[float] = None
     one_colour: bool = False
 
     def __post_init__(self) -> None:
         low, high = self.size_range
         if not 0 < low <= high <= 1:
-            raise ValueError(f"make_demo_voc: object sizes must satisfy 0 < low <= high <= 1, got {low}, {high}")
-        if not 0 <= self.objects[0] <= self.objects[1]:
-            raise ValueError(f"make_demo_voc: object counts must satisfy 0 <= low <= high, got {self.objects}")
-        if self.size_range != SIZE_RANGE:
-            object.__setattr__(self, "small_probability", 0.0)
+            raise ValueError(f"--object-size LOW HIGH must satisfy 0 < LOW <= HIGH <= 1, got {low:g} {high:g}")
+        low, high = self.objects
+        if not 1 <= low <= high:
+            raise ValueError(f"--objects LOW HIGH must satisfy 1 <= LOW <= HIGH, got {low} {high}")
+        if self.small_probability is not None and not 0 <= self.small_probability <= 1:
+            raise ValueError(f"the small-object probability must lie in [0, 1], got {self.small_probability:g}")
+
+    @property
+    def small_chance(self) -> float:
+        if self.small_probability is not None:
+            return self.small_probability
+        return SMALL_PROBABILITY if self.size_range == SIZE_RANGE else 0.0
 
     def hue_range(self, name: str) -> tuple[float, float]:
         return (0.0, 1.0) if self.one_colour else HUE_RANGES[name]
@@ -122,7 +134,7 @@ def _shape_mask(rng: np.random.Generator, name: str, size: int, x0: float, y0: f
 
 def _sample_mask(rng: np.random.Generator, name: str, size: int, recipe: Recipe) -> tuple[np.ndarray, bool, bool]:
     """(bool [size, size] mask, cut by the border, small) for one random placement."""
-    small = rng.random() < recipe.small_probability
+    small = rng.random() < recipe.small_chance
     side = size * rng.uniform(*(SMALL_SIZE_RANGE if small else recipe.size_range))
     if rng.random() < BORDER_PROBABILITY:  # up to 30% of the side may stick out
         low, high = -0.3 * side, size - 0.7 * side
@@ -236,8 +248,9 @@ def main() -> None:
                         help="object side as a fraction of the image side (other than the default: no "
                              "small difficult objects)")
     parser.add_argument("--objects", type=int, nargs=2, default=OBJECTS_RANGE, metavar=("LOW", "HIGH"),
-                        help="objects per non-empty image")
-    parser.add_argument("--one-colour", action="store_true", help="any hue for every class: shapes told apart by shape alone")
+                        help="objects asked for per non-empty image (fewer where they do not fit)")
+    parser.add_argument("--one-colour", action="store_true",
+                        help="any hue for every class: classes told apart by shape alone")
     args = parser.parse_args()
     if args.num_images < 2 or args.size < 32:
         parser.error(f"--num-images must be at least 2 and --size at least 32, got {args.num_images} and {args.size}")
