@@ -163,7 +163,7 @@ def draw_evaluation(
     """A copy of ``image`` (RGB) with ground truth and predictions told apart.
 
     Ground truth [G, 4] xyxy: dashed black-and-white outlines (ignored objects: dotted
-    black-and-grey, which shows on light backgrounds as well as dark ones), with a
+    grey-and-black, which shows on light backgrounds as well as dark ones), with a
     white label under the box when ``gt_texts`` has one (e.g. "missed circle"). Predictions [D, 4]
     xyxy: solid outlines in their class colour (``det_labels`` [D], see :func:`class_colour`) with
     ``det_texts`` (e.g. "circle 0.91 Loc") above. The image and boxes are first enlarged to

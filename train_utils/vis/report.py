@@ -435,9 +435,9 @@ def render_html(data: Mapping[str, Any], training: Sequence[str]) -> str:
         _tide_section(data),
         "<h2 id='coco'>COCO numbers</h2>" + _table(["metric", "value"], stats),
         f"<h2 id='images'>Worst images</h2><p class='note'>Lowest F1 at score &gt;= {data['score_threshold']:.3f}. "
-        "Dashed black-and-white: ground truth (dotted grey: difficult/crowd, ignored); solid: predictions in their "
-        "class colour, wrong ones labelled with their TIDE type; &quot;not found&quot;: an object no "
-        "detection of its class finds (&quot;missed&quot;: no detection even comes near it).</p>"
+        "Dashed black-and-white: ground truth (dotted grey-and-black: difficult/crowd, ignored); solid: "
+        "predictions in their class colour, wrong ones labelled with their TIDE type; &quot;not found&quot;: "
+        "an object no detection of its class finds (&quot;missed&quot;: no detection even comes near it).</p>"
         + _figures(data["images"]["worst"]),
         "<h2>Best images</h2>" + _figures(data["images"]["best"]),
     ]
