@@ -176,7 +176,8 @@ def test_low_coverage_hint_for_small_objects_on_a_coarse_map():
                          backbone_options={"feature_stride": 16, "width_mult": 0.5})
     images = random_images(2, [(128, 128)] * 6, 30, side_range=(10.0, 24 / 128))
     fit = fit_anchor_sizes(resize_boxes(images, (128,), 128), DetectorAnchors(config))
-    assert fit.chosen is not fit.current and fit.chosen.loose > fit.current.loose and 0 < fit.chosen.loose < 0.5
+    assert fit.chosen.layout.sizes != fit.current.layout.sizes
+    assert fit.chosen.loose > fit.current.loose and 0 < fit.chosen.loose < 0.5
     assert fit.hint is not None and "\n" not in fit.hint
     assert f"for only {fit.chosen.loose:.1%} of the boxes: they are small" in fit.hint
     assert "for the feature stride 16; a larger --min-size or an FPN backbone helps more" in fit.hint
@@ -185,8 +186,8 @@ def test_low_coverage_hint_for_small_objects_on_a_coarse_map():
 
 def test_auto_keeps_the_backbone_sizes_when_no_sizes_cover_more():
     """Boxes of 114 x 19 px (1:6) on the FPN: no anchor of ratio 0.5-2 of any size reaches IoU 0.5,
-    so auto keeps the backbone's sizes (the search would otherwise return an arbitrary tie) and
-    blames the aspect ratios, not the stride."""
+    so the suggestion keeps the backbone's sizes (the search would otherwise return an arbitrary
+    tie) and auto blames the aspect ratios, not the stride."""
     rng = np.random.default_rng(0)
     images = []
     for _ in range(4):
@@ -194,7 +195,9 @@ def test_auto_keeps_the_backbone_sizes_when_no_sizes_cover_more():
         images.append((512, 512, np.stack([x, y, x + 114, y + 19], 1), np.ones(20, dtype=np.int64)))
     config = ModelConfig(num_classes=2, backbone="resnet50_fpn", min_size=(512,), max_size=512)
     fit = fit_anchor_sizes(resize_boxes(images, (512,), 512), DetectorAnchors(config))
-    assert fit.chosen is fit.current and fit.current.loose == 0.0 and fit.count == 80
+    assert fit.chosen.layout.sizes == fit.current.layout.sizes == (32, 64, 128, 256, 512)
+    assert (fit.chosen.positive, fit.chosen.loose) == (fit.current.positive, fit.current.loose) == (0.0, 0.0)
+    assert fit.count == 80
     assert fit.hint.endswith("of the boxes: their shapes do not fit --aspect-ratios 0.5,1,2; "
                              "tools/check_dataset.py --anchors suggests ratios that cover more")
     assert describe_auto_anchors(fit).startswith(

@@ -66,6 +66,11 @@ class BoxSet:
         """(widths [N], heights [N])."""
         return self.boxes[:, 2] - self.boxes[:, 0], self.boxes[:, 3] - self.boxes[:, 1]
 
+    def scales(self) -> np.ndarray:
+        """[N] sqrt(w * h): the size of each box, as anchor sizes are given."""
+        widths, heights = self.sides()
+        return np.sqrt(widths * heights)
+
 
 def dataset_boxes(dataset) -> list[ImageBoxes]:
     """(height, width, boxes, labels) of every image of a DetectionDataSet; no image is read."""
@@ -194,10 +199,14 @@ def sizes_text(layout: AnchorLayout) -> str:
     return ",".join(str(s) for s in layout.sizes)
 
 
+def ratios_text(layout: AnchorLayout) -> str:
+    """``0.5,1,2``: the aspect ratios as --aspect-ratios takes them."""
+    return ",".join(f"{r:g}" for r in layout.aspect_ratios)
+
+
 def describe_layout(layout: AnchorLayout) -> str:
     """``--anchor-sizes 32,64 --aspect-ratios 0.5,1,2``: the flags of a layout."""
-    ratios = ",".join(f"{r:g}" for r in layout.aspect_ratios)
-    return f"--anchor-sizes {sizes_text(layout)} --aspect-ratios {ratios}"
+    return f"--anchor-sizes {sizes_text(layout)} --aspect-ratios {ratios_text(layout)}"
 
 
 # ---------------------------------------------------------------------------- suggestions
@@ -290,8 +299,7 @@ def _size_candidates(box_set: BoxSet, start: Sequence[int], single_map: bool) ->
     and k-means of the log sizes (those with sizes too close are dropped)."""
     candidates = [_int_sizes([s * 2 ** (k / 4) for s in start], single_map) for k in range(-12, 9)]
     if single_map:
-        widths, heights = box_set.sides()
-        logs, n = np.log(np.sqrt(widths * heights)), len(start)
+        logs, n = np.log(box_set.scales()), len(start)
         for low in (0.02, 0.05, 0.1, 0.2):
             ends = np.quantile(logs, [low, 1 - low]) if n > 1 else np.quantile(logs, [0.5, 0.5])
             candidates.append(_int_sizes(np.exp(np.linspace(ends[0], ends[1], n)), single_map))
@@ -316,7 +324,9 @@ def suggest_anchors(box_set: BoxSet, anchors: DetectorAnchors, search_ratios: bo
                     start: Optional[AnchorLayout] = None) -> Scored:
     """Anchors (as many sizes and ratios as ``start``, default: the detector's) covering the boxes
     best: the best of the candidate size sets, refined one size at a time; with ``search_ratios``
-    the same for the ratios, then the sizes again. Scored on every box of ``box_set``."""
+    the same for the ratios, then the sizes again; ``start`` itself unless that covers more boxes
+    (where no box reaches IoU 0.5 every candidate ties, and an arbitrary one would be returned).
+    Scored on every box of ``box_set``."""
     start = start or anchors.default
     single_map = len(anchors.strides) == 1
     search = _Search(box_set, anchors)
@@ -344,6 +354,8 @@ def suggest_anchors(box_set: BoxSet, anchors: DetectorAnchors, search_ratios: bo
         best = search.best([(best.layout.sizes, r) for r in _ratio_candidates(search.box_set, ratios)] +
                            [(best.layout.sizes, best.layout.aspect_ratios)])
         best = search.refine(search.refine(best, move_ratio), move_size)
+    if best.key <= search.score(start.sizes, start.aspect_ratios).key:
+        best = search.score(start.sizes, start.aspect_ratios)
     return score_layout(box_set, best.layout)
 
 
@@ -363,9 +375,9 @@ def larger_inputs(images: Sequence[ImageBoxes], config: ModelConfig, anchors: De
 
 
 class AutoAnchors(NamedTuple):
-    """What ``--anchor-sizes auto`` found: the config's anchors scored; the chosen ones (the
-    suggested sizes with the config's aspect ratios, or the config's own when those cover no
-    more boxes); the number of boxes; a hint when even the chosen anchors miss most boxes."""
+    """What ``--anchor-sizes auto`` found: the config's anchors scored; the suggested sizes with
+    the config's aspect ratios (the config's own when no sizes cover more boxes); the number of
+    boxes; a hint when even the chosen anchors miss most boxes."""
 
     current: Scored
     chosen: Scored
@@ -376,8 +388,7 @@ class AutoAnchors(NamedTuple):
 def fit_anchor_sizes(box_set: BoxSet, anchors: DetectorAnchors) -> AutoAnchors:
     """The sizes ``--anchor-sizes auto`` trains with, for the boxes ``box_set`` (resized)."""
     current = score_layout(box_set, anchors.default)
-    suggested = suggest_anchors(box_set, anchors, search_ratios=False)
-    chosen = suggested if suggested.key > current.key else current
+    chosen = suggest_anchors(box_set, anchors, search_ratios=False)
     return AutoAnchors(current, chosen, len(box_set), low_coverage_hint(chosen, box_set))
 
 
@@ -393,14 +404,14 @@ def describe_auto_anchors(fit: AutoAnchors) -> str:
     """The lines training prints for ``--anchor-sizes auto``: the sizes, their coverage against the
     backbone's, and the hint if any."""
     chosen, current = fit.chosen, fit.current
-    if chosen is current:
+    if chosen.layout.sizes == current.layout.sizes:
         text = (f"--anchor-sizes auto: no sizes cover more of the {fit.count} training boxes than the backbone's "
-                f"{sizes_text(current.layout)} (best anchor IoU >= 0.7 for {current.positive:.1%}, >= 0.5 for "
-                f"{current.loose:.1%}): keeping them")
+                f"{sizes_text(current.layout)} (best anchor IoU >= {POSITIVE_IOU} for {current.positive:.1%}, "
+                f">= {LOOSE_IOU} for {current.loose:.1%}): keeping them")
     else:
-        text = (f"--anchor-sizes auto: {sizes_text(chosen.layout)} (best anchor IoU >= 0.7 for {chosen.positive:.1%} "
-                f"of the {fit.count} training boxes, >= 0.5 for {chosen.loose:.1%}; the backbone's "
-                f"{sizes_text(current.layout)}: {current.positive:.1%}, {current.loose:.1%})")
+        text = (f"--anchor-sizes auto: {sizes_text(chosen.layout)} (best anchor IoU >= {POSITIVE_IOU} for "
+                f"{chosen.positive:.1%} of the {fit.count} training boxes, >= {LOOSE_IOU} for {chosen.loose:.1%}; "
+                f"the backbone's {sizes_text(current.layout)}: {current.positive:.1%}, {current.loose:.1%})")
     return text if fit.hint is None else f"{text}\n{fit.hint}"
 
 
@@ -410,14 +421,12 @@ def low_coverage_hint(chosen: Scored, box_set: BoxSet) -> Optional[str]:
     else box shapes the aspect ratios do not fit; None when coverage is fine."""
     if chosen.loose >= LOW_COVERAGE:
         return None
-    widths, heights = box_set.boxes[:, 2] - box_set.boxes[:, 0], box_set.boxes[:, 3] - box_set.boxes[:, 1]
-    side, stride = float(np.median(np.sqrt(widths * heights))), min(chosen.layout.strides)
+    side, stride = float(np.median(box_set.scales())), min(chosen.layout.strides)
     start = (f"--anchor-sizes auto: the chosen anchors reach IoU >= {LOOSE_IOU} for only {chosen.loose:.1%} of "
              "the boxes: ")
     if side >= 2 * stride:
-        ratios = ",".join(f"{r:g}" for r in chosen.layout.aspect_ratios)
-        return start + (f"their shapes do not fit --aspect-ratios {ratios}; tools/check_dataset.py --anchors "
-                        "suggests ratios that cover more")
+        return start + (f"their shapes do not fit --aspect-ratios {ratios_text(chosen.layout)}; "
+                        "tools/check_dataset.py --anchors suggests ratios that cover more")
     fpn = " or an FPN backbone" if len(chosen.layout.strides) == 1 else ""
     return start + (f"they are small (median side {side:.0f} px after resizing) for the feature stride {stride}; "
                     f"a larger --min-size{fpn} helps more (tools/check_dataset.py --anchors suggests a size), "

@@ -28,7 +28,7 @@ def plot_anchor_coverage(box_set: BoxSet, layouts: Sequence[AnchorLayout], best:
     share of boxes whose best anchor reaches IoU 0.7 (solid) and 0.5 (dashed) in 12 size bins.
     ``best[i]`` [N]: each box's best IoU under ``layouts[i]``, named ``labels[i]``."""
     widths, heights = box_set.sides()
-    sizes, ratios = np.sqrt(widths * heights), heights / widths
+    sizes, ratios = box_set.scales(), heights / widths
     fig, (ax_size, ax_ratio, ax_cover) = plt.subplots(1, 3, figsize=(15, 4.2))
     ax_size.hist(sizes, bins=_log_bins(sizes), color="tab:blue", alpha=0.6)
     ax_ratio.hist(ratios, bins=_log_bins(ratios), color="tab:blue", alpha=0.6)
