@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from network_files import fast_path
+from network_files.ops import fast_path
 
 from .frozen_bn import FrozenBatchNorm2d
 

@@ -8,8 +8,8 @@ from typing import Optional
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from network_files import fast_path
-from network_files.sparse_grad_conv import sparse_grad_conv2d
+from network_files.ops import fast_path
+from network_files.ops.sparse_grad_conv import sparse_grad_conv2d
 
 
 class IntermediateLayerGetter(nn.ModuleDict):

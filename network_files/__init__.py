@@ -1,8 +1,8 @@
 """Faster R-CNN network: transform, RPN, RoI heads and the model that ties them together."""
 from .faster_rcnn_framework import FasterRCNN, FasterRCNNBase, FastRCNNPredictor, TwoMLPHead
-from . import fast_path
+from .ops import fast_path
 from .image_list import ImageList
-from .poolers import MultiScaleRoIAlign, MultiScaleRoIPool
+from .ops.poolers import MultiScaleRoIAlign, MultiScaleRoIPool
 from .roi_head import RoIHeads, fastrcnn_loss
 from .rpn_function import AnchorsGenerator, RegionProposalNetwork, RPNHead
 from .transform import GeneralizedRCNNTransform

@@ -5,12 +5,12 @@ from typing import Dict, List, Optional, Sequence, Tuple, Union
 import torch
 from torch import Tensor, nn
 
-from . import fast_path
+from .ops import fast_path
 from .box_head import FastRCNNPredictor, TwoMLPHead
-from .poolers import MultiScaleRoIAlign
+from .ops.poolers import MultiScaleRoIAlign
 from .roi_head import RoIHeads
 from .rpn_function import AnchorsGenerator, RegionProposalNetwork, RPNHead
-from .tracing import Size
+from .ops.tracing import Size
 from .transform import GeneralizedRCNNTransform
 
 Targets = List[Dict[str, Tensor]]

@@ -5,10 +5,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from . import boxes as box_ops
+from .ops import boxes as box_ops
 from . import det_utils
 from .box_head import TwoMLPHead
-from .poolers import MultiScaleRoIAlign
+from .ops.poolers import MultiScaleRoIAlign
 
 
 def fastrcnn_loss(

@@ -5,11 +5,12 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from . import boxes as box_ops
-from . import det_utils, fast_path
+from .ops import boxes as box_ops
+from . import det_utils
+from .ops import fast_path
 from .image_list import ImageList
-from .sparse_grad_conv import sparse_grad_conv2d
-from .tracing import is_tracing
+from .ops.sparse_grad_conv import sparse_grad_conv2d
+from .ops.tracing import is_tracing
 
 
 class AnchorsGenerator(nn.Module):

@@ -7,7 +7,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .image_list import ImageList
-from .tracing import Size, is_tracing, size_tensor
+from .ops.tracing import Size, is_tracing, size_tensor
 
 
 def resize_boxes(boxes: Tensor, original_size: Sequence[Size], new_size: Sequence[Size]) -> Tensor:

@@ -20,7 +20,7 @@ def reference_arithmetic():
     """Run a test with the inference fast path off (no BatchNorm folding): the model performs
     exactly torchvision's operations, for strict parity checks. tests/test_fast_path.py compares
     the fast path with this reference."""
-    from network_files import fast_path
+    from network_files.ops import fast_path
 
     with fast_path.reference_mode():
         yield

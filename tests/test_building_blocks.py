@@ -7,7 +7,7 @@ import torch
 from torch import Tensor
 
 from network_files import AnchorsGenerator, GeneralizedRCNNTransform, ImageList, fastrcnn_loss
-from network_files import boxes as box_ops
+from network_files.ops import boxes as box_ops
 from network_files.det_utils import BalancedPositiveNegativeSampler, BoxCoder, Matcher
 
 MEAN = [0.485, 0.456, 0.406]

@@ -374,7 +374,7 @@ def test_r50_fpn_ours_and_torchvision_on_cuda():
     """ResNet50-FPN, ours and torchvision's with the same weights (tools/benchmark.py), on CUDA:
     same losses and detections within tolerance, and the time of a training step and of an
     inference, printed (no timing is asserted)."""
-    from network_files import fast_path
+    from network_files.ops import fast_path
     from tools.benchmark import VOC_SIZE, build_pair, infer_step, make_inputs, train_step
 
     device = torch.device("cuda")

@@ -484,7 +484,7 @@ def test_prune_and_link_checkpoints(tmp_path, monkeypatch):
 def _share(rank: int, port: int, result_dir: str) -> None:
     import torch.distributed as dist
 
-    from train_utils.engine import distributed as dist_utils
+    from train_utils import distributed as dist_utils
 
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE="2",
                       LOCAL_RANK=str(rank))
@@ -592,6 +592,6 @@ def test_a_non_finite_loss_names_the_terms_and_images_before_any_update():
     ("mat1 and mat2 shapes cannot be multiplied (4x3 and 4x5)", False),
 ])
 def test_which_errors_mean_a_lost_peer(message, peer):
-    from train_utils.engine.distributed import mentions_peer_failure
+    from train_utils.distributed import mentions_peer_failure
 
     assert mentions_peer_failure(message) is peer

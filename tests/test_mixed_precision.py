@@ -15,7 +15,7 @@ from network_files.det_utils import BoxCoder
 from network_files.image_list import ImageList
 from train_utils.device import amp_dtype
 from train_utils.engine.args import build_parser, parse
-from train_utils.engine.distributed import cuda_index
+from train_utils.distributed import cuda_index
 
 FPN_SIZES = ((32,), (64,), (128,), (256,), (512,))
 

@@ -14,8 +14,8 @@ import predict
 from backbone import FrozenBatchNorm2d
 from backbone.mobilenetv2_model import InvertedResidual
 from backbone.resnet50_fpn_model import Bottleneck
-from network_files import fast_path
-from network_files.tracing import size_tensor
+from network_files.ops import fast_path
+from network_files.ops.tracing import size_tensor
 from network_files.transform import GeneralizedRCNNTransform
 from tools import export_onnx as export_tool
 from train_utils.checkpoint import read_checkpoint

@@ -344,7 +344,7 @@ def test_losses_and_gradients_with_autograd_match_torchvision(pair, fast, reques
     the order of the float arithmetic, which these random 50-layer networks amplify (float32: the
     classifier loss moves by 2e-4 relative), so that comparison runs in float64, where any
     difference in the computation itself would show far above the tolerances."""
-    from network_files import fast_path, roi_align as roi_align_module, sparse_grad_conv
+    from network_files.ops import fast_path, roi_align as roi_align_module, sparse_grad_conv
 
     fused_calls, sparse_calls, layouts = [], [], []
     original = roi_align_module._SparsePoolLinear.apply

@@ -7,8 +7,8 @@ import torch
 import torchvision
 from torch import Tensor
 
-from network_files import roi_align as roi_align_module
-from network_files.poolers import MultiScaleRoIAlign, map_levels
+from network_files.ops import roi_align as roi_align_module
+from network_files.ops.poolers import MultiScaleRoIAlign, map_levels
 
 
 def roi_align(
@@ -389,7 +389,7 @@ def test_pooling_in_chunks_of_few_rois_matches_torchvision(monkeypatch):
 def test_scale_inference_uses_the_longer_side():
     """A 10x1000 image resized to 1x192 and padded to 32x192 has a stride-16 map of 2x12: its
     height would say scale 2, its width says the true 1/16."""
-    from network_files.poolers import infer_scale
+    from network_files.ops.poolers import infer_scale
 
     assert infer_scale(torch.zeros(1, 8, 2, 12), (1, 192)) == 1 / 16
     assert infer_scale(torch.zeros(1, 8, 12, 2), (192, 1)) == 1 / 16

@@ -4,8 +4,8 @@ import pytest
 import torch
 from torch import nn
 
-from network_files import fast_path, sparse_grad_conv
-from network_files.sparse_grad_conv import sparse_grad_conv2d
+from network_files.ops import fast_path, sparse_grad_conv
+from network_files.ops.sparse_grad_conv import sparse_grad_conv2d
 
 
 def dense_and_sparse_gradients(conv: nn.Conv2d, x: torch.Tensor, density: float, seed: int = 0):

@@ -1,2 +1,2 @@
-"""The training engine: command-line flags, the Trainer and its steps, one epoch, schedules,
-distributed helpers and the run log."""
+"""The training engine: command-line flags, the Trainer and its steps, one epoch, schedules and
+the run log."""

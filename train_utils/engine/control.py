@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from types import FrameType
 from typing import Dict, Optional
 
-from train_utils.engine import distributed as dist_utils
+from train_utils import distributed as dist_utils
 
 STOP_SIGNALS = tuple(getattr(signal, name) for name in ("SIGTERM", "SIGINT", "SIGUSR1") if hasattr(signal, name))
 DEFAULT_CHECKPOINT_EVERY = "15m"

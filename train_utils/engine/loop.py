@@ -6,7 +6,7 @@ from typing import Any, Callable, Dict, List, Optional
 import torch
 from torch import nn
 
-from train_utils.engine import distributed as dist_utils
+from train_utils import distributed as dist_utils
 from train_utils.device import autocast_context, move_to_device
 from train_utils.progress import Progress
 

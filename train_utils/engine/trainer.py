@@ -30,7 +30,7 @@ from train_utils.data.samplers import (GroupedBatchSampler, ResumableBatches, Se
                                        create_aspect_ratio_groups)
 from train_utils.data.transforms import get_transforms
 from train_utils.device import amp_dtype, resolve_device
-from train_utils.engine import distributed as dist_utils
+from train_utils import distributed as dist_utils
 from train_utils.engine import rng
 from train_utils.engine.control import (CheckpointEvery, ImmediateStop, RunControl, StopSignals, TrainingStopped,
                                         ignore_stop_signals)

@@ -21,7 +21,7 @@ import torch
 from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
 
-from train_utils.engine.distributed import gather_objects, gather_to_rank0, get_rank, get_world_size
+from train_utils.distributed import gather_objects, gather_to_rank0, get_rank, get_world_size
 
 Detections = dict[int, list[dict]]  # image id -> detections in COCO result format
 

@@ -5,7 +5,7 @@ import torch
 from torch import nn
 
 from train_utils.device import move_to_device
-from train_utils.engine import distributed as dist_utils
+from train_utils import distributed as dist_utils
 from train_utils.evaluation.coco_eval import CocoEvaluator
 from train_utils.progress import Progress
 

@@ -4,7 +4,7 @@ Each box is pooled from one pyramid level chosen by its size (Eq. 1 of the FPN p
 ``k = floor(canonical_level + log2(sqrt(area) / canonical_scale) + eps)``, clamped to the
 available levels. Level scales are inferred from the feature-map size versus the largest image
 size along that image's longer side, rounded to a power of two. All levels are pooled together by
-``network_files.roi_align.pyramid_roi_align``; results come back in box order.
+``network_files.ops.roi_align.pyramid_roi_align``; results come back in box order.
 ``MultiScaleRoIPool`` maps boxes to levels the same way and max-pools them with RoIPool.
 
 Unlike torchvision, scales are recomputed on every call instead of being cached on the first one,

@@ -36,7 +36,7 @@ def use_channels_last(batch: Tensor) -> bool:
 def sparse_backward(module: nn.Module, x: Tensor) -> bool:
     """Whether ``module``'s convolution of ``x``, whose output gradient is mostly zero in training
     (the RPN head's, the FPN outputs'), should use
-    :func:`network_files.sparse_grad_conv.sparse_grad_conv2d`: CPU training, not traced."""
+    :func:`network_files.ops.sparse_grad_conv.sparse_grad_conv2d`: CPU training, not traced."""
     return (_enabled and module.training and torch.is_grad_enabled() and x.device.type == "cpu"
             and not torch.jit.is_tracing() and not torch.jit.is_scripting())
 
