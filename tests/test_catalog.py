@@ -36,7 +36,7 @@ import csv
 from pathlib import Path
 
 from train_utils.data.catalog import register_format
-from train_utils.data.dataset import Annotations, RawImage, RawObject
+from train_utils.data.records import Annotations, RawImage, RawObject
 
 
 @register_format("csv_boxes", default_splits=("train.csv", "val.csv"),

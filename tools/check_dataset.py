@@ -41,7 +41,8 @@ from train_utils.cli import add_model_flags, model_config_from_args  # noqa: E40
 from train_utils.data.catalog import (build_dataset, format_names, get_format, layout_help,  # noqa: E402
                                       read_annotations)
 from train_utils.data.classes import AUTO_CLASSES, choose_classes, names_in_data, write_classes_json  # noqa: E402
-from train_utils.data.dataset import Annotations, RawImage, clip_boxes, settle_size  # noqa: E402
+from train_utils.data.dataset import clip_boxes, settle_size  # noqa: E402
+from train_utils.data.records import Annotations, RawImage  # noqa: E402
 from train_utils.data.images import DECODE_ERRORS, decode_image, read_image_header  # noqa: E402
 from train_utils.flags import ListAction, add_plugin_flag, import_plugins  # noqa: E402
 from train_utils.model.anchor_coverage import (DetectorAnchors, best_anchor_iou, coverage_table,  # noqa: E402

@@ -6,7 +6,7 @@ name, with its default splits and a line of layout help. The dataset is then bui
 reader's :class:`Annotations` the same way for every format, so adding a format is one module::
 
     from train_utils.data.catalog import register_format
-    from train_utils.data.dataset import Annotations
+    from train_utils.data.records import Annotations
 
     @register_format("csv", default_splits=("train.csv", "val.csv"),
                      layout="--data-path holds the csv files and a split is one of them")
@@ -23,7 +23,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Optional, Sequence, Union
 
-from train_utils.data.dataset import Annotations, DetectionDataSet
+from train_utils.data.dataset import DetectionDataSet
+from train_utils.data.records import Annotations
 
 PathLike = Union[str, Path]
 Reader = Callable[..., Annotations]

@@ -5,10 +5,9 @@ from __future__ import annotations
 import json
 import os
 from pathlib import Path
-from typing import TYPE_CHECKING, Optional, Sequence, Union
+from typing import Optional, Sequence, Union
 
-if TYPE_CHECKING:
-    from train_utils.data.dataset import Annotations
+from train_utils.data.records import Annotations
 
 _REPO_DIR = Path(__file__).resolve().parents[2]
 
@@ -73,7 +72,7 @@ NAMES_SOURCE = "the class names of the training run"
 ClassesArg = Union[str, Path, Sequence[str]]
 
 
-def names_in_data(annotations: "Annotations") -> list[str]:
+def names_in_data(annotations: Annotations) -> list[str]:
     """The class names the objects of ``annotations`` use, sorted (the order of ``--classes-json auto``)."""
     names = sorted({obj.name for raw in annotations.images for obj in raw.objects})
     if not names:

@@ -16,7 +16,8 @@ from pathlib import Path
 from typing import Any, Callable, Optional, Union
 
 from train_utils.data.catalog import register_format
-from train_utils.data.dataset import Annotations, DetectionDataSet, RawImage, RawObject, split_stem
+from train_utils.data.dataset import DetectionDataSet, split_stem
+from train_utils.data.records import Annotations, RawImage, RawObject
 
 _OWNER = "CocoDataSet"
 

@@ -14,9 +14,8 @@ from __future__ import annotations
 
 import os
 import warnings
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, NamedTuple, Optional, Sequence, Union
+from typing import Callable, Optional, Sequence, Union
 
 import numpy as np
 import torch
@@ -24,6 +23,8 @@ from torch.utils.data import Dataset
 
 from train_utils.data.classes import AUTO_CLASSES, NAMES_SOURCE, ClassesArg, choose_classes, names_in_data
 from train_utils.data.images import DECODE_ERRORS, decode_image, read_image_header
+# The records are also importable from here, the path format plugins were written against.
+from train_utils.data.records import Annotations, ImageRecord, RawImage, RawObject  # noqa: F401
 
 Target = dict[str, torch.Tensor]
 
@@ -106,76 +107,6 @@ def clip_boxes(boxes: np.ndarray, height: int, width: int) -> tuple[np.ndarray, 
     clipped[:, 1::2] = clipped[:, 1::2].clip(0, height)
     keep = (clipped[:, 2] > clipped[:, 0]) & (clipped[:, 3] > clipped[:, 1])
     return clipped, keep
-
-
-# ---------------------------------------------------------------------------- what readers return
-class RawObject(NamedTuple):
-    """One object as written: class name, xyxy box (pixels, or fractions of the image side when
-    its image is ``normalised``), crowd/difficult flag and where it is in its file ("object 2")."""
-
-    name: str
-    box: tuple[float, float, float, float]
-    iscrowd: int
-    where: str
-
-
-@dataclass
-class RawImage:
-    """One image with its objects as its annotation file gives them.
-
-    declared_size: (height, width) the annotation states, or None. exif_upright: boxes refer to
-    the EXIF-transposed image (see :func:`settle_size`).
-    """
-
-    id: str
-    image_path: Path
-    annotation_path: Path
-    declared_size: Optional[tuple[int, int]]
-    objects: list[RawObject]
-    normalised: bool = False
-    exif_upright: bool = False
-
-
-@dataclass
-class Annotations:
-    """Everything a format reader found, problems included (the dataset raises, the checker reports).
-
-    class_names: the format's own class list in label order (None: the format has none, as VOC).
-    missing / invalid: one description per missing file / invalid annotation (naming the file).
-    skipped: format-specific counts of what the reader left out (e.g. unsupported labelme shapes).
-    notes: harmless oddities worth a warning in the checker (e.g. a label file without image).
-    extras: format-specific facts for the format's dataset class (e.g. COCO's category ids).
-    """
-
-    images: list[RawImage]
-    class_names: Optional[list[str]]
-    class_source: Path
-    split_file: Path
-    img_root: Path
-    missing: list[str] = field(default_factory=list)
-    invalid: list[str] = field(default_factory=list)
-    skipped: dict[str, int] = field(default_factory=dict)
-    notes: list[str] = field(default_factory=list)
-    extras: dict[str, Any] = field(default_factory=dict)
-
-
-@dataclass(frozen=True)
-class ImageRecord:
-    """One usable image with its checked target.
-
-    boxes: float32 [N, 4] xyxy clipped to (width, height); labels, iscrowd: int64 [N].
-    height/width describe the image as returned (after the optional EXIF transpose).
-    """
-
-    id: str
-    image_path: Path
-    annotation_path: Path
-    height: int
-    width: int
-    exif_transpose: bool
-    boxes: np.ndarray
-    labels: np.ndarray
-    iscrowd: np.ndarray
 
 
 # ---------------------------------------------------------------------------- the dataset

@@ -18,7 +18,8 @@ from pathlib import Path
 from typing import Callable, Optional, Union
 
 from train_utils.data.catalog import register_format
-from train_utils.data.dataset import Annotations, DetectionDataSet, RawImage, RawObject, index_images, read_id_list
+from train_utils.data.dataset import DetectionDataSet, index_images, read_id_list
+from train_utils.data.records import Annotations, RawImage, RawObject
 
 _OWNER = "LabelmeDataSet"
 _MIN_POINTS = {"rectangle": 2, "polygon": 3}

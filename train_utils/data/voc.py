@@ -26,7 +26,8 @@ import numpy as np
 from lxml import etree
 
 from train_utils.data.catalog import register_format
-from train_utils.data.dataset import Annotations, DetectionDataSet, RawImage, RawObject, index_images, read_id_list
+from train_utils.data.dataset import DetectionDataSet, index_images, read_id_list
+from train_utils.data.records import Annotations, RawImage, RawObject
 
 _YEAR_FOLDER = re.compile(r"^VOC(\d{4})$")
 _XML_PARSER = etree.XMLParser(resolve_entities=False, no_network=True)  # no external entities

@@ -18,7 +18,8 @@ from pathlib import Path
 from typing import Callable, Optional, Union
 
 from train_utils.data.catalog import register_format
-from train_utils.data.dataset import Annotations, DetectionDataSet, RawImage, RawObject, index_images, split_stem
+from train_utils.data.dataset import DetectionDataSet, index_images, split_stem
+from train_utils.data.records import Annotations, RawImage, RawObject
 
 _OWNER = "YoloDataSet"
 _NAMES_KEY = re.compile(r"^names\s*:(.*)$")
