@@ -40,11 +40,14 @@ from typing import Any, Dict, Iterator, List, Optional
 import torch
 
 from backbone.weight_files import WeightFileError, read_weight_file, state_dict_of
+from network_files import FasterRCNN
+from train_utils.model.builder import official_frozen_bn_eps, set_frozen_bn_eps
 from train_utils.model.config import ModelConfig
 
 FORMAT_VERSION = 3
 _TRAINING_KEYS = ("optimizer", "lr_scheduler", "scaler", "rng_state", "progress")
 _NUMBERED = re.compile(r"model-(\d+)\.pth")
+_PREDICTOR_PREFIX = "roi_heads.box_predictor."
 
 
 class CheckpointWriteError(OSError):
@@ -176,6 +179,28 @@ def _get(raw: Any, key: str) -> Any:
 def _int_or_none(raw: Any, key: str) -> Optional[int]:
     value = _get(raw, key)
     return int(value) if isinstance(value, (int, float)) else None
+
+
+def load_detector_weights(model: FasterRCNN, path: str, config: ModelConfig) -> ModelConfig:
+    """Fine-tune from a detector file (the official COCO file, a WZ-style ``{"model": ...}`` file
+    or one of ours): every matching tensor is loaded; a box predictor with another class count
+    stays freshly initialised. Returns ``config`` with the file's FrozenBatchNorm eps."""
+    stored = read_checkpoint(path)
+    state = stored.model
+    own = model.state_dict()
+    predictor_keys = [k for k in state if k.startswith(_PREDICTOR_PREFIX)]
+    if any(k in own and own[k].shape != state[k].shape for k in predictor_keys):
+        state = {k: v for k, v in state.items() if k not in predictor_keys}
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    missing = [k for k in missing if not k.startswith(_PREDICTOR_PREFIX)]
+    if missing or unexpected:
+        raise ValueError(f"{path} does not fit the '{config.backbone}' detector: {len(missing)} missing keys "
+                         f"(e.g. {missing[:3]}), {len(unexpected)} unexpected (e.g. {unexpected[:3]})")
+    eps = stored.config.frozen_bn_eps if stored.config else official_frozen_bn_eps(path, config.backbone)
+    if eps is None:
+        return config
+    set_frozen_bn_eps(model, eps)
+    return config.replace(frozen_bn_eps=eps)
 
 
 @contextmanager

@@ -20,8 +20,8 @@ from torch.utils.data import BatchSampler, DataLoader, DistributedSampler
 from tqdm import tqdm
 
 from backbone import MissingWeightFileError, WeightFileError, get_backbone, weight_url
-from train_utils.checkpoint import (Checkpoint, CheckpointWriteError, checkpoint_candidates, read_checkpoint,
-                                    save_checkpoint)
+from train_utils.checkpoint import (Checkpoint, CheckpointWriteError, checkpoint_candidates, load_detector_weights,
+                                    read_checkpoint, save_checkpoint)
 from train_utils.cli import anchor_sizes_auto, apply_model_flags, model_config_from_args
 from train_utils.data.catalog import build_dataset
 from train_utils.data.dataset import DetectionDataSet
@@ -42,7 +42,7 @@ from train_utils.engine.recipes import describe_recipe
 from train_utils.evaluation.coco_api import get_coco_api_from_dataset
 from train_utils.evaluation.loop import evaluate
 from train_utils.model.anchor_coverage import auto_anchor_sizes, describe_auto_anchors
-from train_utils.model.builder import build_model, count_parameters, load_detector_weights
+from train_utils.model.builder import build_model, count_parameters
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 RESUME_HINT = "resume with the model flags it was trained with, or train into another --output-dir"

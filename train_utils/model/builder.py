@@ -20,13 +20,10 @@ from network_files import (
     TwoMLPHead,
 )
 
-from train_utils.checkpoint import read_checkpoint
-
 from .config import ModelConfig
 
 # The official COCO detector file; torchvision evaluates it with FrozenBatchNorm eps 0.
 OFFICIAL_COCO_PREFIX = "fasterrcnn_resnet50_fpn_coco"
-_PREDICTOR_PREFIX = "roi_heads.box_predictor."
 
 
 def build_backbone(config: ModelConfig, weights_path: Optional[str] = None) -> DetectorParts:
@@ -95,28 +92,6 @@ def official_frozen_bn_eps(path: str, backbone: str) -> Optional[float]:
     if backbone == "resnet50_fpn" and os.path.basename(path).startswith(OFFICIAL_COCO_PREFIX):
         return 0.0
     return None
-
-
-def load_detector_weights(model: FasterRCNN, path: str, config: ModelConfig) -> ModelConfig:
-    """Fine-tune from a detector file (the official COCO file, a WZ-style ``{"model": ...}`` file
-    or one of ours): every matching tensor is loaded; a box predictor with another class count
-    stays freshly initialised. Returns ``config`` with the file's FrozenBatchNorm eps."""
-    stored = read_checkpoint(path)
-    state = stored.model
-    own = model.state_dict()
-    predictor_keys = [k for k in state if k.startswith(_PREDICTOR_PREFIX)]
-    if any(k in own and own[k].shape != state[k].shape for k in predictor_keys):
-        state = {k: v for k, v in state.items() if k not in predictor_keys}
-    missing, unexpected = model.load_state_dict(state, strict=False)
-    missing = [k for k in missing if not k.startswith(_PREDICTOR_PREFIX)]
-    if missing or unexpected:
-        raise ValueError(f"{path} does not fit the '{config.backbone}' detector: {len(missing)} missing keys "
-                         f"(e.g. {missing[:3]}), {len(unexpected)} unexpected (e.g. {unexpected[:3]})")
-    eps = stored.config.frozen_bn_eps if stored.config else official_frozen_bn_eps(path, config.backbone)
-    if eps is None:
-        return config
-    set_frozen_bn_eps(model, eps)
-    return config.replace(frozen_bn_eps=eps)
 
 
 def count_parameters(model: nn.Module) -> Tuple[int, int]:
