@@ -116,3 +116,27 @@ def test_folders_without_metrics_and_unknown_metrics(hand_runs, tmp_path, capsys
 def test_run_labels_tell_runs_apart():
     assert run_labels([Path("/x/lr0.01"), Path("/y/lr0.02")]) == ["lr0.01", "lr0.02"]
     assert run_labels([Path("/x/a/run"), Path("/y/a/run")]) == ["x/a/run", "y/a/run"]
+
+
+def test_one_rule_for_a_damaged_line_in_every_reader(tmp_path):
+    """train_utils.jsonl's rule, shared by compare_runs, the run log and the report: a last line
+    without its newline (an append cut short) is skipped; a damaged complete line is an error."""
+    from train_utils.engine.run_log import RunLog
+    from train_utils.jsonl import read_jsonl
+
+    run = tmp_path / "run"
+    run.mkdir()
+    path = run / "metrics.jsonl"
+    path.write_text('{"epoch": 0, "loss": 1.0, "lr": 0.01}\n{"epoch": 1, "loss": 0.5, "lr": 0.01}\n{"epoch": 2, "lo')
+    assert read_jsonl(path) == [{"epoch": 0, "loss": 1.0, "lr": 0.01}, {"epoch": 1, "loss": 0.5, "lr": 0.01}]
+    assert main([str(run), "--output", str(tmp_path / "c.png")]) == 0
+    assert [r["epoch"] for r in RunLog(str(run), start_epoch=2).history] == [0, 1]
+    assert path.read_text().endswith('"lr": 0.01}\n')  # the resumed log drops the cut line
+
+    path.write_text('{"epoch": 0, "loss": 1.0, "lr": 0.01}\n{"epoch": 1, "lo\n{"epoch": 2, "loss": 0.4, "lr": 0.01}\n')
+    for read in (read_jsonl, lambda p: RunLog(str(p.parent), start_epoch=3)):
+        with pytest.raises(ValueError, match=r"metrics.jsonl line 2: damaged, not a JSON record"):
+            read(path)
+    path.write_text('{"epoch": 0, "loss": 1.0}\n[1, 2]\n')
+    with pytest.raises(ValueError, match=r"metrics.jsonl line 2: damaged, not a JSON record \(a list\)"):
+        read_jsonl(path)

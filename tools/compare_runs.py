@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import argparse
 import csv
-import json
 import math
 import sys
 from dataclasses import dataclass
@@ -29,6 +28,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
 from train_utils.evaluation import COCO_STAT_NAMES  # noqa: E402
+from train_utils.jsonl import numbered_records  # noqa: E402
 
 BEST_BY = "AP@.5"
 TABLE_COLUMNS = ("AP@[.5:.95]", "AP@.5", "AP@.75", "AP small", "AP medium", "AP large", "AR@100", "loss")
@@ -46,21 +46,13 @@ class Run:
 
 def read_metrics(run_dir: Path) -> List[Dict[str, Any]]:
     """The epoch records of ``run_dir/metrics.jsonl``; a ValueError names the file and the line of
-    anything that is not a metrics record."""
+    anything that is not a metrics record (a damaged line: see :mod:`train_utils.jsonl`)."""
     path = run_dir / "metrics.jsonl"
     if not run_dir.is_dir():
         raise ValueError(f"{run_dir}: no such folder")
     if not path.is_file():
         raise ValueError(f"{run_dir}: no metrics.jsonl (not a training --output-dir, or no epoch finished yet)")
-    records = []
-    for number, line in enumerate(path.read_text().splitlines(), start=1):
-        if not line.strip():
-            continue
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError as exc:
-            raise ValueError(f"{path} line {number}: damaged, not a JSON record ({exc.msg})") from None
-        records.append(check_record(record, f"{path} line {number}"))
+    records = [check_record(record, f"{path} line {number}") for number, record in numbered_records(path)]
     if not records:
         raise ValueError(f"{path} holds no epoch yet")
     return records

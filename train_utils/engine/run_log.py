@@ -4,26 +4,8 @@ import time
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence
 
+from train_utils.jsonl import read_jsonl, write_jsonl
 from train_utils.vis.curves import plot_loss_and_lr, plot_map
-
-
-def read_jsonl(path: Path) -> List[Dict[str, Any]]:
-    """The records of a JSON-lines file (none when absent; a line cut by a crash is skipped)."""
-    if not path.is_file():
-        return []
-    records = []
-    for line in path.read_text().splitlines():
-        try:
-            records.append(json.loads(line))
-        except json.JSONDecodeError:
-            continue
-    return records
-
-
-def write_jsonl(path: Path, records: List[Dict[str, Any]]) -> None:
-    tmp = path.with_suffix(".jsonl.tmp")
-    tmp.write_text("".join(json.dumps(r) + "\n" for r in records))
-    tmp.replace(path)
 
 
 class RunLog:

@@ -21,7 +21,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 from PIL import Image  # noqa: E402
 
-from train_utils.engine.run_log import read_jsonl  # noqa: E402
+from train_utils.jsonl import read_jsonl  # noqa: E402
 from train_utils.evaluation import COCO_STAT_NAMES, analysis as an  # noqa: E402
 from train_utils.progress import Progress  # noqa: E402
 from train_utils.vis.curves import plot_loss_and_lr, plot_map  # noqa: E402
