@@ -42,7 +42,8 @@ from train_utils.data.images import DECODE_ERRORS, decode_image
 from train_utils.flags import HelpFormatter, import_plugins
 from train_utils.inference.annotations import AnnotationWriter, VocWriter, YoloWriter
 from train_utils.inference.coco_results import CocoResults
-from train_utils.inference.loading import add_model_arguments, load_detector
+from train_utils.cli import add_model_arguments
+from train_utils.inference.loading import load_detector
 from train_utils.inference.onnx_export import OnnxDetector
 from train_utils.inference.pipeline import (BatchDetect, OrderedOutput, Timings, above, batches_by_size,
                                             default_batch_size, detect_each, one_by_one, torch_batch_detect)
@@ -191,11 +192,9 @@ def check_args(args: argparse.Namespace) -> None:
 def load_predictor(args: argparse.Namespace) -> tuple[BatchDetect, list[str], torch.device]:
     """(batch function, class names, device) of the PyTorch checkpoint or ONNX file the flags name."""
     if args.weights:
-        detector = load_detector(args, args.weights)
-        model = detector.model
-        model.roi_heads.score_thresh = min(model.roi_heads.score_thresh, args.score_thresh)
-        device = next(model.parameters()).device
-        return torch_batch_detect(model, device), detector.class_names, device
+        detector = load_detector(args, args.weights, score_thresh=args.score_thresh)
+        device = next(detector.model.parameters()).device
+        return torch_batch_detect(detector.model, device), detector.class_names, device
     fixed = model_flags_given(args)  # an ONNX file has the model and its settings baked in
     if fixed:
         raise ValueError(f"{args.onnx}: the model and its image sizes are fixed at export; "

@@ -12,7 +12,7 @@ from typing import Any, Dict, List, Optional, Sequence, Union
 
 from backbone import get_backbone
 from backbone.registry import all_option_fields, backbone_help
-from train_utils.flags import ListAction
+from train_utils.flags import ListAction, add_plugin_flag
 from train_utils.model.config import ARCHITECTURE, INFERENCE, ModelConfig, plain, settings
 
 
@@ -90,6 +90,17 @@ def add_model_flags(parser: argparse.ArgumentParser, training: bool, one_token: 
         default = "" if f.default is None else f"; default {f.default!r}"
         help = f"{f.metadata['help']} [{', '.join(owners)}{default}]"
         _add_setting(group, name, hint, None, help, f.metadata["choices"], one_token)
+
+
+def add_model_arguments(parser: argparse.ArgumentParser, with_device: bool = True, one_token: bool = False) -> None:
+    """Flags shared by validation.py, predict.py and the export tool for rebuilding a detector
+    from a weights file (``--device`` only ``with_device``; ``one_token``: see ``add_model_flags``)."""
+    add_plugin_flag(parser)
+    parser.add_argument("--classes-json", default=None,
+                        help="{class name: id 1..K} file; default: the class names stored in the checkpoint")
+    if with_device:
+        parser.add_argument("--device", default="auto", help="'auto' (cuda when available), 'cuda', 'cuda:1' or 'cpu'")
+    add_model_flags(parser, training=False, one_token=one_token)
 
 
 def _given_settings(args: argparse.Namespace) -> Dict[str, Any]:

@@ -11,26 +11,14 @@ from typing import Any, Dict, List, Optional
 import torch
 
 from train_utils.checkpoint import Checkpoint, read_checkpoint
-from train_utils.cli import add_model_flags, apply_model_flags, model_config_from_args
+from train_utils.cli import apply_model_flags, model_config_from_args
 from train_utils.data.classes import load_class_names
 from train_utils.device import resolve_device
 from train_utils.model.builder import build_model, official_frozen_bn_eps
 from train_utils.model.config import ModelConfig
-from train_utils.flags import add_plugin_flag
 from network_files import FasterRCNN
 
 _PREDICTOR_KEY = "roi_heads.box_predictor.cls_score.weight"
-
-
-def add_model_arguments(parser: argparse.ArgumentParser, with_device: bool = True, one_token: bool = False) -> None:
-    """Flags shared by validation.py, predict.py and the export tool for rebuilding a detector
-    from a weights file (``--device`` only ``with_device``; ``one_token``: see ``add_model_flags``)."""
-    add_plugin_flag(parser)
-    parser.add_argument("--classes-json", default=None,
-                        help="{class name: id 1..K} file; default: the class names stored in the checkpoint")
-    if with_device:
-        parser.add_argument("--device", default="auto", help="'auto' (cuda when available), 'cuda', 'cuda:1' or 'cpu'")
-    add_model_flags(parser, training=False, one_token=one_token)
 
 
 @dataclass
@@ -83,8 +71,11 @@ def _bare_config(args: argparse.Namespace, ckpt: Checkpoint, names: List[str], p
     return config if eps is None else config.replace(frozen_bn_eps=eps)
 
 
-def detector_from_checkpoint(ckpt: Checkpoint, path: str, args: argparse.Namespace) -> LoadedDetector:
-    """Rebuild the detector of ``ckpt`` (read from ``path``) as the model flags on ``args`` say."""
+def detector_from_checkpoint(ckpt: Checkpoint, path: str, args: argparse.Namespace,
+                             score_thresh: Optional[float] = None) -> LoadedDetector:
+    """Rebuild the detector of ``ckpt`` (read from ``path``) as the model flags on ``args`` say;
+    ``score_thresh``: the detector keeps detections down to this score at least (its config's
+    ``box_score_thresh`` is lowered to it when higher)."""
     names: Optional[List[str]] = load_class_names(args.classes_json) if args.classes_json else ckpt.class_names
     if ckpt.config is None:
         config = _bare_config(args, ckpt, names or [], path)
@@ -95,6 +86,8 @@ def detector_from_checkpoint(ckpt: Checkpoint, path: str, args: argparse.Namespa
                          f"{args.classes_json or 'its class list'} holds {len(names)}")
     else:
         config = apply_model_flags(ckpt.config, args, path)
+    if score_thresh is not None and score_thresh < config.box_score_thresh:
+        config = config.replace(box_score_thresh=score_thresh)
     model = build_model(config)
     _check_fit(model, ckpt.model, path, config)
     model.load_state_dict(ckpt.model)
@@ -102,9 +95,10 @@ def detector_from_checkpoint(ckpt: Checkpoint, path: str, args: argparse.Namespa
     return LoadedDetector(model, list(names), config, ckpt.data, ckpt.plugins)
 
 
-def load_detector(args: argparse.Namespace, weights_path: str) -> LoadedDetector:
-    """Rebuild the detector of ``weights_path`` as the flags of :func:`add_model_arguments` say."""
-    return detector_from_checkpoint(read_checkpoint(weights_path), weights_path, args)
+def load_detector(args: argparse.Namespace, weights_path: str, score_thresh: Optional[float] = None) -> LoadedDetector:
+    """Rebuild the detector of ``weights_path`` as the flags of
+    :func:`train_utils.cli.add_model_arguments` say (``score_thresh``: see :func:`detector_from_checkpoint`)."""
+    return detector_from_checkpoint(read_checkpoint(weights_path), weights_path, args, score_thresh)
 
 
 def load_model(path: str, device: str = "cpu") -> FasterRCNN:
