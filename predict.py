@@ -43,7 +43,7 @@ from train_utils.flags import HelpFormatter, import_plugins
 from train_utils.inference.annotations import AnnotationWriter, VocWriter, YoloWriter
 from train_utils.inference.coco_results import CocoResults
 from train_utils.cli import add_model_arguments
-from train_utils.inference.loading import load_detector
+from train_utils.loading import load_detector
 from train_utils.inference.onnx_export import OnnxDetector
 from train_utils.inference.pipeline import (BatchDetect, OrderedOutput, Timings, above, batches_by_size,
                                             default_batch_size, detect_each, one_by_one, torch_batch_detect)

@@ -40,7 +40,7 @@ from train_utils.evaluation.coco_api import get_coco_api_from_dataset
 from train_utils.evaluation.loop import evaluate
 from train_utils.evaluation.voc_eval import RULES, mean_ap, voc_ap_per_class
 from train_utils.cli import add_model_arguments
-from train_utils.inference.loading import load_detector
+from train_utils.loading import load_detector
 from train_utils.flags import HelpFormatter, import_plugins
 
 

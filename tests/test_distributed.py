@@ -17,7 +17,7 @@ import validation
 from my_dataset import VOCDataSet
 from train_utils.checkpoint import read_checkpoint
 from train_utils.evaluation.coco_api import get_coco_api_from_dataset
-from train_utils.inference.loading import load_model
+from train_utils.loading import load_model
 from train_utils.evaluation.loop import evaluate
 from train_utils.data.transforms import get_transforms
 

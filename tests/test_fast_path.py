@@ -9,7 +9,7 @@ from backbone import Bottleneck, FrozenBatchNorm2d, mobilenet_v2_backbone, resne
 from backbone.conv_bn import ConvBNSequential, conv_bn, folded_parameters
 from my_dataset import VOCDataSet
 from network_files.ops import fast_path
-from train_utils.inference.loading import load_model
+from train_utils.loading import load_model
 from train_utils.data.transforms import get_transforms
 
 

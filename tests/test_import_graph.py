@@ -20,6 +20,7 @@ TRAIN_UTILS_LAYERS: tuple[frozenset[str], ...] = (
     frozenset({"data"}),
     frozenset({"model"}),
     frozenset({"checkpoint", "cli"}),
+    frozenset({"loading"}),  # a detector rebuilt from a weights file, for evaluation and inference
     frozenset({"evaluation"}),
     frozenset({"vis"}),
     frozenset({"engine", "inference"}),

@@ -20,7 +20,7 @@ from torchvision.ops.poolers import _setup_scales
 from backbone import DEFAULT_RETURN_NODES, FrozenBatchNorm2d, WeightFileError, torchvision_backbone
 from conftest import ROOT, TINY_COMMON_FLAGS, TINY_TRAIN_FLAGS, write_fake_vgg16_file
 from network_files import MultiScaleRoIAlign, MultiScaleRoIPool
-from train_utils.inference.loading import load_model
+from train_utils.loading import load_model
 from train_utils.model.builder import build_model
 from train_utils.engine.args import build_parser, parse
 

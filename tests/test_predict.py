@@ -13,7 +13,7 @@ from PIL import Image
 import predict
 from backbone import read_weight_file
 from train_utils.vis.draw import class_colour, draw_detections, outline_pixels, text_colour
-from train_utils.inference.loading import load_model
+from train_utils.loading import load_model
 from train_utils.model.config import ModelConfig
 
 ROOT = Path(__file__).resolve().parents[1]

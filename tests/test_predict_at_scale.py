@@ -22,7 +22,7 @@ from backbone import read_weight_file
 from train_utils.data.voc import read_voc_split
 from train_utils.data.yolo import read_yolo
 from train_utils.inference.annotations import pixel_boxes
-from train_utils.inference.loading import load_model
+from train_utils.loading import load_model
 from train_utils.inference.onnx_export import match_detections
 from train_utils.inference.pipeline import batches_by_size, detect_each, torch_batch_detect, Timings
 

@@ -21,7 +21,7 @@ from train_utils.data.transforms import get_transforms
 from train_utils.engine.hooks import TensorBoardHook, tensorboard_dir
 from train_utils.evaluation import COCO_STAT_NAMES
 from train_utils.engine.loop import EpochState
-from train_utils.inference.loading import load_model
+from train_utils.loading import load_model
 from train_utils.vis.draw import draw_detections
 
 LOSS_TERMS = ("loss", "loss_classifier", "loss_box_reg", "loss_objectness", "loss_rpn_box_reg")

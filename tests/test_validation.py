@@ -15,7 +15,7 @@ from pycocotools.cocoeval import COCOeval
 
 import validation
 from backbone import read_weight_file
-from train_utils.inference.loading import load_model
+from train_utils.loading import load_model
 from train_utils.model.config import ModelConfig
 from train_utils.evaluation.voc_eval import average_precision, class_average_precision, voc_ap_per_class
 

@@ -1,1 +1,2 @@
-"""Using a trained detector: rebuilding it from a weights file, ONNX export and runtime."""
+"""Using a trained detector: predict.py's library (inputs, batches, videos, annotations), ONNX
+export and runtime. Rebuilding a detector from a weights file is :mod:`train_utils.loading`."""
