@@ -14,6 +14,7 @@ from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
 
 import validation
+from train_utils.evaluation.per_class import format_table, per_class_results
 from backbone import read_weight_file
 from train_utils.loading import load_model
 from train_utils.model.config import ModelConfig
@@ -139,7 +140,7 @@ def test_class_absent_from_split_does_not_shift_rows(list_absent_category):
     ]
     coco_eval = run_cocoeval(coco_gt, results)
     voc = voc_ap_per_class(coco_gt, {0: results, 1: []}, "12")
-    rows = validation.per_class_results(coco_eval, coco_gt, ["a", "b", "c"], voc)
+    rows = per_class_results(coco_eval, coco_gt, ["a", "b", "c"], voc)
 
     assert [(r.category_id, r.name) for r in rows] == [(1, "a"), (2, "b"), (3, "c")]
     assert (rows[0].coco_ap50, rows[0].coco_ap, rows[0].voc_ap) == pytest.approx((1.0, 1.0, 1.0), abs=1e-12)
@@ -150,7 +151,7 @@ def test_class_absent_from_split_does_not_shift_rows(list_absent_category):
     assert rows[2].voc_ap == pytest.approx(0.5, abs=1e-12)
     assert (rows[2].num_objects, rows[2].num_difficult) == (2, 1)
 
-    table = validation.format_table(rows, "12").splitlines()
+    table = format_table(rows, "12").splitlines()
     assert table[2].split()[:4] == ["b", "no", "ground", "truth"]
     assert table[3].split() == ["c", "0.5050", "0.5050", "0.5000", "2", "1"]
 

@@ -375,8 +375,8 @@ def report_case(num_images: int = 1000) -> Dict[str, float]:
 
     from PIL import Image
 
-    import validation
     from train_utils.evaluation.coco_eval import CocoEvaluator
+    from train_utils.evaluation.per_class import per_class_results
     from train_utils.vis.report import ReportInputs, write_report
 
     coco_gt, predictions = _synthetic_evaluation(num_images, num_classes=20)
@@ -387,7 +387,7 @@ def report_case(num_images: int = 1000) -> Dict[str, float]:
     stats = evaluator.stats
     coco_s = time.perf_counter() - start
     names = [f"c{i}" for i in range(1, 21)]
-    rows = validation.per_class_results(evaluator.coco_eval["bbox"], evaluator.coco_gt, names, None)
+    rows = per_class_results(evaluator.coco_eval["bbox"], evaluator.coco_gt, names, None)
     record = {"weights": "synthetic", "data_path": "synthetic", "split": "synthetic", "num_images": num_images,
               "coco_stats": stats, "voc_metric": "none", "voc_map": None, "per_class": [asdict(r) for r in rows]}
     inputs = ReportInputs(record, evaluator.coco_eval["bbox"], evaluator.detections, names,

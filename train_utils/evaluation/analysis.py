@@ -532,31 +532,45 @@ def worst_and_best(confusion: Confusion, count: int) -> tuple[list[int], list[in
 
 
 # ---------------------------------------------------------------------------------- COCOeval's arrays
-def coco_curves(coco_eval) -> dict[int, tuple[np.ndarray, np.ndarray]]:
-    """Reads an accumulated pycocotools COCOeval: class id -> (precision [101] at IoU 0.5, precision
-    [101] averaged over IoU 0.5:0.95) against recall :data:`RECALL_THRESHOLDS`, area "all", most
-    detections, from ``eval["precision"]`` [T, R, K, A, M]. Classes without objects (-1) are left out."""
+def class_precision(coco_eval, area: str = "all") -> dict[int, np.ndarray]:
+    """The one reader of an accumulated pycocotools COCOeval's ``eval["precision"]`` [T, R, K, A, M]:
+    class id -> precision [T IoU thresholds, R recall thresholds] of area range ``area`` at the most
+    detections (-1 where the class has no such object). Classes are found through ``params.catIds``
+    (the K axis), so a category missing from the ground truth never takes another's row."""
     params, precision = coco_eval.params, coco_eval.eval["precision"]
-    area, most = list(params.areaRngLbl).index("all"), int(np.argmax(params.maxDets))
-    iou50 = int(np.flatnonzero(np.isclose(params.iouThrs, 0.5))[0])
-    curves = {}
-    for k, class_id in enumerate(params.catIds):
-        values = precision[:, :, k, area, most]
-        if (values > -1).all():
-            curves[int(class_id)] = (values[iou50].copy(), values.mean(axis=0))
-    return curves
+    area_index, most = list(params.areaRngLbl).index(area), int(np.argmax(params.maxDets))
+    return {int(class_id): precision[:, :, k, area_index, most] for k, class_id in enumerate(params.catIds)}
+
+
+def iou50_row(coco_eval) -> int:
+    """The row of IoU 0.5 on the T axis of :func:`class_precision`'s arrays."""
+    return int(np.flatnonzero(np.isclose(coco_eval.params.iouThrs, 0.5))[0])
+
+
+def _mean_valid(values: np.ndarray) -> Optional[float]:
+    """Mean of the entries other than -1 (None: there are none)."""
+    valid = values[values > -1]
+    return float(valid.mean()) if valid.size else None
+
+
+def coco_curves(coco_eval) -> dict[int, tuple[np.ndarray, np.ndarray]]:
+    """Class id -> (precision [101] at IoU 0.5, precision [101] averaged over IoU 0.5:0.95) against
+    recall :data:`RECALL_THRESHOLDS`, area "all". Classes without objects (-1) are left out."""
+    iou50 = iou50_row(coco_eval)
+    return {class_id: (values[iou50].copy(), values.mean(axis=0))
+            for class_id, values in class_precision(coco_eval).items() if (values > -1).all()}
+
+
+def coco_ap_per_class(coco_eval) -> dict[int, tuple[Optional[float], Optional[float]]]:
+    """Class id -> (AP@0.5, AP@[.5:.95]) of area "all"; None for a class without (non-crowd) objects."""
+    iou50 = iou50_row(coco_eval)
+    return {class_id: (_mean_valid(values[iou50]), _mean_valid(values))
+            for class_id, values in class_precision(coco_eval).items()}
 
 
 def coco_size_aps(coco_eval) -> dict[int, dict[str, Optional[float]]]:
-    """Reads an accumulated pycocotools COCOeval: class id -> {"small", "medium", "large"} ->
-    AP@[.5:.95] of objects of that size (None: no object of that size)."""
-    params, precision = coco_eval.params, coco_eval.eval["precision"]
-    most = int(np.argmax(params.maxDets))
-    result: dict[int, dict[str, Optional[float]]] = {}
-    for k, class_id in enumerate(params.catIds):
-        result[int(class_id)] = {}
-        for size in ("small", "medium", "large"):
-            values = precision[:, :, k, list(params.areaRngLbl).index(size), most]
-            valid = values[values > -1]
-            result[int(class_id)][size] = float(valid.mean()) if valid.size else None
-    return result
+    """Class id -> {"small", "medium", "large"} -> AP@[.5:.95] of objects of that size (None: no
+    object of that size)."""
+    by_size = {size: class_precision(coco_eval, size) for size in ("small", "medium", "large")}
+    return {class_id: {size: _mean_valid(by_size[size][class_id]) for size in by_size}
+            for class_id in by_size["small"]}

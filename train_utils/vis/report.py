@@ -23,6 +23,7 @@ from PIL import Image  # noqa: E402
 
 from train_utils.jsonl import read_jsonl  # noqa: E402
 from train_utils.evaluation import COCO_STAT_NAMES, analysis as an  # noqa: E402
+from train_utils.evaluation.validate import Validation  # noqa: E402
 from train_utils.progress import Progress  # noqa: E402
 from train_utils.vis.curves import plot_loss_and_lr, plot_map  # noqa: E402
 from train_utils.vis.draw import draw_evaluation  # noqa: E402
@@ -467,3 +468,19 @@ def write_report(out: Path, inputs: ReportInputs) -> dict[str, Any]:
     (out / "report.json").write_text(json.dumps(data, indent=1) + "\n")
     (out / "report.html").write_text(render_html(data, training))
     return data
+
+
+def write_validation_report(out: Path, validation: Validation, class_names: Sequence[str], weights_path: str,
+                            score_threshold: Optional[float], num_images: int) -> None:
+    """``validation.py --report DIR``: the error analysis of ``validation`` (image ids are dataset indices)."""
+    dataset = validation.dataset
+
+    def load_image(image_id: int) -> Image.Image:
+        pixels = dataset[image_id][0].permute(1, 2, 0).numpy()  # float [H, W, 3] in 0..1 (ToTensor)
+        return Image.fromarray(np.round(pixels * 255).astype(np.uint8))
+
+    inputs = ReportInputs(validation.record, validation.evaluator.coco_eval["bbox"], validation.evaluator.detections,
+                          class_names, load_image, dict(enumerate(dataset.ids)), Path(weights_path).parent,
+                          score_threshold, num_images)
+    write_report(Path(out), inputs)
+    print(f"wrote the report {Path(out) / 'report.html'}")
