@@ -12,6 +12,7 @@ from PIL import Image
 
 import predict
 from backbone import read_weight_file
+from train_utils.inference.files import find_inputs, output_names
 from train_utils.vis.draw import class_colour, draw_detections, outline_pixels, text_colour
 from train_utils.loading import load_model
 from train_utils.model.config import ModelConfig
@@ -168,9 +169,9 @@ def test_predict_bare_state_dict_needs_backbone(confident_checkpoint, tmp_path, 
 def test_output_names_never_overwrite_inputs(tmp_path):
     a, b = tmp_path / "a", tmp_path / "b"
     inputs = [a / "x.jpg", b / "x.jpg", a / "x.png", a / "y.bmp", b / "z.JPEG"]
-    names = predict.output_names(inputs, a)  # writing into an input folder
+    names = output_names(inputs, a)  # writing into an input folder
     assert [names[p] for p in inputs] == [a / "x_1.jpg", a / "x_2.jpg", a / "x_1.png", a / "y.png", a / "z.JPEG"]
-    names = predict.output_names(inputs, tmp_path / "out")
+    names = output_names(inputs, tmp_path / "out")
     assert [names[p].name for p in inputs] == ["x.jpg", "x_1.jpg", "x.png", "y.png", "z.JPEG"]
 
 
@@ -179,8 +180,8 @@ def test_find_inputs_folders_files_and_globs(tmp_path):
         (tmp_path / name).write_bytes(b"")
     (tmp_path / "sub").mkdir()
     (tmp_path / "sub" / "c.jpg").write_bytes(b"")
-    files, problems = predict.find_inputs([str(tmp_path), str(tmp_path / "*.jpg"), str(tmp_path / "sub" / "c.jpg"),
-                                           str(tmp_path / "none*.gif")])
+    files, problems = find_inputs([str(tmp_path), str(tmp_path / "*.jpg"), str(tmp_path / "sub" / "c.jpg"),
+                                   str(tmp_path / "none*.gif")])
     assert files == [tmp_path / "a.png", tmp_path / "b.jpg", tmp_path / "sub" / "c.jpg"]
     assert problems == [f"{tmp_path / 'none*.gif'}: no such file, or no file in it"]
 

@@ -480,10 +480,10 @@ def _help_checks(parser: argparse.ArgumentParser) -> None:
 
 def test_help_of_the_entry_points():
     """Training, predict.py and validation.py --help: no '(default: None)', no doubled default."""
-    import predict
-    import validation
+    from train_utils.evaluation.validate import validation_parser
+    from train_utils.inference.predict import predict_parser
 
-    for parser in (training_parser(), predict.build_parser(), validation.build_parser()):
+    for parser in (training_parser(), predict_parser("predict"), validation_parser("validation")):
         _help_checks(parser)
     with pytest.raises(SystemExit):
         training_parser().parse_args(["--help"])
