@@ -166,6 +166,23 @@ def test_predict_bare_state_dict_needs_backbone(confident_checkpoint, tmp_path, 
 
 
 # ------------------------------------------------------------------------------ helpers
+def test_score_threshold_goes_through_the_model_config(confident_checkpoint):
+    """--score-thresh lowers the detector's box_score_thresh in its config (never raises it), so
+    the model built from that config keeps the low scores."""
+    import argparse
+
+    from train_utils.cli import add_model_arguments
+    from train_utils.loading import load_detector
+
+    parser = argparse.ArgumentParser()
+    add_model_arguments(parser)
+    args = parser.parse_args(["--device", "cpu", "--box-score-thresh", "0.3"])
+    for asked, kept in ((0.01, 0.01), (0.6, 0.3), (None, 0.3)):
+        detector = load_detector(args, str(confident_checkpoint), score_thresh=asked)
+        assert detector.config.box_score_thresh == kept
+        assert detector.model.roi_heads.score_thresh == kept
+
+
 def test_output_names_never_overwrite_inputs(tmp_path):
     a, b = tmp_path / "a", tmp_path / "b"
     inputs = [a / "x.jpg", b / "x.jpg", a / "x.png", a / "y.bmp", b / "z.JPEG"]
