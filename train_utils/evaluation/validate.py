@@ -126,10 +126,11 @@ def validate(args: argparse.Namespace, detector: LoadedDetector) -> Validation:
     loader = DataLoader(dataset, batch_size=max(int(args.batch_size), 1), shuffle=False,
                         num_workers=max(int(args.workers), 0), collate_fn=DetectionDataSet.collate_fn,
                         pin_memory=device.type == "cuda")
+    coco_gt = get_coco_api_from_dataset(dataset)
     print(f"evaluating {args.weights_path} on {dataset.split_file} ({len(dataset)} images, "
           f"{len(detector.class_names)} classes) on {device}")
     start = time.perf_counter()
-    evaluator = evaluate(detector.model, loader, device, get_coco_api_from_dataset(dataset))
+    evaluator = evaluate(detector.model, loader, device, coco_gt)
     elapsed = time.perf_counter() - start
     voc_ap = None if args.voc_metric == "none" else \
         voc_ap_per_class(evaluator.coco_gt, evaluator.detections, args.voc_metric)
