@@ -62,7 +62,8 @@ def predict_parser(description: str) -> argparse.ArgumentParser:
     video.add_argument("--every", type=int, default=1, metavar="N",
                        help="run the model on every N-th frame (one frame per call when N > 1); the frames "
                             "between show its latest detections")
-    video.add_argument("--max-frames", type=int, default=None, metavar="N", help="stop a video or stream after N frames")
+    video.add_argument("--max-frames", type=int, default=None, metavar="N",
+                       help="stop a video or stream after N frames")
     parser.add_argument("--no-draw", action="store_true", help="do not write drawn images or annotated videos")
     parser.add_argument("--workers", type=int, default=2, help="image decoding worker processes (at least 1)")
     add_model_arguments(parser, one_token=True)  # list flags must not swallow the INPUTs

@@ -90,7 +90,8 @@ def run_video(run: Run, source: str, target: Path) -> None:
                                   args.every, batch):
             picked = [frame for frame in chunk if frame[0] % args.every == 0]
             images = [torch.from_numpy(frame[2]).permute(2, 0, 1) for frame in picked]
-            outputs = dict(zip((frame[0] for frame in picked), detect_each(run.detect, images, run.timings, run.device)))
+            detections = detect_each(run.detect, images, run.timings, run.device)
+            outputs = dict(zip((frame[0] for frame in picked), detections))
             failed = next((output for output in outputs.values() if isinstance(output, ValueError)), None)
             if failed is not None:  # every frame has the same size: the rest would fail alike
                 run.skipped += 1
