@@ -1,4 +1,8 @@
-"""Faster R-CNN network: transform, RPN, RoI heads and the model that ties them together."""
+"""Faster R-CNN network: transform, RPN, RoI heads and the model that ties them together.
+
+The low-level ops live in ``network_files/ops/``; ``network_files.fast_path`` and the poolers stay
+importable from here, their public path.
+"""
 from .faster_rcnn_framework import FasterRCNN, FasterRCNNBase, FastRCNNPredictor, TwoMLPHead
 from .ops import fast_path
 from .image_list import ImageList
