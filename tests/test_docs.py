@@ -1,6 +1,7 @@
 """The documentation's links: every relative link and ``#anchor`` in README.md and docs/*.md points
 at an existing file and, for a Markdown file, at one of its headings (GitHub's anchor rules);
-http(s) and other URLs with a scheme are not checked. Every docs page is reachable from the README."""
+http(s) and other URLs with a scheme are not checked. Every docs page is reachable from the README,
+opens with its command, and the README stays a short front door."""
 import re
 from pathlib import Path
 from typing import Iterator, List, Set, Tuple
@@ -102,6 +103,22 @@ def test_every_docs_page_is_linked_from_the_readme():
     linked = {(ROOT / target.partition("#")[0]).resolve()
               for _, target in link_targets(ROOT / "README.md") if not SCHEME.match(target)}
     assert [page.name for page in doc_pages()[1:] if page.resolve() not in linked] == []
+
+
+def test_the_readme_is_a_front_door():
+    """Under 350 lines, with one example for each everyday command."""
+    text = (ROOT / "README.md").read_text(encoding="utf-8")
+    assert len(text.splitlines()) < 350
+    for command in ("Train", "Resume", "Validate", "Predict", "Export"):
+        section = text.split(f"\n### {command}\n", 1)[1]
+        assert section.lstrip().startswith("```bash\npython "), command
+
+
+@pytest.mark.parametrize("page", doc_pages()[1:], ids=lambda page: page.name)
+def test_every_docs_page_opens_with_its_command(page: Path):
+    """A title, then the command a user types, before any prose."""
+    lines = [line for line in page.read_text(encoding="utf-8").splitlines() if line.strip()]
+    assert lines[0].startswith("# ") and lines[1] == "```bash"
 
 
 def test_a_broken_link_or_anchor_is_reported(tmp_path: Path):
