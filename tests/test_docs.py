@@ -4,7 +4,7 @@ http(s) and other URLs with a scheme are not checked. Every docs page is reachab
 opens with its command, and the README stays a short front door."""
 import re
 from pathlib import Path
-from typing import Iterator, List, Set, Tuple
+from typing import Dict, Iterator, List, Set, Tuple
 
 import pytest
 
@@ -13,7 +13,7 @@ ROOT = Path(__file__).resolve().parents[1]
 FENCE = re.compile(r"^\s*(```|~~~)")
 CODE_SPAN = re.compile(r"`+[^`]*`+")
 INLINE_LINK = re.compile(r"!?\[[^\]]*\]\(\s*<?([^)\s>]+)>?(?:\s+\"[^\"]*\")?\s*\)")
-REFERENCE_LINK = re.compile(r"^\s*\[[^\]]+\]:\s*<?([^\s>]+)>?")
+REFERENCE_LINK = re.compile(r"^ {0,3}\[[^\]]+\]:\s*<?([^\s>]+)>?", re.MULTILINE)
 HEADING = re.compile(r"^ {0,3}(#{1,6})\s+(.*?)\s*#*\s*$")
 SCHEME = re.compile(r"^[a-zA-Z][a-zA-Z0-9+.-]*:")
 
@@ -23,14 +23,14 @@ def doc_pages(root: Path = ROOT) -> List[Path]:
     return [root / "README.md"] + sorted((root / "docs").glob("*.md"))
 
 
-def prose_lines(text: str) -> Iterator[Tuple[int, str]]:
-    """(line number, line) of the Markdown text outside fenced code blocks."""
-    in_fence = False
-    for number, line in enumerate(text.splitlines(), start=1):
-        if FENCE.match(line):
-            in_fence = not in_fence
-        elif not in_fence:
-            yield number, line
+def outside_fences(text: str) -> List[str]:
+    """The lines of a Markdown text, those of fenced code blocks (fences included) left empty."""
+    lines, in_fence = [], False
+    for line in text.splitlines():
+        fence = bool(FENCE.match(line))
+        in_fence ^= fence
+        lines.append("" if fence or in_fence else line)
+    return lines
 
 
 def github_slug(title: str) -> str:
@@ -45,8 +45,8 @@ def github_slug(title: str) -> str:
 def heading_anchors(path: Path) -> Set[str]:
     """Every anchor of a Markdown file's headings; a repeated slug gets ``-1``, ``-2``... as on GitHub."""
     anchors: Set[str] = set()
-    seen: dict = {}
-    for _, line in prose_lines(path.read_text(encoding="utf-8")):
+    seen: Dict[str, int] = {}
+    for line in outside_fences(path.read_text(encoding="utf-8")):
         match = HEADING.match(line)
         if not match:
             continue
@@ -58,14 +58,13 @@ def heading_anchors(path: Path) -> Set[str]:
 
 
 def link_targets(path: Path) -> Iterator[Tuple[int, str]]:
-    """(line number, target) of every inline, image and reference-definition link outside code."""
-    for number, line in prose_lines(path.read_text(encoding="utf-8")):
-        line = CODE_SPAN.sub(" ", line)
-        for match in INLINE_LINK.finditer(line):
-            yield number, match.group(1)
-        definition = REFERENCE_LINK.match(line)
-        if definition:
-            yield number, definition.group(1)
+    """(line number, target) of every inline, image and reference-definition link outside code;
+    a link's text may run over several lines."""
+    text = "\n".join(outside_fences(path.read_text(encoding="utf-8")))
+    text = CODE_SPAN.sub(lambda span: re.sub(r"[^\n]", " ", span.group()), text)  # keeps line numbers
+    matches = sorted([*INLINE_LINK.finditer(text), *REFERENCE_LINK.finditer(text)], key=lambda m: m.start())
+    for match in matches:
+        yield text.count("\n", 0, match.start()) + 1, match.group(1)
 
 
 def broken_links(path: Path) -> List[str]:
@@ -137,6 +136,8 @@ def test_a_broken_link_or_anchor_is_reported(tmp_path: Path):
         "[no heading from a fence](docs/page.md#not-a-heading)",
         "[self](#nowhere)",
         "[ref]: docs/missing.png",
+        "[a link over",
+        "two lines](docs/page.md#nowhere)",
     ]) + "\n", encoding="utf-8")
     assert [page.name for page in doc_pages(tmp_path)] == ["README.md", "page.md"]
     assert broken_links(tmp_path / "docs" / "page.md") == []
@@ -146,4 +147,5 @@ def test_a_broken_link_or_anchor_is_reported(tmp_path: Path):
         "README.md:8: link 'docs/page.md#not-a-heading': no heading with anchor '#not-a-heading' in page.md",
         "README.md:9: link '#nowhere': no heading with anchor '#nowhere' in README.md",
         f"README.md:10: link 'docs/missing.png': no file {tmp_path / 'docs' / 'missing.png'}",
+        "README.md:11: link 'docs/page.md#nowhere': no heading with anchor '#nowhere' in page.md",
     ]
