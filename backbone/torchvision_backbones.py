@@ -180,7 +180,7 @@ PREFIX = "tv:"
 class TorchvisionOptions:
     return_nodes: Optional[Tuple[str, ...]] = option(
         None, "tv: backbones: graph nodes feeding the detector, finest first, e.g. "
-              "'features.6,features.12,features.16' (defaults per network in the README)")
+              "'features.6,features.12,features.16' (defaults per network in docs/training.md)")
     fpn: bool = option(True, "tv: backbones: FPN over the return nodes, or --no-fpn for the last node alone")
 
 

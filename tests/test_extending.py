@@ -1,7 +1,7 @@
 """Extending the project without editing it: a module outside the package registers a backbone (a
 tiny CNN with an option of its own) and a dataset format (CSV rows ``image,x1,y1,x2,y2,class``);
 the training script, validation.py and predict.py load it with ``--plugin`` and work end to end.
-The module is the code block of the README's "How the code is organised" section, run as is."""
+The module is the code block of docs/architecture.md's "Adding a backbone or a format", run as is."""
 import json
 import os
 import subprocess
@@ -16,18 +16,18 @@ from conftest import ROOT, TINY_COMMON_FLAGS
 from backbone import read_weight_file
 
 
-def readme_plugin() -> str:
-    """The plugin module the README shows under "How the code is organised"."""
-    text = (ROOT / "README.md").read_text()
+def documented_plugin() -> str:
+    """The plugin module docs/architecture.md shows under "Adding a backbone or a format"."""
+    text = (ROOT / "docs" / "architecture.md").read_text(encoding="utf-8")
     block = text.split("<!-- plugin-example -->\n```python\n", 1)[1]
     return block.split("\n```", 1)[0]
 
 
 @pytest.fixture(scope="module")
 def plugin_dir(tmp_path_factory) -> Path:
-    """``tiny_plugin.py`` (the README's backbone and CSV format) in a folder outside the project."""
+    """``tiny_plugin.py`` (the documented backbone and CSV format) in a folder outside the project."""
     folder = tmp_path_factory.mktemp("plugins")
-    (folder / "tiny_plugin.py").write_text(readme_plugin())
+    (folder / "tiny_plugin.py").write_text(documented_plugin())
     return folder
 
 

@@ -17,7 +17,7 @@ byte-identical for the same arguments.
 ``--object-size``, ``--objects`` and ``--one-colour`` make harder sets (a :class:`Recipe`): e.g.
 ``--object-size 0.04 0.08 --objects 8 20`` asks for 8-20 objects of 4-8% of the side per image
 (fewer where a placement would hide an earlier object too much), the small-object set of the
-README's anchor experiments.
+anchor experiments in docs/anchors.md.
 """
 from __future__ import annotations
 

@@ -24,7 +24,7 @@ class Recipe:
 # ("end2end") training: experiments/scripts/faster_rcnn_end2end.sh (70k iterations),
 # models/pascal_voc/VGG16/faster_rcnn_end2end/{train,solver}.prototxt, lib/fast_rcnn/config.py
 # (experiments/cfgs/faster_rcnn_end2end.yml changes none of the values below), and Ren et al.,
-# NIPS 2015, section 3. The sources of every value: the README table of the paper recipe.
+# NIPS 2015, section 3. The sources of every value: the table in docs/paper-recipe.md.
 PAPER_VGG16 = Recipe(
     help="Faster R-CNN VGG16 on VOC07 trainval as in the paper / py-faster-rcnn end2end (epochs for 5011 images)",
     values={
