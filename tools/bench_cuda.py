@@ -227,7 +227,8 @@ def run(cases: Sequence[Case], device: torch.device, tiny: bool, quick: bool,
                 pairs[case.arch] = prepare_pair(case.arch, device, tiny)
             result = run_case(case, pairs[case.arch], size, device, rotations, block_s, peak)
         except Exception as error:  # noqa: BLE001 - one failed case must not cost the others
-            print_fn(f"| {case.name} | error: {type(error).__name__}: {str(error).splitlines()[0][:200]} |")
+            first_line = (str(error).splitlines() or [""])[0][:200]
+            print_fn(f"| {case.name} | error: {type(error).__name__}: {first_line} |")
             records.append({"case": case.name, "error": f"{type(error).__name__}: {error}"})
             continue
         print_fn(result.row())
