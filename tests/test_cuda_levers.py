@@ -125,19 +125,53 @@ def test_cached_folded_weights_follow_changes(monkeypatch):
 
 
 def training_run(model: nn.Module, images, targets, amp: bool) -> Tuple[Dict[str, torch.Tensor], Dict[str, float], torch.Tensor]:
-    """One training step under seed 0: (FPN features, losses, all gradients flattened in float64)."""
+    """One training step under seed 0, in bf16 autocast if ``amp`` (on the images' device):
+    (FPN features, losses, all gradients flattened in float64)."""
     captured = {}
     hook = model.backbone.register_forward_hook(lambda module, args, out: captured.update(out))
     model.zero_grad(set_to_none=True)
     torch.manual_seed(0)
+    device_type = images[0].device.type
     try:
-        with bf16() if amp else contextlib.nullcontext():
+        with torch.autocast(device_type, dtype=torch.bfloat16) if amp else contextlib.nullcontext():
             losses = model(images, targets)
         sum(losses.values()).backward()
     finally:
         hook.remove()
     grads = torch.cat([p.grad.double().flatten() for p in model.parameters() if p.grad is not None])
     return ({k: v.detach() for k, v in captured.items()}, {k: v.item() for k, v in losses.items()}, grads)
+
+
+def assert_bf16_levers_match_torchvision(ours: nn.Module, theirs: nn.Module, images, targets) -> str:
+    """A bf16 training step of ours (the levers on where the caller put them) against
+    torchvision's in bf16 and in float32; returns the figures measured. (On CUDA the float32 step
+    keeps PyTorch's default TF32 convolutions: 10 mantissa bits against bf16's 7, a reference
+    still 8 times finer than the gaps measured here.)"""
+    features32, losses32, grads32 = training_run(theirs, images, targets, amp=False)
+    features_tv, losses_tv, grads_tv = training_run(theirs, images, targets, amp=True)
+    features, losses, grads = training_run(ours, images, targets, amp=True)
+
+    assert set(features) == set(features32) == {"0", "1", "2", "3", "pool"}
+    gaps = []
+    for name, reference in features32.items():
+        assert features[name].dtype == torch.bfloat16  # the levers ran: folded, bf16 throughout
+        assert features[name].is_contiguous(memory_format=torch.channels_last)
+        torchvision_gap = relative(features_tv[name], reference)
+        gaps.append((relative(features[name], features_tv[name]), relative(features[name], reference), torchvision_gap))
+        assert gaps[-1][0] <= 2 * torchvision_gap, (name, gaps[-1])
+        assert gaps[-1][1] <= 1.25 * torchvision_gap, (name, gaps[-1])  # measured on the CPU: at most 1.02
+    # The losses are single numbers, so their bf16 errors scatter more: each may be off float32
+    # by 1e-2 relative or by twice torchvision's own bf16 error (measured on the CPU: classification
+    # loss float32 14.48, torchvision bf16 14.65, ours 14.29; the other three within 0.2%).
+    for name, reference in losses32.items():
+        allowed = max(1e-2 * abs(reference), 2 * abs(losses_tv[name] - reference))
+        assert abs(losses[name] - reference) <= allowed, (name, losses[name], losses_tv[name], reference)
+    cosines = [F.cosine_similarity(a, b, dim=0).item() for a, b in ((grads, grads_tv), (grads, grads32), (grads_tv, grads32))]
+    # Measured on the CPU: ours vs torchvision 0.99911, ours vs float32 0.99934, torchvision vs float32 0.99900.
+    assert cosines[0] >= 0.999 and cosines[1] >= cosines[2] - 5e-4, cosines
+    worst = max(gaps, key=lambda g: g[0] / g[2])
+    return (f"features (worst level) ours-torchvision {worst[0]:.4f}, ours-float32 {worst[1]:.4f}, torchvision-float32 "
+            f"{worst[2]:.4f}; gradient cosines ours-tv {cosines[0]:.5f}, ours-fp32 {cosines[1]:.5f}, tv-fp32 {cosines[2]:.5f}")
 
 
 def test_r50_fpn_bf16_training_with_the_levers_matches_torchvision_under_bf16():
@@ -148,27 +182,23 @@ def test_r50_fpn_bf16_training_with_the_levers_matches_torchvision_under_bf16():
         model.transform.min_size, model.transform.max_size = (128,), 160
         model.train()
     images, targets = make_inputs(2, (128, 160), regime="plain")
-    features32, losses32, grads32 = training_run(theirs, images, targets, amp=False)
-    features_tv, losses_tv, grads_tv = training_run(theirs, images, targets, amp=True)
     with fast_path.force_cuda_levers():
-        features, losses, grads = training_run(ours, images, targets, amp=True)
+        assert_bf16_levers_match_torchvision(ours, theirs, images, targets)
 
-    assert set(features) == set(features32) == {"0", "1", "2", "3", "pool"}
-    for name, reference in features32.items():
-        assert features[name].dtype == torch.bfloat16  # the levers ran: folded, bf16 throughout
-        assert features[name].is_contiguous(memory_format=torch.channels_last)
-        torchvision_gap = relative(features_tv[name], reference)
-        assert relative(features[name], features_tv[name]) <= 2 * torchvision_gap, name
-        assert relative(features[name], reference) <= 1.1 * torchvision_gap, name
-    # The losses are single numbers, so their bf16 errors scatter more: each may be off float32
-    # by 1e-2 relative or by twice torchvision's own bf16 error (measured: classification loss
-    # float32 14.48, torchvision bf16 14.65, ours 14.29; the other three within 0.2%).
-    for name, reference in losses32.items():
-        allowed = max(1e-2 * abs(reference), 2 * abs(losses_tv[name] - reference))
-        assert abs(losses[name] - reference) <= allowed, name
-    # Measured: ours vs torchvision 0.99911, ours vs float32 0.99934, torchvision vs float32 0.99900.
-    assert F.cosine_similarity(grads, grads_tv, dim=0) >= 0.999
-    assert F.cosine_similarity(grads, grads32, dim=0) >= F.cosine_similarity(grads_tv, grads32, dim=0) - 5e-4
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_r50_fpn_bf16_training_with_the_levers_on_cuda():
+    """The same on a GPU, where the levers apply unforced: 2 VOC-sized images (800x1066 inside)."""
+    from tools.benchmark import VOC_SIZE, build_pair, make_inputs
+
+    device = torch.device("cuda")
+    ours, theirs = (model.to(device).train() for model in build_pair("r50", regime="plain"))
+    images, targets = make_inputs(2, VOC_SIZE, regime="plain")
+    images = [image.to(device) for image in images]
+    targets = [{k: v.to(device) for k, v in target.items()} for target in targets]
+    print(f"\ncuda levers bf16: {assert_bf16_levers_match_torchvision(ours, theirs, images, targets)}", flush=True)
+    del ours, theirs
+    torch.cuda.empty_cache()
 
 
 def match_detections(got: Dict[str, torch.Tensor], expected: Dict[str, torch.Tensor]) -> List[bool]:

@@ -45,7 +45,8 @@ def test_failed_test_gives_its_exit_code_logs_and_a_summary(tmp_path):
     assert done.returncode == 1, done.stderr
     assert sorted(p.name for p in out.iterdir()) == ["benchmark.log", "env.txt", "pytest.log", "summary.txt"]
     pytest_args = (out / "pytest.log").read_text().splitlines()[0]
-    assert pytest_args.endswith(f"--junitxml {out}/pytest.xml tests/test_cuda.py -k amp")
+    assert pytest_args.endswith(f"--junitxml {out}/pytest.xml tests/test_cuda.py "
+                                "tests/test_cuda_levers.py::test_r50_fpn_bf16_training_with_the_levers_on_cuda -k amp")
     bench_args = (out / "benchmark.log").read_text().splitlines()[0]
     assert bench_args == f"benchmark args: tools/benchmark.py --device cuda --json {out}/benchmark.json --quick"
     assert "python 3.12, torch 9.9 (env)" in (out / "env.txt").read_text()

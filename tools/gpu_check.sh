@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Check this build on an NVIDIA GPU in one go (under 6 minutes on one GPU): tests/test_cuda.py (AMP +
 # GradScaler resume, CUDA random states in checkpoints, torchrun/NCCL, pinned-memory loading, GPU vs
-# CPU evaluation, ResNet50-FPN ours vs torchvision), then `tools/benchmark.py --device cuda` (the
+# CPU evaluation, ResNet50-FPN ours vs torchvision) and the bf16 levers test of
+# tests/test_cuda_levers.py, then `tools/benchmark.py --device cuda` (the
 # model cases in float32/bf16/fp16), then a one-screen summary.
 #
 #     tools/gpu_check.sh                          # from any folder
@@ -64,11 +65,13 @@ VERSIONS=$("$PY" -c 'import torch, torchvision; print(f"torch {torch.__version__
 export CUBLAS_WORKSPACE_CONFIG="${CUBLAS_WORKSPACE_CONFIG:-:4096:8}"
 export PYTHONUNBUFFERED=1
 
+# The GPU speed levers against torchvision under bf16 (the rest of that file runs on the CPU).
+LEVERS_TEST=tests/test_cuda_levers.py::test_r50_fpn_bf16_training_with_the_levers_on_cuda
 echo "== pytest tests/test_cuda.py on $GPU (limit ${GPU_CHECK_TEST_LIMIT:-240}s)"
 start=$SECONDS
 # SIGINT at the limit: pytest stops like on Ctrl-C and its subprocess.run calls kill the training runs.
 timeout -s INT -k 30 "${GPU_CHECK_TEST_LIMIT:-240}" "$PY" -m pytest -q -p no:cacheprovider -rfE -s \
-    --junitxml "$OUT/pytest.xml" tests/test_cuda.py "$@" 2>&1 | tee "$OUT/pytest.log"
+    --junitxml "$OUT/pytest.xml" tests/test_cuda.py "$LEVERS_TEST" "$@" 2>&1 | tee "$OUT/pytest.log"
 test_rc=${PIPESTATUS[0]}
 test_s=$((SECONDS - start))
 
