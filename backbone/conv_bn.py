@@ -68,7 +68,8 @@ def cached_folded_parameters(conv: nn.Conv2d, bn: nn.Module, dtype: torch.dtype)
     key = (dtype, tuple((t.data_ptr(), t._version) for t in sources))
     cached = bn.__dict__.get("_folded_cache")
     if cached is None or cached[0] != key:
-        with torch.no_grad():
+        # Normal tensors even when made in inference mode: a training step may reuse them.
+        with torch.inference_mode(False), torch.no_grad():
             weight, bias = folded_parameters(conv, bn)
         cached = (key, weight.to(dtype), bias)
         bn.__dict__["_folded_cache"] = cached  # a plain attribute: not in the state dict

@@ -124,6 +124,23 @@ def test_cached_folded_weights_follow_changes(monkeypatch):
         assert len(folds) == 2 and block[0].weight.grad is not None
 
 
+def test_folded_weights_cached_by_an_inference_serve_training(monkeypatch):
+    """Made in inference mode (an evaluation), the cached folded weights of a frozen stage are
+    reused by the next training step, whose backward needs them."""
+    folds = count_folds(monkeypatch)
+    torch.manual_seed(0)
+    block = ConvBNSequential(nn.Conv2d(3, 4, 3, padding=1), FrozenBatchNorm2d(4)).requires_grad_(False)
+    randomise_norms_(block, seed=3)
+    x = torch.randn(1, 3, 6, 6, requires_grad=True)
+    with fast_path.force_cuda_levers():
+        with torch.inference_mode():
+            block(x.detach())
+        block(x).square().sum().backward()
+    assert len(folds) == 1 and x.grad is not None
+    expected = torch.autograd.grad(block[1](block[0](x)).square().sum(), x)[0]
+    torch.testing.assert_close(x.grad, expected, rtol=1e-5, atol=1e-5)
+
+
 def training_run(model: nn.Module, images, targets, amp: bool) -> Tuple[Dict[str, torch.Tensor], Dict[str, float], torch.Tensor]:
     """One training step under seed 0, in bf16 autocast if ``amp`` (on the images' device):
     (FPN features, losses, all gradients flattened in float64)."""
