@@ -209,15 +209,18 @@ def prepare_pair(arch: str, device: torch.device, tiny: bool) -> Tuple[torch.nn.
 
 
 def run(cases: Sequence[Case], device: torch.device, tiny: bool, quick: bool,
-        print_fn: Callable[[str], None] = print) -> List[Dict]:
-    """Every case in turn, each row printed as it is measured; a case that fails prints its error
+        print_fn: Callable[[str], None] = print,
+        on_records: Callable[[List[Dict]], None] = lambda records: None) -> List[Dict]:
+    """Every case in turn, each row printed as it is measured and ``on_records`` called with the
+    records so far (a run stopped at a time limit keeps them); a case that fails prints its error
     and the others still run. Returns one dict per case (an "error" key for the failed ones)."""
     size = TINY_SIZE if tiny else VOC_SIZE
     rotations, block_s = (3, 0.1) if quick else (5, 0.25)
     peak = matmul_peak(device, 256 if tiny else 8192)
     print_fn(f"device {device_name(device)}; torch {torch.__version__}, torchvision {torchvision.__version__}; "
              f"bf16 matmul peak {peak / 1e12:.3g} TFLOP/s (measured); images {size[0]}x{size[1]}, 4 boxes each; "
-             f"fast path {'on' if fast_path.enabled() else 'off (reference mode)'}; {rotations} rotations")
+             f"fast path {'on' if fast_path.enabled() else 'off (reference mode)'}, CUDA levers "
+             f"{'on' if fast_path.cuda_levers(device) else 'off'}; {rotations} rotations")
     print_fn(TABLE_HEADER)
     pairs: Dict[str, Tuple[torch.nn.Module, ...]] = {}
     records = []
@@ -230,9 +233,10 @@ def run(cases: Sequence[Case], device: torch.device, tiny: bool, quick: bool,
             first_line = (str(error).splitlines() or [""])[0][:200]
             print_fn(f"| {case.name} | error: {type(error).__name__}: {first_line} |")
             records.append({"case": case.name, "error": f"{type(error).__name__}: {error}"})
-            continue
-        print_fn(result.row())
-        records.append({**asdict(result), "ratio": result.ratio, "peak_fraction": result.peak_fraction})
+        else:
+            print_fn(result.row())
+            records.append({**asdict(result), "ratio": result.ratio, "peak_fraction": result.peak_fraction})
+        on_records(records)
     return records
 
 
@@ -246,7 +250,7 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     parser.add_argument("--tiny", action="store_true", help=f"{TINY_SIZE[0]}x{TINY_SIZE[1]} images (CPU tests)")
     parser.add_argument("--reference", action="store_true",
                         help="run ours in fast_path.reference_mode() (torchvision's exact sequence, no levers)")
-    parser.add_argument("--json", default=None, help="also write the rows to this file")
+    parser.add_argument("--json", default=None, help="also write the rows to this file (rewritten after each case)")
     args = parser.parse_args(argv)
     names = args.cases or (QUICK_CASES if args.quick else FULL_CASES)
     try:
@@ -262,10 +266,12 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     device = torch.device(args.device)
     if device.type == "cuda" and not torch.cuda.is_available():
         raise SystemExit(f"--device {args.device}: CUDA is not available here (torch {torch.__version__})")
+    def write_json(records: List[Dict]) -> None:
+        if args.json:
+            Path(args.json).write_text(json.dumps(records, indent=2))
+
     with fast_path.reference_mode() if args.reference else contextlib.nullcontext():
-        records = run(args.cases, device, args.tiny, args.quick, lambda line: print(line, flush=True))
-    if args.json:
-        Path(args.json).write_text(json.dumps(records, indent=2))
+        records = run(args.cases, device, args.tiny, args.quick, lambda line: print(line, flush=True), write_json)
     return 0 if all("error" not in record for record in records) else 1
 
 
