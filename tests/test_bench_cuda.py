@@ -77,4 +77,4 @@ def test_benchmark_py_hands_device_runs_to_bench_cuda():
     done = subprocess.run([sys.executable, str(ROOT / "tools" / "benchmark.py"), "--device", "cpu",
                            "--cases", "train_r50_b8_fp64"], capture_output=True, text=True, timeout=120)
     assert done.returncode == 2
-    assert "tools/benchmark.py --device: error: case 'train_r50_b8_fp64': expected" in done.stderr
+    assert "tools/benchmark.py: error: case 'train_r50_b8_fp64': expected" in done.stderr

@@ -1,9 +1,9 @@
 """Model cases on one device, ours vs torchvision's detector, with mixed precision and the GPU's peak.
 
-    python tools/benchmark.py --device cuda            # every case below, about 2 minutes on an H200
+    python tools/benchmark.py --device cuda            # every case below (sized for about 2 minutes on an H200)
     python tools/benchmark.py --device cuda --quick    # five cases, fewer iterations
     python tools/benchmark.py --device cuda --cases train_r50_b8_bf16 infer_r50_b1_fp32
-    python tools/benchmark.py --device cpu --tiny --quick   # the same code at 96x128 on the CPU
+    python tools/benchmark.py --device cpu --tiny --quick   # the same code at 64x96 on the CPU
 
 A case is ``{train,infer}_{r50,mbv2}_b{batch}_{fp32,bf16,fp16}``: a training step (forward under
 autocast, backward, gradients cleared) or an inference of ``batch`` 375x500 images (resized to
@@ -241,7 +241,7 @@ def run(cases: Sequence[Case], device: torch.device, tiny: bool, quick: bool,
 
 
 def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="tools/benchmark.py --device", description=__doc__,
+    parser = argparse.ArgumentParser(prog="tools/benchmark.py", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--device", required=True, help="cuda, cuda:N or cpu")
     parser.add_argument("--cases", nargs="+", default=None,
