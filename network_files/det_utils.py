@@ -1,10 +1,29 @@
 """Building blocks shared by the RPN and the box head: box encoding, matching, sampling, losses."""
 import math
-from typing import List, Tuple
+from typing import Dict, List, Sequence, Tuple
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+
+from .tracing import is_tracing
+
+ConstantCache = Dict[Tuple[Tuple[float, ...], torch.dtype, torch.device], Tensor]
+
+
+def device_constant(cache: ConstantCache, values: Sequence[float], dtype: torch.dtype, device: torch.device) -> Tensor:
+    """``torch.tensor(values)`` ``[len(values)]`` in ``dtype`` on ``device``, made once and kept in
+    ``cache`` (keyed by the values too, so changed values are honoured): on a GPU each fresh one
+    is a host-to-device copy the host waits for. Made outside inference mode, so that one cached
+    by an inference serves training too; not cached while tracing (export)."""
+    key = (tuple(values), dtype, device)
+    tensor = cache.get(key)
+    if tensor is None:
+        with torch.inference_mode(False):
+            tensor = torch.tensor(key[0], dtype=dtype, device=device)
+        if not is_tracing():
+            cache[key] = tensor
+    return tensor
 
 
 class BalancedPositiveNegativeSampler:
@@ -59,6 +78,7 @@ class BoxCoder:
     ) -> None:
         self.weights = weights
         self.bbox_xform_clip = bbox_xform_clip
+        self._constants: ConstantCache = {}
 
     def encode(self, matched_boxes: List[Tensor], anchors: List[Tensor]) -> List[Tensor]:
         """Per-image version of :meth:`encode_single`; returns one ``[N_i, 4]`` tensor per image."""
@@ -68,7 +88,7 @@ class BoxCoder:
 
     def encode_single(self, matched_boxes: Tensor, anchors: Tensor) -> Tensor:
         """Offsets ``[N, 4]`` that turn ``anchors [N, 4]`` into ``matched_boxes [N, 4]``."""
-        wx, wy, ww, wh = torch.as_tensor(self.weights, dtype=matched_boxes.dtype, device=matched_boxes.device)
+        wx, wy, ww, wh = device_constant(self._constants, self.weights, matched_boxes.dtype, matched_boxes.device)
         anchor_w = anchors[:, 2:3] - anchors[:, 0:1]
         anchor_h = anchors[:, 3:4] - anchors[:, 1:2]
         anchor_cx = anchors[:, 0:1] + 0.5 * anchor_w

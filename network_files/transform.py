@@ -6,6 +6,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from .det_utils import ConstantCache, device_constant
 from .image_list import ImageList
 from .ops.tracing import Size, is_tracing, size_tensor
 
@@ -48,6 +49,7 @@ class GeneralizedRCNNTransform(nn.Module):
         self.image_std = list(image_std)
         self.size_divisible = size_divisible
         self.fixed_size = fixed_size
+        self._constants: ConstantCache = {}
 
     def forward(
         self, images: List[Tensor], targets: Optional[List[Dict[str, Tensor]]] = None
@@ -76,8 +78,8 @@ class GeneralizedRCNNTransform(nn.Module):
                 f"images must be float tensors scaled to [0, 1], got dtype {image.dtype} "
                 "(convert with image.float() / 255 or train_utils.data.transforms.ToTensor)"
             )
-        mean = torch.as_tensor(self.image_mean, dtype=image.dtype, device=image.device)
-        std = torch.as_tensor(self.image_std, dtype=image.dtype, device=image.device)
+        mean = device_constant(self._constants, self.image_mean, image.dtype, image.device)
+        std = device_constant(self._constants, self.image_std, image.dtype, image.device)
         return (image - mean[:, None, None]) / std[:, None, None]
 
     def random_min_size(self) -> int:

@@ -95,11 +95,13 @@ def assert_cuda_states(states: list) -> None:
 
 # ------------------------------------------------------------------------------------------ AMP
 def test_amp_fp16_run_resumes_with_its_grad_scaler(demo_voc, tmp_path):
-    """--amp on CUDA: float16 autocast with a GradScaler whose state the checkpoint holds and a
-    resume restores; 1 epoch + a resumed epoch ends near the 2 epochs run in one go."""
+    """--amp --amp-dtype float16 on CUDA: float16 autocast with a GradScaler whose state the
+    checkpoint holds and a resume restores; 1 epoch + a resumed epoch ends near the 2 epochs run
+    in one go."""
     reference, interrupted = tmp_path / "reference", tmp_path / "interrupted"
-    train("train_mobilenet.py", demo_voc, reference, "--device", "cuda", "--amp", "--epochs", "2")
-    train("train_mobilenet.py", demo_voc, interrupted, "--device", "cuda", "--amp", "--epochs", "1")
+    fp16 = ("--device", "cuda", "--amp", "--amp-dtype", "float16")  # --amp alone is bf16 from Ampere on
+    train("train_mobilenet.py", demo_voc, reference, *fp16, "--epochs", "2")
+    train("train_mobilenet.py", demo_voc, interrupted, *fp16, "--epochs", "1")
 
     first = load(interrupted / "last.pth")
     assert first["epoch"] == 0 and first["progress"] is None
@@ -111,7 +113,7 @@ def test_amp_fp16_run_resumes_with_its_grad_scaler(demo_voc, tmp_path):
     assert_cuda_states(first["rng_state"][0]["cuda"])
 
     # What a resume restores, compared exactly: the scaler, the schedule position, the random states.
-    trainer = set_up_resume(demo_voc, interrupted, "--amp", "--epochs", "2")
+    trainer = set_up_resume(demo_voc, interrupted, "--amp", "--amp-dtype", "float16", "--epochs", "2")
     assert trainer.amp_dtype == torch.float16 and trainer.scaler is not None
     assert trainer.scaler.state_dict() == scaler
     assert trainer.start_epoch == 1 and trainer.scheduler.last_epoch == 4
@@ -121,7 +123,7 @@ def test_amp_fp16_run_resumes_with_its_grad_scaler(demo_voc, tmp_path):
     del trainer
     torch.cuda.empty_cache()
 
-    done = train("train_mobilenet.py", demo_voc, interrupted, "--device", "cuda", "--amp", "--epochs", "2",
+    done = train("train_mobilenet.py", demo_voc, interrupted, *fp16, "--epochs", "2",
                  "--resume", "auto")
     assert "resumed from" in done.stdout and "at epoch 1" in done.stdout
     assert_finite_losses(reference)

@@ -80,10 +80,14 @@ def test_evaluation_during_amp_training_is_float32(demo_voc, tmp_path):
     assert json.loads(report.with_suffix(".json").read_text())["coco_stats"] == pytest.approx(logged, abs=1e-12)
 
 
-def test_amp_dtype_defaults_and_choice():
-    """--amp: float16 (+ GradScaler) on CUDA, bfloat16 on the CPU; --amp-dtype names another."""
+def test_amp_dtype_defaults_and_choice(monkeypatch):
+    """--amp: bfloat16 on the CPU and on CUDA GPUs from Ampere on (compute capability 8.0),
+    float16 (+ GradScaler) on older ones; --amp-dtype names another."""
     cuda, cpu = torch.device("cuda", 0), torch.device("cpu")
-    assert (amp_dtype(cuda), amp_dtype(cpu)) == (torch.float16, torch.bfloat16)
+    for capability, dtype in (((7, 5), torch.float16), ((8, 0), torch.bfloat16), ((9, 0), torch.bfloat16)):
+        monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: capability)
+        assert amp_dtype(cuda) == dtype, capability
+    assert amp_dtype(cpu) == torch.bfloat16
     assert (amp_dtype(cuda, "bfloat16"), amp_dtype(cpu, "float16")) == (torch.bfloat16, torch.float16)
     parser = build_parser("t", {})
     assert parse(parser, ["--amp", "--amp-dtype", "bfloat16"]).amp_dtype == "bfloat16"

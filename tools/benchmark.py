@@ -8,6 +8,7 @@
     python tools/benchmark.py --cases epoch_end   # what blocks every rank at an epoch end (2 gloo ranks)
     python tools/benchmark.py --cases predict_mbv2 predict_r50  # predict.py on 100 JPEGs vs a plain loop
     python tools/benchmark.py --cases report  # validation.py --report on 1000 images x 100 detections
+    python tools/benchmark.py --device cuda   # the model cases on a GPU, float32/bf16/fp16 (tools/bench_cuda.py)
 
 Each case builds torchvision's model with random weights, copies its state dict into ours, then
 times the two alternately (ours, theirs, ours, ...) and reports medians and the ratio
@@ -541,6 +542,9 @@ def predict_case(arch: str, count: int = 100) -> Dict[str, float]:
 
 
 def main() -> None:
+    if any(arg == "--device" or arg.startswith("--device=") for arg in sys.argv[1:]):
+        from tools.bench_cuda import main as device_main  # its own options: see --device cuda --help
+        sys.exit(device_main(sys.argv[1:]))
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     extra = ["data", "checkpoint", "epoch_end", "predict_mbv2", "predict_r50", "report"]
     parser.add_argument("--cases", nargs="+", default=list(CASES) + extra, choices=list(CASES) + extra)

@@ -19,11 +19,14 @@ AMP_DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
 def amp_dtype(device: torch.device, name: Optional[str] = None) -> torch.dtype:
-    """The autocast dtype of ``--amp`` (``--amp-dtype`` ``name``): float16 on CUDA (with a
-    GradScaler), bfloat16 on the CPU, unless named."""
+    """The autocast dtype of ``--amp`` (``--amp-dtype`` ``name``): bfloat16 (float32's range, no
+    GradScaler) on the CPU and on CUDA GPUs with bf16 tensor cores (compute capability 8.0 on:
+    Ampere, Hopper), float16 with a GradScaler on older GPUs; or the dtype named."""
     if name is not None:
         return AMP_DTYPES[name]
-    return torch.float16 if device.type == "cuda" else torch.bfloat16
+    if device.type == "cuda" and torch.cuda.get_device_capability(device) < (8, 0):
+        return torch.float16
+    return torch.bfloat16
 
 
 def autocast_context(device: torch.device, dtype: Optional[torch.dtype]):

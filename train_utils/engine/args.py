@@ -82,9 +82,10 @@ def _add_optimisation_flags(p: argparse.ArgumentParser, distributed: bool) -> No
     opt.add_argument("--warmup-iters", type=int, default=-1,
                      help="linear warmup iterations; -1 = the first epoch (at most 1000 iterations), 0 = none")
     opt.add_argument("--clip-grad-norm", type=float, default=0.0, help="clip the gradient norm (0 = off)")
-    opt.add_argument("--amp", action="store_true", help="mixed precision: fp16 + GradScaler on CUDA, bf16 on CPU")
+    opt.add_argument("--amp", action="store_true", help="mixed precision: bf16 on the CPU and on CUDA GPUs from Ampere on, "
+                     "fp16 + GradScaler on older GPUs")
     opt.add_argument("--amp-dtype", choices=sorted(AMP_DTYPES), default=None,
-                     help="the --amp dtype instead of those defaults (bfloat16 on CUDA needs no GradScaler)")
+                     help="the --amp dtype instead of those defaults (float16 on CUDA comes with a GradScaler)")
     opt.add_argument("--seed", type=int, default=0)
 
 
