@@ -6,7 +6,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .tracing import is_tracing
+from .ops.tracing import is_tracing
 
 ConstantCache = Dict[Tuple[Tuple[float, ...], torch.dtype, torch.device], Tensor]
 

@@ -377,7 +377,7 @@ def test_r50_fpn_ours_and_torchvision_on_cuda():
     same losses and detections within tolerance, and the time of a training step and of an
     inference, printed (no timing is asserted)."""
     from network_files.ops import fast_path
-    from tools.benchmark import VOC_SIZE, build_pair, infer_step, make_inputs, train_step
+    from tools.bench_models import VOC_SIZE, build_pair, infer_step, make_inputs, train_step
 
     device = torch.device("cuda")
     ours, theirs = (model.to(device) for model in build_pair("r50"))

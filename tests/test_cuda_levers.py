@@ -21,7 +21,7 @@ from my_dataset import VOCDataSet
 from network_files import fast_path
 from test_fast_path import count_folds, randomise_norms_
 from train_utils.data.transforms import get_transforms
-from train_utils.inference.loading import load_model
+from train_utils.loading import load_model
 
 
 def bf16():
@@ -192,7 +192,7 @@ def assert_bf16_levers_match_torchvision(ours: nn.Module, theirs: nn.Module, ima
 
 
 def test_r50_fpn_bf16_training_with_the_levers_matches_torchvision_under_bf16():
-    from tools.benchmark import build_pair, make_inputs
+    from tools.bench_models import build_pair, make_inputs
 
     ours, theirs = build_pair("r50", regime="plain")
     for model in (ours, theirs):
@@ -206,7 +206,7 @@ def test_r50_fpn_bf16_training_with_the_levers_matches_torchvision_under_bf16():
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 def test_r50_fpn_bf16_training_with_the_levers_on_cuda():
     """The same on a GPU, where the levers apply unforced: 2 VOC-sized images (800x1066 inside)."""
-    from tools.benchmark import VOC_SIZE, build_pair, make_inputs
+    from tools.bench_models import VOC_SIZE, build_pair, make_inputs
 
     device = torch.device("cuda")
     ours, theirs = (model.to(device).train() for model in build_pair("r50", regime="plain"))

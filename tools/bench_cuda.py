@@ -35,7 +35,7 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 from network_files import fast_path  # noqa: E402
-from tools.benchmark import VOC_SIZE, build_pair, make_inputs  # noqa: E402
+from tools.bench_models import VOC_SIZE, build_pair, make_inputs  # noqa: E402
 
 DTYPES = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 CASE_PATTERN = re.compile(r"^(train|infer)_(r50|mbv2)_b(\d+)_(fp32|bf16|fp16)$")
