@@ -6,7 +6,7 @@ from typing import Any, Dict, Optional, Sequence
 from train_utils.cli import AUTO_ANCHORS, add_model_flags, model_config_from_args
 from train_utils.data.catalog import format_names, layout_help
 from train_utils.data.classes import AUTO_CLASSES
-from train_utils.device import AMP_DTYPES
+from train_utils.device import AMP_DTYPES, TF32_CHOICES, add_tf32_flag
 from train_utils.engine.control import DEFAULT_CHECKPOINT_EVERY, CheckpointEvery
 from train_utils.engine.hooks import summary_writer_class
 from train_utils.engine.recipes import add_recipe_flag, parse_with_recipe
@@ -86,6 +86,10 @@ def _add_optimisation_flags(p: argparse.ArgumentParser, distributed: bool) -> No
     opt.add_argument("--amp-dtype", choices=sorted(AMP_DTYPES), default=None,
                      help="the --amp dtype instead of those defaults (bfloat16 on CUDA needs no GradScaler)")
     opt.add_argument("--seed", type=int, default=0)
+    opt.add_argument("--tf32", choices=list(TF32_CHOICES), default="default",
+                     help="TF32 convolutions and matmuls while training on Ampere or later GPUs: PyTorch's "
+                          "default (convolutions in TF32, matmuls in float32), on, or off (see docs/gpus.md)")
+    add_tf32_flag(opt, "--eval-tf32")
 
 
 def _add_run_flags(p: argparse.ArgumentParser, distributed: bool) -> None:

@@ -29,7 +29,7 @@ from train_utils.data.classes import AUTO_CLASSES
 from train_utils.data.samplers import (GroupedBatchSampler, ResumableBatches, SeededSamples,
                                        create_aspect_ratio_groups)
 from train_utils.data.transforms import get_transforms
-from train_utils.device import amp_dtype, resolve_device
+from train_utils.device import TF32_CHOICES, amp_dtype, resolve_device, tf32_mode
 from train_utils.engine import distributed as dist_utils
 from train_utils.engine import rng
 from train_utils.engine.control import (CheckpointEvery, ImmediateStop, RunControl, StopSignals, TrainingStopped,
@@ -416,16 +416,18 @@ class Trainer:
         state = self.start_state if self.start_state and self.start_state.epoch == epoch else EpochState(epoch)
         self.train_batches.set_epoch(epoch, skip=state.iteration)
         start = time.time()
-        stats = train_one_epoch(
-            self.model, self.optimizer, self.train_loader, self.device, state, self.scheduler, self.scaler,
-            self.amp_dtype, args.clip_grad_norm, args.print_freq,
-            describe_images=lambda ids: ", ".join(self.train_set.ids[i] for i in ids),
-            after_step=self.after_step)
+        with tf32_mode(TF32_CHOICES[args.tf32]):
+            stats = train_one_epoch(
+                self.model, self.optimizer, self.train_loader, self.device, state, self.scheduler, self.scaler,
+                self.amp_dtype, args.clip_grad_norm, args.print_freq,
+                describe_images=lambda ids: ", ".join(self.train_set.ids[i] for i in ids),
+                after_step=self.after_step)
         stats["epoch_time"] = time.time() - start
         coco_stats = None
         if (epoch + 1) % max(args.eval_interval, 1) == 0 or epoch + 1 == args.epochs:
             dist_utils.broadcast_buffers(self.model_without_ddp)
-            evaluator = evaluate(self.model_without_ddp, self.val_loader, self.device, self.coco_gt, args.print_freq)
+            evaluator = evaluate(self.model_without_ddp, self.val_loader, self.device, self.coco_gt, args.print_freq,
+                                 tf32=args.eval_tf32)
             coco_stats = list(evaluator.stats) if self.is_main else None  # scored on rank 0
         return {"epoch": epoch, **stats, "coco": coco_stats}
 
