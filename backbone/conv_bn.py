@@ -40,6 +40,8 @@ def can_fold(bn: nn.Module) -> bool:
     """Folding is exact only with fixed statistics (not batch statistics). Not in mixed-precision
     training: there the unfolded BatchNorm returns float32 activations, the folded convolution
     would return low-precision ones with a rounded bias."""
+    if getattr(bn, "running_var", None) is None:  # GroupNorm (--norm gn), BatchNorm without statistics
+        return False
     fixed_statistics = isinstance(bn, FrozenBatchNorm2d) or (not bn.training and bn.running_var is not None)
     mixed_training = torch.is_grad_enabled() and torch.is_autocast_enabled(bn.running_var.device.type)
     return fast_path.enabled() and fixed_statistics and not mixed_training

@@ -22,7 +22,7 @@ from tqdm import tqdm
 from backbone import MissingWeightFileError, WeightFileError, get_backbone, weight_url
 from train_utils.checkpoint import (Checkpoint, CheckpointWriteError, checkpoint_candidates, read_checkpoint,
                                     save_checkpoint)
-from train_utils.cli import anchor_sizes_auto, apply_model_flags, model_config_from_args
+from train_utils.cli import anchor_sizes_auto, apply_model_flags, model_config_from_args, training_model_config
 from train_utils.data.catalog import build_dataset
 from train_utils.data.dataset import DetectionDataSet
 from train_utils.data.classes import AUTO_CLASSES
@@ -246,11 +246,12 @@ class Trainer:
             self.config = self.resume_from.config
             model = build_model(self.config)
         else:
-            self.config = model_config_from_args(args, self.train_set.num_classes + 1)
+            pretrained = self.backbone_weights is not None or bool(args.weights)
+            self.config = training_model_config(args, self.train_set.num_classes + 1, pretrained)
             model = build_model(self.config, self.backbone_weights)
             if args.weights:
                 self.config = load_detector_weights(model, args.weights, self.config)
-        if self.world_size > 1 and getattr(args, "sync_bn", False):
+        if self.world_size > 1 and (getattr(args, "sync_bn", False) or self.config.norm == "syncbn"):
             model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
         self.model_without_ddp = model.to(self.device)
         self.backbone_trainable = [p for p in model.backbone.parameters() if p.requires_grad]
