@@ -142,7 +142,7 @@ def resume_runs(demo_voc, tmp_path_factory) -> Dict[str, Path]:
         patch.setenv("CUBLAS_WORKSPACE_CONFIG", os.environ.get("CUBLAS_WORKSPACE_CONFIG", CUBLAS_WORKSPACE))
         stops = side_by_side({
             "fp32_ref": lambda: plain_run(demo_voc, dirs["fp32_ref"], *DETERMINISTIC),
-            "fp32_stopped": lambda: interrupted_run(demo_voc, dirs["fp32_stopped"], "Epoch 1 [2/", *DETERMINISTIC),
+            "fp32_stopped": lambda: interrupted_run(demo_voc, dirs["fp32_stopped"], "Epoch 1 [1/", *DETERMINISTIC),
             "fp16_ref": lambda: plain_run(demo_voc, dirs["fp16_ref"], *DETERMINISTIC, *FP16),
             "fp16_stopped": lambda: interrupted_run(demo_voc, dirs["fp16_stopped"], "Epoch 0 [4/",
                                                     *DETERMINISTIC, *FP16),

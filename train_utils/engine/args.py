@@ -55,7 +55,7 @@ def _add_weight_flags(p: argparse.ArgumentParser) -> None:
     weights = p.add_argument_group("weights")
     weights.add_argument("--backbone-weights", default=None,
                          help="ImageNet weights of the backbone (default: backbone/<file>.pth of its registry "
-                              "entry); 'none' trains from scratch")
+                              "entry); 'none' trains from scratch (ResNets: trainable BatchNorm, all stages; see --norm)")
     weights.add_argument("--weights", default=None, help="detector checkpoint to fine-tune (e.g. the COCO one)")
     weights.add_argument("--freeze-backbone-epochs", type=int, default=0,
                          help="train only the RPN and heads for this many first epochs (WZ's MobileNetV2 recipe)")
