@@ -46,7 +46,7 @@ def move_to_device(images: Sequence[torch.Tensor], targets: Sequence[Dict], devi
 # Only the legacy ``allow_tf32`` switches are used: they work on torch 2.11..2.14 without a
 # deprecation warning, and torch refuses to read them once the newer ``fp32_precision``
 # settings have been mixed in.
-TF32_CHOICES = {"default": None, "on": True, "off": False}
+TF32_CHOICES = {"torch": None, "on": True, "off": False}  # training's --tf32; torch: as PyTorch sets it
 TF32_EVAL_HELP = ("evaluate with TF32 convolutions and matmuls on Ampere or later GPUs (faster; "
                   "scores move slightly and near-tied detections may swap); "
                   "default: full float32, repeatable and matching the CPU's")

@@ -86,9 +86,9 @@ def _add_optimisation_flags(p: argparse.ArgumentParser, distributed: bool) -> No
     opt.add_argument("--amp-dtype", choices=sorted(AMP_DTYPES), default=None,
                      help="the --amp dtype instead of those defaults (bfloat16 on CUDA needs no GradScaler)")
     opt.add_argument("--seed", type=int, default=0)
-    opt.add_argument("--tf32", choices=list(TF32_CHOICES), default="default",
-                     help="TF32 convolutions and matmuls while training on Ampere or later GPUs: PyTorch's "
-                          "default (convolutions in TF32, matmuls in float32), on, or off (see docs/gpus.md)")
+    opt.add_argument("--tf32", choices=list(TF32_CHOICES), default="torch",
+                     help="TF32 convolutions and matmuls in the training steps on Ampere or later GPUs: torch "
+                          "(PyTorch's setting: convolutions in TF32, matmuls in float32), on, or off (see docs/gpus.md)")
     add_tf32_flag(opt, "--eval-tf32")
 
 
