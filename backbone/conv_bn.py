@@ -43,6 +43,8 @@ def can_fold(bn: nn.Module, device: torch.device) -> bool:
     training only where the CUDA levers apply (``fast_path.cuda_levers``): there the folded
     convolution returns autocast-dtype activations instead of the float32 ones of the unfolded
     BatchNorm (the point: the backbone stays in bf16/fp16); elsewhere training keeps the float32."""
+    if getattr(bn, "running_var", None) is None:  # GroupNorm (--norm gn), BatchNorm without statistics
+        return False
     fixed_statistics = isinstance(bn, FrozenBatchNorm2d) or (not bn.training and bn.running_var is not None)
     mixed_training = torch.is_grad_enabled() and torch.is_autocast_enabled(device.type)
     return fast_path.enabled() and fixed_statistics and (not mixed_training or fast_path.cuda_levers(device))

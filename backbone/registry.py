@@ -14,7 +14,8 @@ registers itself::
         ...
 
 A builder takes the weight file to load (None: random init), the number of trainable stages and
-its options as plain keywords, and returns the :class:`DetectorParts` the detector needs. A family
+its options as plain keywords (and ``norm``, one of ``backbone.norms.NORMS`` or None, when it is
+registered with ``norm=True``), and returns the :class:`DetectorParts` the detector needs. A family
 of backbones named by a prefix (``tv:<torchvision classifier>``) registers one resolver instead.
 """
 from __future__ import annotations
@@ -65,7 +66,8 @@ def option(default: Any, help: str, choices: Optional[Tuple[Any, ...]] = None) -
 @dataclass(frozen=True)
 class BackboneSpec:
     """A registered backbone. ``weights``: stem of its ImageNet file (``backbone/<weights>.pth``);
-    ``url``: where that file is downloaded; ``options``: dataclass of the backbone's own options."""
+    ``url``: where that file is downloaded; ``options``: dataclass of the backbone's own options;
+    ``norm``: the builder takes a ``norm`` keyword (the ``--norm`` choice of the ResNets)."""
 
     name: str
     build: Callable[..., DetectorParts]
@@ -73,6 +75,7 @@ class BackboneSpec:
     url: Optional[str] = None
     options: type = NoOptions
     help: str = ""
+    norm: bool = False
 
     def option_names(self) -> List[str]:
         return [f.name for f in dataclasses.fields(self.options)]
@@ -103,7 +106,8 @@ FAMILIES: Dict[str, BackboneFamily] = {}
 
 
 def register_backbone(name: str, *, weights: Optional[str] = None, url: Optional[str] = None,
-                      options: type = NoOptions, help: str = "", replace: bool = False) -> Callable:
+                      options: type = NoOptions, help: str = "", replace: bool = False,
+                      norm: bool = False) -> Callable:
     """Decorator registering ``build`` as backbone ``name`` (see the module docstring).
 
     ``url`` defaults to the official address of ``weights`` when it is a known ImageNet file."""
@@ -113,7 +117,7 @@ def register_backbone(name: str, *, weights: Optional[str] = None, url: Optional
         if not dataclasses.is_dataclass(options):
             raise TypeError(f"backbone '{name}': options must be a dataclass, got {options!r}")
         address = url or (weight_url(weights) if weights in WEIGHT_FILE_NAMES else None)
-        BACKBONES[name] = BackboneSpec(name, build, weights, address, options, help)
+        BACKBONES[name] = BackboneSpec(name, build, weights, address, options, help, norm)
         return build
 
     return decorator

@@ -2,7 +2,7 @@
 
 State dict keys match `torchvision.models.resnet50()`, so the official ImageNet file loads as is.
 """
-from typing import Callable, Optional
+from typing import Optional
 
 import torch
 from torch import Tensor, nn
@@ -10,10 +10,9 @@ from torch import Tensor, nn
 from .conv_bn import ConvBNSequential, conv_bn
 from .feature_pyramid_network import BackboneWithFPN, ExtraFPNBlock, LastLevelMaxPool
 from .frozen_bn import FrozenBatchNorm2d
+from .norms import NormLayer, norm_layer_for
 from .registry import FPN_ANCHORS, DetectorParts, register_backbone, validate_trainable_layers
 from .weight_files import load_weight_file
-
-NormLayer = Callable[[int], nn.Module]
 
 
 class Bottleneck(nn.Module):
@@ -150,7 +149,7 @@ def resnet50_fpn_backbone(
 
     Args:
         weights_path: resnet50-0676ba61.pth to load (strictly) before freezing; None for random init.
-        norm_layer: normalisation of the ResNet; FrozenBatchNorm2d by default.
+        norm_layer: normalisation of the ResNet; FrozenBatchNorm2d by default (see backbone.norms).
         trainable_layers: how many stages, counted from layer4 back to conv1, keep gradients (0..5).
         returned_layers: which of layer1..layer4 feed the FPN (values 1..4); all four by default.
         extra_blocks: extra FPN levels; LastLevelMaxPool() by default.
@@ -178,8 +177,8 @@ def resnet50_fpn_backbone(
     return BackboneWithFPN(resnet, return_layers, in_channels_list, 256, extra_blocks=extra_blocks)
 
 
-@register_backbone("resnet50_fpn", weights="resnet50", help="ResNet-50 + FPN, torchvision's detector")
-def build_resnet50_fpn(weights_path: Optional[str], trainable_layers: int) -> DetectorParts:
+@register_backbone("resnet50_fpn", weights="resnet50", help="ResNet-50 + FPN, torchvision's detector", norm=True)
+def build_resnet50_fpn(weights_path: Optional[str], trainable_layers: int, norm: Optional[str] = None) -> DetectorParts:
     """Four FPN levels pooled by the RoI heads, one anchor size per level."""
-    backbone = resnet50_fpn_backbone(weights_path, FrozenBatchNorm2d, trainable_layers)
+    backbone = resnet50_fpn_backbone(weights_path, norm_layer_for(norm, weights_path), trainable_layers)
     return DetectorParts(backbone, FPN_ANCHORS, ["0", "1", "2", "3"])

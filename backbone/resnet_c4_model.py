@@ -11,8 +11,9 @@ from typing import Optional
 from torch import Tensor, nn
 
 from .frozen_bn import FrozenBatchNorm2d
+from .norms import NormLayer, norm_layer_for
 from .registry import SINGLE_LEVEL_ANCHORS, DetectorParts, register_backbone
-from .resnet50_fpn_model import Bottleneck, NormLayer, ResNet, freeze_resnet_stages
+from .resnet50_fpn_model import Bottleneck, ResNet, freeze_resnet_stages
 from .weight_files import load_weight_file
 
 # Bottleneck blocks in layer1..layer4.
@@ -75,10 +76,11 @@ def resnet_c4(
 
 
 def _register_c4(arch: str) -> None:
-    @register_backbone(f"{arch}_c4", weights=arch, help=f"{arch} C4 trunk with layer4 as the box head (the paper's)")
-    def build(weights_path: Optional[str], trainable_layers: int) -> DetectorParts:
+    @register_backbone(f"{arch}_c4", weights=arch, help=f"{arch} C4 trunk with layer4 as the box head (the paper's)",
+                       norm=True)
+    def build(weights_path: Optional[str], trainable_layers: int, norm: Optional[str] = None) -> DetectorParts:
         """One stride-16 map; RoIs pooled to 14x14 for layer4."""
-        trunk, head = resnet_c4(arch, weights_path, trainable_layers)
+        trunk, head = resnet_c4(arch, weights_path, trainable_layers, norm_layer_for(norm, weights_path))
         return DetectorParts(trunk, SINGLE_LEVEL_ANCHORS, ["0"], box_head=head, pool_size=14)
 
 

@@ -3,6 +3,8 @@
 The classifier comes from `torchvision.models.get_model(name, weights=None)`; its ImageNet file (if
 any) loads strictly into it; its BatchNorm2d layers become FrozenBatchNorm2d (same keys minus
 `num_batches_tracked`); then `create_feature_extractor` keeps the graph up to the named nodes.
+The ResNet family (resnet*, resnext*, wide_resnet*) takes the ``--norm`` choice instead
+(backbone.norms): trainable BatchNorm2d kept as is, or GroupNorm built in.
 
 With an FPN the nodes feed our FeaturePyramidNetwork + LastLevelMaxPool: maps "0".."n-1" and
 "pool", 256 channels each, and strides must double from one node to the next. Without an FPN the
@@ -32,6 +34,7 @@ from torchvision.models.feature_extraction import create_feature_extractor
 
 from .feature_pyramid_network import FeaturePyramidNetwork, LastLevelMaxPool
 from .frozen_bn import FrozenBatchNorm2d
+from .norms import norm_layer_for
 from .registry import (
     SINGLE_LEVEL_ANCHORS,
     BackboneFamily,
@@ -56,6 +59,8 @@ DEFAULT_RETURN_NODES: dict[str, list[str]] = {
 
 # Side of the blank image of the dry run: a multiple of every stride up to 64.
 _PROBE_SIZE = 128
+# Classifiers built by torchvision's ResNet class (they take norm_layer): the --norm choice applies.
+_RESNET_FAMILY = ("resnet", "resnext", "wide_resnet")
 
 
 def classifier_names() -> list[str]:
@@ -82,6 +87,25 @@ def freeze_batch_norms(module: nn.Module) -> None:
             setattr(module, child_name, frozen)
         else:
             freeze_batch_norms(child)
+
+
+def takes_norm(name: str) -> bool:
+    """Whether classifier ``name`` is a torchvision ResNet, whose normalisation --norm chooses."""
+    return name.startswith(_RESNET_FAMILY)
+
+
+def _classifier(name: str, weights_path: Optional[str], norm: Optional[str]) -> nn.Module:
+    """Classifier ``name`` with its ImageNet file (if any) loaded strictly and its normalisation:
+    FrozenBatchNorm2d (``norm`` None or frozen_bn), else ``norm`` (a ResNet only)."""
+    if norm not in (None, "frozen_bn") and not takes_norm(name):
+        raise ValueError(f"--norm {norm}: tv:{name} keeps its frozen BatchNorm; --norm applies to the ResNets")
+    layer = norm_layer_for(norm, weights_path)
+    classifier = torchvision.models.get_model(name, weights=None, **({"norm_layer": layer} if norm == "gn" else {}))
+    if weights_path:
+        classifier.load_state_dict(load_weight_file(weights_path, url=_official_url(name)), strict=True)
+    if layer is FrozenBatchNorm2d:
+        freeze_batch_norms(classifier)
+    return classifier
 
 
 def _dry_run(body: nn.Module) -> tuple[list[int], list[int]]:
@@ -127,6 +151,7 @@ def torchvision_backbone(
     fpn: bool = True,
     weights_path: Optional[str] = None,
     fpn_channels: int = 256,
+    norm: Optional[str] = None,
 ) -> TorchvisionBackbone:
     """A detection backbone from torchvision classifier `name` (e.g. "resnet34", "mobilenet_v3_large").
 
@@ -137,6 +162,7 @@ def torchvision_backbone(
         fpn: FPN + LastLevelMaxPool over all nodes; False = the last node alone.
         weights_path: the classifier's ImageNet state dict, loaded strictly; None = random init.
         fpn_channels: FPN output channels.
+        norm: the ResNets' normalisation (backbone.norms.NORMS); None: frozen BatchNorm.
     """
     if name not in classifier_names():
         raise ValueError(f"tv:{name}: not a torchvision classification model (see torchvision.models.list_models())")
@@ -151,10 +177,7 @@ def torchvision_backbone(
     if not nodes:
         raise ValueError(f"tv:{name}: return_nodes is empty")
 
-    classifier = torchvision.models.get_model(name, weights=None)
-    if weights_path:
-        classifier.load_state_dict(load_weight_file(weights_path, url=_official_url(name)), strict=True)
-    freeze_batch_norms(classifier)
+    classifier = _classifier(name, weights_path, norm)
     try:
         body = create_feature_extractor(
             classifier,
@@ -185,9 +208,9 @@ class TorchvisionOptions:
 
 
 def _build_family_member(name: str, weights_path: Optional[str], trainable_layers: int,
-                         return_nodes: Optional[Sequence[str]], fpn: bool) -> DetectorParts:
+                         return_nodes: Optional[Sequence[str]], fpn: bool, norm: Optional[str]) -> DetectorParts:
     """With an FPN, one anchor size per level of 8x its stride (32..512 for a ResNet)."""
-    backbone = torchvision_backbone(name, return_nodes=return_nodes, fpn=fpn, weights_path=weights_path)
+    backbone = torchvision_backbone(name, return_nodes=return_nodes, fpn=fpn, weights_path=weights_path, norm=norm)
     if backbone.fpn is None:
         return DetectorParts(backbone, SINGLE_LEVEL_ANCHORS, backbone.featmap_names)
     anchors = tuple((8 * stride,) for stride in backbone.strides)
@@ -202,12 +225,12 @@ def _resolve(full_name: str) -> BackboneSpec:
                          "(see torchvision.models.list_models(module=torchvision.models))")
 
     def build(weights_path: Optional[str], trainable_layers: int, return_nodes: Optional[Sequence[str]],
-              fpn: bool) -> DetectorParts:
-        return _build_family_member(name, weights_path, trainable_layers, return_nodes, fpn)
+              fpn: bool, norm: Optional[str] = None) -> DetectorParts:
+        return _build_family_member(name, weights_path, trainable_layers, return_nodes, fpn, norm)
 
     weights = name if name in WEIGHT_FILE_NAMES else None
     return BackboneSpec(full_name, build, weights, _official_url(name), TorchvisionOptions,
-                        f"torchvision's {name}")
+                        f"torchvision's {name}", norm=takes_norm(name))
 
 
 register_backbone_family(BackboneFamily(PREFIX, _resolve, TorchvisionOptions,

@@ -83,7 +83,8 @@ def test_settings_roles_partition_the_flag_fields():
     assert {"num_classes", "backbone_options", "frozen_bn_eps"}.isdisjoint(names)
     by_role = {role: [f.name for f in settings(role)] for role in (ARCHITECTURE, INFERENCE, TRAINING)}
     assert sorted(sum(by_role.values(), [])) == sorted(names)
-    assert by_role[ARCHITECTURE] == ["backbone", "representation_size", "roi_op", "anchor_sizes", "aspect_ratios"]
+    assert by_role[ARCHITECTURE] == ["backbone", "norm", "representation_size", "roi_op", "anchor_sizes",
+                                     "aspect_ratios"]
     assert "trainable_layers" in by_role[TRAINING] and "rpn_pre_nms_top_n_train" in by_role[TRAINING]
     assert "min_size" in by_role[INFERENCE] and "box_score_thresh" in by_role[INFERENCE]
     for f in settings():
@@ -339,15 +340,18 @@ def test_trainable_layers_rejected(value):
 
 # ----------------------------------------------------------------------------------------- CLI
 def test_training_parser_has_every_model_flag_with_schema_defaults():
-    """One flag per settings() field with ModelConfig's default (lists as lists) and one per
-    backbone option (default None: the backbone's own)."""
+    """One flag per settings() field with ModelConfig's default (lists as lists; None for the
+    settings the trainer chooses by whether weights are loaded) and one per backbone option
+    (default None: the backbone's own)."""
     parser = training_parser()
     options = {o: a for a in parser._actions for o in a.option_strings}
     defaults = ModelConfig.__dataclass_fields__
     args = parser.parse_args([])
+    ruled = {f.name for f in settings() if f.metadata["weights_rule"]}
+    assert ruled == {"trainable_layers", "norm"}
     for f in settings():
         assert flag(f.name) in options, f.name
-        expected = f.default
+        expected = None if f.name in ruled else f.default
         expected = list(expected) if isinstance(expected, tuple) else expected
         assert getattr(args, f.name) == expected, f.name
         assert defaults[f.name].default == f.default
@@ -356,7 +360,7 @@ def test_training_parser_has_every_model_flag_with_schema_defaults():
         assert getattr(args, name) is None
     assert "--no-fpn" in options
     assert model_config_from_args(args, num_classes=3) == ModelConfig(num_classes=3)
-    assert model_flags_given(args) == [flag(f.name) for f in settings() if f.default is not None]
+    assert model_flags_given(args) == [flag(f.name) for f in settings() if f.default is not None and f.name not in ruled]
 
 
 def test_model_config_from_training_flags():

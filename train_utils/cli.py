@@ -13,7 +13,8 @@ from typing import Any, Dict, List, Optional, Sequence, Union
 from backbone import get_backbone
 from backbone.registry import all_option_fields, backbone_help
 from train_utils.flags import ListAction, add_plugin_flag
-from train_utils.model.config import ARCHITECTURE, INFERENCE, ModelConfig, plain, settings
+from train_utils.model.config import (ARCHITECTURE, INFERENCE, ModelConfig, apply_weights_rule, plain, settings,
+                                      weights_rule_fields)
 
 
 AUTO_ANCHORS = "auto"  # training's --anchor-sizes auto: sizes fitted to the training boxes
@@ -75,7 +76,8 @@ def add_model_flags(parser: argparse.ArgumentParser, training: bool, one_token: 
     group = parser.add_argument_group(title)
     hints = typing.get_type_hints(ModelConfig)
     for f in settings() if training else settings(ARCHITECTURE) + settings(INFERENCE):
-        default = f.default if training else None
+        rule = f.metadata["weights_rule"] if training else None
+        default = f.default if training and not rule else None  # a rule's value is chosen by the trainer
         if names is not None and f.name not in names:
             continue
         if f.name == "backbone":
@@ -84,6 +86,10 @@ def add_model_flags(parser: argparse.ArgumentParser, training: bool, one_token: 
         auto = auto_anchors and f.name == "anchor_sizes"
         help = f.metadata["help"] + ("; 'auto': the sizes covering the training boxes best, chosen before training "
                                      "(see tools/check_dataset.py --anchors)" if auto else "")
+        if rule:
+            help += (f"; default for the ResNet backbones: {rule[0]} with ImageNet weights or --weights, {rule[1]} "
+                     f"from scratch (--backbone-weights none), as torchvision's detectors"
+                     + (f"; others: {f.default}" if f.default is not None else ""))
         _add_setting(group, f.name, hints[f.name], default, help, f.metadata["choices"], one_token,
                      _int_or_auto if auto else None)
     for name, (f, hint, owners) in all_option_fields().items():
@@ -117,6 +123,13 @@ def _given_settings(args: argparse.Namespace) -> Dict[str, Any]:
 def model_config_from_args(args: argparse.Namespace, num_classes: int) -> ModelConfig:
     """The training flags as a ModelConfig (ValueError naming the flag when a value is invalid)."""
     return ModelConfig.from_dict({**_given_settings(args), "num_classes": num_classes})
+
+
+def training_model_config(args: argparse.Namespace, num_classes: int, pretrained: bool) -> ModelConfig:
+    """The ModelConfig of a new training run: the flags, and for the settings left to their
+    default the value that fits ``pretrained`` (ImageNet or detector weights loaded) or not."""
+    given = [f.name for f in weights_rule_fields() if getattr(args, f.name, None) is not None]
+    return apply_weights_rule(model_config_from_args(args, num_classes), given, pretrained)
 
 
 ARCHITECTURE_HINT = "architecture flags apply to bare state dicts only"

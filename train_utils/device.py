@@ -1,6 +1,7 @@
-"""Devices: choosing one from a flag, moving batches onto it, mixed precision on it."""
-from contextlib import nullcontext
-from typing import Dict, Optional, Sequence
+"""Devices: choosing one from a flag, moving batches onto it, mixed precision and TF32 on it."""
+import argparse
+from contextlib import contextmanager, nullcontext
+from typing import Dict, Iterator, Optional, Sequence
 
 import torch
 
@@ -39,3 +40,42 @@ def move_to_device(images: Sequence[torch.Tensor], targets: Sequence[Dict], devi
     images = [img.to(device, non_blocking=non_blocking) for img in images]
     targets = [{k: v.to(device, non_blocking=non_blocking) for k, v in t.items()} for t in targets]
     return images, targets
+
+
+# TF32 (TensorFloat-32, Ampere and later GPUs): float32 convolutions and matmuls computed with
+# 10-bit mantissas. PyTorch's defaults: cuDNN convolutions in TF32, matmuls in full float32.
+# The project's policy: training keeps those defaults (--tf32 on/off changes them), evaluation
+# runs in full float32 unless asked (exact scores, the CPU's ranking of near-tied detections).
+# Only the legacy ``allow_tf32`` switches are used: they work on torch 2.11..2.14 without a
+# deprecation warning, and torch refuses to read them once the newer ``fp32_precision``
+# settings have been mixed in.
+TF32_CHOICES = {"torch": None, "on": True, "off": False}  # training's --tf32; torch: as PyTorch sets it
+TF32_EVAL_HELP = ("evaluate with TF32 convolutions and matmuls on Ampere or later GPUs (faster; "
+                  "scores move slightly and near-tied detections may swap); "
+                  "default: full float32, repeatable and matching the CPU's")
+
+
+def tf32_flags() -> Dict[str, bool]:
+    """The two TF32 switches as they stand: cuDNN (convolutions) and cuBLAS (matmuls)."""
+    return {"cudnn": torch.backends.cudnn.allow_tf32, "matmul": torch.backends.cuda.matmul.allow_tf32}
+
+
+@contextmanager
+def tf32_mode(enabled: Optional[bool]) -> Iterator[None]:
+    """TF32 convolutions and matmuls on (True) or off (False) inside the block, the flags as they
+    are for None; the previous flags come back on exit (also on an error)."""
+    if enabled is None:
+        yield
+        return
+    saved = tf32_flags()
+    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = enabled
+    try:
+        yield
+    finally:
+        torch.backends.cudnn.allow_tf32 = saved["cudnn"]
+        torch.backends.cuda.matmul.allow_tf32 = saved["matmul"]
+
+
+def add_tf32_flag(parser: argparse.ArgumentParser, flag: str = "--tf32") -> None:
+    """The evaluation TF32 switch (``--tf32`` of validation.py / predict.py, ``--eval-tf32`` of training)."""
+    parser.add_argument(flag, action="store_true", help=TF32_EVAL_HELP)

@@ -6,7 +6,7 @@ from typing import Any, Dict, Optional, Sequence
 from train_utils.cli import AUTO_ANCHORS, add_model_flags, model_config_from_args
 from train_utils.data.catalog import format_names, layout_help
 from train_utils.data.classes import AUTO_CLASSES
-from train_utils.device import AMP_DTYPES
+from train_utils.device import AMP_DTYPES, TF32_CHOICES, add_tf32_flag
 from train_utils.engine.control import DEFAULT_CHECKPOINT_EVERY, CheckpointEvery
 from train_utils.engine.hooks import summary_writer_class
 from train_utils.engine.recipes import add_recipe_flag, parse_with_recipe
@@ -55,7 +55,7 @@ def _add_weight_flags(p: argparse.ArgumentParser) -> None:
     weights = p.add_argument_group("weights")
     weights.add_argument("--backbone-weights", default=None,
                          help="ImageNet weights of the backbone (default: backbone/<file>.pth of its registry "
-                              "entry); 'none' trains from scratch")
+                              "entry); 'none' trains from scratch (ResNets: trainable BatchNorm, all stages; see --norm)")
     weights.add_argument("--weights", default=None, help="detector checkpoint to fine-tune (e.g. the COCO one)")
     weights.add_argument("--freeze-backbone-epochs", type=int, default=0,
                          help="train only the RPN and heads for this many first epochs (WZ's MobileNetV2 recipe)")
@@ -87,6 +87,10 @@ def _add_optimisation_flags(p: argparse.ArgumentParser, distributed: bool) -> No
     opt.add_argument("--amp-dtype", choices=sorted(AMP_DTYPES), default=None,
                      help="the --amp dtype instead of those defaults (float16 on CUDA comes with a GradScaler)")
     opt.add_argument("--seed", type=int, default=0)
+    opt.add_argument("--tf32", choices=list(TF32_CHOICES), default="torch",
+                     help="TF32 convolutions and matmuls in the training steps on Ampere or later GPUs: torch "
+                          "(PyTorch's setting: convolutions in TF32, matmuls in float32), on, or off (see docs/gpus.md)")
+    add_tf32_flag(opt, "--eval-tf32")
 
 
 def _add_run_flags(p: argparse.ArgumentParser, distributed: bool) -> None:

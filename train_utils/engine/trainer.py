@@ -22,14 +22,14 @@ from tqdm import tqdm
 from backbone import MissingWeightFileError, WeightFileError, get_backbone, weight_url
 from train_utils.checkpoint import (Checkpoint, CheckpointWriteError, checkpoint_candidates, load_detector_weights,
                                     read_checkpoint, save_checkpoint)
-from train_utils.cli import anchor_sizes_auto, apply_model_flags, model_config_from_args
+from train_utils.cli import anchor_sizes_auto, apply_model_flags, model_config_from_args, training_model_config
 from train_utils.data.catalog import build_dataset
 from train_utils.data.dataset import DetectionDataSet
 from train_utils.data.classes import AUTO_CLASSES
 from train_utils.data.samplers import (GroupedBatchSampler, ResumableBatches, SeededSamples,
                                        create_aspect_ratio_groups)
 from train_utils.data.transforms import get_transforms
-from train_utils.device import amp_dtype, resolve_device
+from train_utils.device import TF32_CHOICES, amp_dtype, resolve_device, tf32_mode
 from train_utils import distributed as dist_utils
 from train_utils.engine import rng
 from train_utils.engine.control import (CheckpointEvery, ImmediateStop, RunControl, StopSignals, TrainingStopped,
@@ -246,11 +246,12 @@ class Trainer:
             self.config = self.resume_from.config
             model = build_model(self.config)
         else:
-            self.config = model_config_from_args(args, self.train_set.num_classes + 1)
+            pretrained = self.backbone_weights is not None or bool(args.weights)
+            self.config = training_model_config(args, self.train_set.num_classes + 1, pretrained)
             model = build_model(self.config, self.backbone_weights)
             if args.weights:
                 self.config = load_detector_weights(model, args.weights, self.config)
-        if self.world_size > 1 and getattr(args, "sync_bn", False):
+        if self.world_size > 1 and (getattr(args, "sync_bn", False) or self.config.norm == "syncbn"):
             model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
         self.model_without_ddp = model.to(self.device)
         self.backbone_trainable = [p for p in model.backbone.parameters() if p.requires_grad]
@@ -416,16 +417,18 @@ class Trainer:
         state = self.start_state if self.start_state and self.start_state.epoch == epoch else EpochState(epoch)
         self.train_batches.set_epoch(epoch, skip=state.iteration)
         start = time.time()
-        stats = train_one_epoch(
-            self.model, self.optimizer, self.train_loader, self.device, state, self.scheduler, self.scaler,
-            self.amp_dtype, args.clip_grad_norm, args.print_freq,
-            describe_images=lambda ids: ", ".join(self.train_set.ids[i] for i in ids),
-            after_step=self.after_step)
+        with tf32_mode(TF32_CHOICES[args.tf32]):
+            stats = train_one_epoch(
+                self.model, self.optimizer, self.train_loader, self.device, state, self.scheduler, self.scaler,
+                self.amp_dtype, args.clip_grad_norm, args.print_freq,
+                describe_images=lambda ids: ", ".join(self.train_set.ids[i] for i in ids),
+                after_step=self.after_step)
         stats["epoch_time"] = time.time() - start
         coco_stats = None
         if (epoch + 1) % max(args.eval_interval, 1) == 0 or epoch + 1 == args.epochs:
             dist_utils.broadcast_buffers(self.model_without_ddp)
-            evaluator = evaluate(self.model_without_ddp, self.val_loader, self.device, self.coco_gt, args.print_freq)
+            evaluator = evaluate(self.model_without_ddp, self.val_loader, self.device, self.coco_gt, args.print_freq,
+                                 tf32=args.eval_tf32)
             coco_stats = list(evaluator.stats) if self.is_main else None  # scored on rank 0
         return {"epoch": epoch, **stats, "coco": coco_stats}
 

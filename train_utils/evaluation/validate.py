@@ -19,6 +19,7 @@ from train_utils.data.catalog import build_dataset, format_names, get_format, la
 from train_utils.data.classes import load_class_dict
 from train_utils.data.dataset import DetectionDataSet
 from train_utils.data.transforms import get_transforms
+from train_utils.device import add_tf32_flag
 from train_utils.evaluation import COCO_STAT_NAMES
 from train_utils.evaluation.coco_api import get_coco_api_from_dataset
 from train_utils.evaluation.coco_eval import CocoEvaluator
@@ -53,6 +54,7 @@ def validation_parser(description: str) -> argparse.ArgumentParser:
                         help="score threshold of the report's confusion matrix and images "
                              "(default: the threshold of best F1 over all classes pooled)")
     parser.add_argument("--report-images", type=int, default=8, help="worst and best images shown in the report")
+    add_tf32_flag(parser)
     add_model_arguments(parser)
     return parser
 
@@ -130,7 +132,7 @@ def validate(args: argparse.Namespace, detector: LoadedDetector) -> Validation:
     print(f"evaluating {args.weights_path} on {dataset.split_file} ({len(dataset)} images, "
           f"{len(detector.class_names)} classes) on {device}")
     start = time.perf_counter()
-    evaluator = evaluate(detector.model, loader, device, coco_gt)
+    evaluator = evaluate(detector.model, loader, device, coco_gt, tf32=args.tf32)
     elapsed = time.perf_counter() - start
     voc_ap = None if args.voc_metric == "none" else \
         voc_ap_per_class(evaluator.coco_gt, evaluator.detections, args.voc_metric)

@@ -14,6 +14,7 @@ from torch.utils.data import DataLoader
 from train_utils.cli import add_model_arguments, model_flags_given
 from train_utils.data.classes import load_class_names
 from train_utils.flags import HelpFormatter
+from train_utils.device import add_tf32_flag, tf32_mode
 from train_utils.inference.coco_results import CocoResults
 from train_utils.inference.files import (JPEG_SUFFIXES, ImageFiles, find_inputs, json_output_path, output_names,
                                          single_item, stream_targets)
@@ -66,6 +67,7 @@ def predict_parser(description: str) -> argparse.ArgumentParser:
                        help="stop a video or stream after N frames")
     parser.add_argument("--no-draw", action="store_true", help="do not write drawn images or annotated videos")
     parser.add_argument("--workers", type=int, default=2, help="image decoding worker processes (at least 1)")
+    add_tf32_flag(parser)
     add_model_arguments(parser, one_token=True)  # list flags must not swallow the INPUTs
     return parser
 
@@ -176,12 +178,13 @@ def predict(args: argparse.Namespace) -> int:
     start = time.perf_counter()
     run.output = OrderedOutput(run.timings, backlog=4 * run.batch_size)
     try:
-        if images:
-            run_images(run, images, targets)
-        for file in videos:
-            run_video(run, str(file), targets[file])
-        for source, target in zip(args.source, streams):
-            run_video(run, source, target)
+        with tf32_mode(args.tf32):  # exact float32 scores, as validation.py's (docs/gpus.md)
+            if images:
+                run_images(run, images, targets)
+            for file in videos:
+                run_video(run, str(file), targets[file])
+            for source, target in zip(args.source, streams):
+                run_video(run, source, target)
     finally:
         finish(run, json_path, start)
     return run.done

@@ -27,10 +27,13 @@ OFFICIAL_COCO_PREFIX = "fasterrcnn_resnet50_fpn_coco"
 
 
 def build_backbone(config: ModelConfig, weights_path: Optional[str] = None) -> DetectorParts:
-    """The registered backbone of ``config`` with its options; ``weights_path``: ImageNet file."""
+    """The registered backbone of ``config`` with its options (and its normalisation, for the
+    backbones that have the choice); ``weights_path``: ImageNet file."""
     spec = get_backbone(config.backbone)
-    options = spec.make_options(config.backbone_options)
-    return spec.build(weights_path, config.trainable_layers, **dataclasses.asdict(options))
+    options = dataclasses.asdict(spec.make_options(config.backbone_options))
+    if spec.norm:
+        options["norm"] = config.norm
+    return spec.build(weights_path, config.trainable_layers, **options)
 
 
 def anchor_generator(config: ModelConfig, parts: DetectorParts) -> AnchorsGenerator:

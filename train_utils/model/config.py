@@ -8,18 +8,22 @@ registry entry and kept in ``backbone_options``.
 
 Roles: ``architecture`` settings fix the shapes of the weights (the flags a bare state dict
 needs); ``inference`` settings may change when a trained model is evaluated or used; ``training``
-settings only matter while training. The detector hyper-parameters default to FasterRCNN's own
+settings only matter while training. Settings with a ``weights_rule`` (pretrained value, from-scratch
+value) take, in a new training run, the value that fits whether weights are loaded, as torchvision's
+detection builders do (:func:`apply_weights_rule`). The detector hyper-parameters default to FasterRCNN's own
 keyword defaults (torchvision's), read from its signature rather than written twice.
 """
 from __future__ import annotations
 
 import dataclasses
 import inspect
+import warnings
 from dataclasses import dataclass, field
-from typing import Any, Dict, Optional, Tuple
+from typing import Any, Collection, Dict, Optional, Tuple
 
 from backbone import get_backbone, validate_trainable_layers
-from backbone.registry import all_option_fields
+from backbone.norms import NORMS
+from backbone.registry import MAX_TRAINABLE_LAYERS, all_option_fields
 from network_files import FasterRCNN
 
 ARCHITECTURE, INFERENCE, TRAINING = "architecture", "inference", "training"
@@ -28,10 +32,12 @@ _DETECTOR_DEFAULTS = {name: p.default for name, p in inspect.signature(FasterRCN
 
 
 def setting(default: Any, role: str, help: str, choices: Optional[Tuple[Any, ...]] = None,
-            detector: bool = False, flag: bool = True) -> Any:
+            detector: bool = False, flag: bool = True, weights_rule: Optional[Tuple[Any, Any]] = None) -> Any:
     """A ModelConfig field. ``detector``: passed to FasterRCNN under its own name; ``flag``:
-    exposed on the command line."""
-    metadata = {"role": role, "help": help, "choices": choices, "detector": detector, "flag": flag}
+    exposed on the command line; ``weights_rule``: (with pretrained weights, from scratch) values
+    of a new training run of a backbone with a norm choice, unless the flag is given."""
+    metadata = {"role": role, "help": help, "choices": choices, "detector": detector, "flag": flag,
+                "weights_rule": weights_rule}
     if isinstance(default, (dict, list)):
         return field(default_factory=lambda: type(default)(default), metadata=metadata)
     return field(default=default, metadata=metadata)
@@ -51,7 +57,13 @@ class ModelConfig:
     backbone: str = setting("resnet50_fpn", ARCHITECTURE, "backbone network (see the registry)")
     backbone_options: Dict[str, Any] = setting({}, ARCHITECTURE, "the backbone's own options", flag=False)
     trainable_layers: int = setting(3, TRAINING, "ResNet stages (VGG conv blocks with --box-head vgg) to train, "
-                                                 "counted from the top (0-5)")
+                                                 "counted from the top (0-5)",
+                                    weights_rule=(3, MAX_TRAINABLE_LAYERS))
+    norm: Optional[str] = setting(
+        None, ARCHITECTURE, "normalisation of the ResNet backbones: frozen_bn (FrozenBatchNorm2d, the ImageNet "
+                            "statistics), bn (trainable BatchNorm2d), syncbn (BatchNorm2d synchronised across the "
+                            "processes under DDP), gn (GroupNorm, 32 groups: trains from scratch); checkpoints "
+                            "without it have frozen_bn", choices=NORMS, weights_rule=("frozen_bn", "bn"))
     representation_size: int = setting(1024, ARCHITECTURE, "width of the two-layer box head")
     roi_op: str = setting("align", ARCHITECTURE, "RoI feature pooling: RoIAlign or the original RoIPool",
                           choices=ROI_OPS)
@@ -162,6 +174,16 @@ def _check_trainable_layers(config: ModelConfig) -> None:
     validate_trainable_layers(config.trainable_layers, "--trainable-layers")
 
 
+def _check_norm(config: ModelConfig) -> None:
+    """A known normalisation, on a backbone that has the choice (the ResNets)."""
+    if config.norm is None:
+        return
+    if config.norm not in NORMS:
+        raise ValueError(f"--norm: unknown normalisation '{config.norm}' (choose from {', '.join(NORMS)})")
+    if not get_backbone(config.backbone).norm:
+        raise ValueError(f"--norm applies to the ResNet backbones; {config.backbone} has its own normalisation")
+
+
 def _check_roi_op(config: ModelConfig) -> None:
     if config.roi_op not in ROI_OPS:
         raise ValueError(f"--roi-op: unknown roi_op '{config.roi_op}' (choose from {', '.join(ROI_OPS)})")
@@ -194,11 +216,33 @@ def _check_matching(config: ModelConfig) -> None:
         raise ValueError(f"--box-smooth-l1-beta must be positive, got {config.box_smooth_l1_beta}")
 
 
-_RULES = (_check_num_classes, _check_backbone, _check_trainable_layers, _check_roi_op, _check_sizes,
-          _check_matching)
+_RULES = (_check_num_classes, _check_backbone, _check_trainable_layers, _check_norm, _check_roi_op,
+          _check_sizes, _check_matching)
 
 
 def settings(role: Optional[str] = None) -> list:
     """The command-line settings of ModelConfig (all, or those of one role), in declaration order."""
     return [f for f in dataclasses.fields(ModelConfig)
             if f.metadata.get("flag", True) and (role is None or f.metadata["role"] == role)]
+
+
+def weights_rule_fields() -> list:
+    """The settings whose training default depends on whether weights are loaded."""
+    return [f for f in dataclasses.fields(ModelConfig) if f.metadata.get("weights_rule")]
+
+
+def apply_weights_rule(config: ModelConfig, given: Collection[str], pretrained: bool) -> ModelConfig:
+    """``config`` of a new training run with torchvision's rule for a backbone with a norm choice:
+    the settings not ``given`` on the command line take their pretrained value (frozen BatchNorm, 3
+    trainable stages) when ImageNet or detector weights are loaded, else their from-scratch value
+    (trainable BatchNorm, all 5 stages). Warns when a frozen-BN backbone is built from random weights."""
+    if not get_backbone(config.backbone).norm:
+        return config
+    index = 0 if pretrained else 1
+    config = config.replace(**{f.name: f.metadata["weights_rule"][index] for f in weights_rule_fields()
+                               if f.name not in given})
+    if not pretrained and config.norm == "frozen_bn":
+        warnings.warn(f"--norm frozen_bn from random weights: the {config.backbone} backbone normalises with fixed "
+                      "identity statistics and deep ResNets then tend to diverge; --norm bn (the default from "
+                      "scratch) or gn train their normalisation", stacklevel=2)
+    return config
