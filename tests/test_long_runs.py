@@ -43,11 +43,13 @@ class Run:
         self.proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                                      env=env or dict(os.environ), start_new_session=True)
         self.lines: List[str] = []
+        self.times: List[float] = []  # when each line read by until() arrived (time.monotonic)
 
     def until(self, prefix: str) -> None:
         """Read until a line starts with ``prefix`` (fails if the process ends first)."""
         for line in self.proc.stdout:
             self.lines.append(line)
+            self.times.append(time.monotonic())
             if line.startswith(prefix):
                 return
         raise AssertionError(f"no line starting with {prefix!r}:\n{''.join(self.lines[-30:])}")
@@ -144,7 +146,69 @@ def test_checkpoint_every_n_iterations_writes_last_inside_the_epoch(demo_voc, tm
     assert done.stdout.count("iteration checkpoint last.pth (epoch 0, iteration 3)") == 1
     last = load(tmp_path / "last.pth")
     assert last["progress"] is None and last["epoch"] == 0  # the epoch end came after
-    assert os.path.samefile(tmp_path / "last.pth", tmp_path / "model-0.pth"), "last.pth links the epoch file"
+    assert (tmp_path / "last.pth").read_bytes() == (tmp_path / "model-0.pth").read_bytes(), "a copy of the epoch file"
+    assert not os.path.samefile(tmp_path / "last.pth", tmp_path / "model-0.pth")
+
+
+SLOW_EVAL_ENV = {**os.environ, "PYTHONPATH": str(ROOT / "tests"), "SLOW_EVAL_SECONDS": "2"}
+
+
+def longest_iteration(run: Run) -> float:
+    """The longest gap between two progress lines of a training epoch that ``run`` printed."""
+    stamps = [t for line, t in zip(run.lines, run.times) if PROGRESS.match(line)]
+    return max(b - a for a, b in zip(stamps, stamps[1:]))
+
+
+def assert_stopped_at_the_epoch_end(run: Run, out: Path, sent: float, iterations: int) -> None:
+    """One stop line; the trained epoch 0 in last.pth, marked as not evaluated; no evaluation
+    finished and nothing else written; within one iteration + the write + 5 s of ``sent``."""
+    elapsed = time.monotonic() - sent
+    stop_lines = [line for line in run.lines if line.startswith("stopped by SIGTERM at ")]
+    assert len(stop_lines) == 1 and "the end of epoch 0 (trained, not yet evaluated)" in stop_lines[0], run.text[-3000:]
+    written = re.search(r"last\.pth \(end of epoch 0, not yet evaluated\) written in ([\d.]+)s", run.text)
+    assert written, run.text[-3000:]
+    assert elapsed < longest_iteration(run) + float(written.group(1)) + 5, (elapsed, run.text[-3000:])
+    assert not re.search(r"^evaluated \d+ images", run.text, re.M) and "Test [3/" not in run.text
+    stopped = load(out / "last.pth")
+    assert stopped["epoch"] == -1 and stopped["progress"]["end_pending"] is True
+    assert stopped["progress"]["iteration"] == iterations
+    assert sorted(p.name for p in out.glob("*.pth")) == ["last.pth"] and metrics(out) == []
+    assert not list(out.glob("*.png")) and not list(out.glob(".*.tmp"))
+
+
+def results_lines(out: Path) -> List[str]:
+    return [line for path in sorted(out.glob("results*.txt")) for line in path.read_text().splitlines()]
+
+
+def assert_same_epoch_ends(out: Path, reference: Path) -> None:
+    """The resumed run's epoch ends equal the uninterrupted run's: weights, metrics, results, best.pth."""
+    assert_same_weights(out / "model-1.pth", reference / "model-1.pth")
+    assert_same_weights(out / "best.pth", reference / "best.pth")
+    assert load(out / "best.pth")["metrics"] == load(reference / "best.pth")["metrics"]
+    drop_time = [{k: v for k, v in r.items() if k != "epoch_time"} for r in metrics(out)]
+    assert drop_time == [{k: v for k, v in r.items() if k != "epoch_time"} for r in metrics(reference)]
+    assert results_lines(out) == results_lines(reference)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("when", ["last iteration", "evaluation"])
+def test_a_stop_at_an_epoch_end_never_waits_for_the_evaluation(when, demo_voc, uninterrupted, tmp_path):
+    """SIGTERM in epoch 0's last iteration (of 4) or while its evaluation runs (2 s per image):
+    the trained epoch is saved at once, and --resume auto evaluates it first."""
+    run = Run([sys.executable, *script_cmd("train_mobilenet.py", demo_voc, tmp_path, "--epochs", "2",
+                                           "--checkpoint-every", "0", "--plugin", "slow_eval_plugin")],
+              env=SLOW_EVAL_ENV)
+    run.until("Epoch 0 [3/4]" if when == "last iteration" else "Test [1/5]")
+    sent = time.monotonic()
+    run.proc.send_signal(signal.SIGTERM)
+    assert run.finish() == 128 + signal.SIGTERM, run.text[-3000:]
+    assert_stopped_at_the_epoch_end(run, tmp_path, sent, iterations=4)
+
+    second = train("train_mobilenet.py", demo_voc, tmp_path, "--epochs", "2", "--resume", "auto", "--print-freq", "1")
+    assert f"resumed from {tmp_path / 'last.pth'} at epoch 0, iteration 4 (all trained" in second.stdout
+    assert min(epoch for epoch, _ in iterations_printed(second.stdout)) == 1  # no batch of epoch 0 again
+    assert_same_epoch_ends(tmp_path, uninterrupted)
+    assert_each_step_logged_once(tmp_path, 8)
 
 
 # ------------------------------------------------------------------------------------------ torchrun
@@ -192,6 +256,27 @@ def test_torchrun_sigterm_stops_every_rank_at_one_iteration_then_resumes(demo_vo
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-3000:]
     assert f"at epoch 1, iteration {progress['iteration']}" in done.stdout
     assert_same_weights(tmp_path / "model-1.pth", uninterrupted_ddp / "model-1.pth")
+    assert_each_step_logged_once(tmp_path, 10)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("when", ["last iteration", "evaluation"])
+def test_torchrun_stop_at_an_epoch_end_never_waits_for_the_evaluation(when, demo_voc, uninterrupted_ddp, tmp_path):
+    """Two processes: SIGTERM to the agent in epoch 0's last iteration (of 5) or while the
+    evaluation runs (3 images per rank, 2 s each); every rank drops it, rank 0 writes the epoch."""
+    run = Run(ddp_cmd(demo_voc, tmp_path, "--checkpoint-every", "0", "--plugin", "slow_eval_plugin"),
+              env={**SLOW_EVAL_ENV, "OMP_NUM_THREADS": "1"})
+    run.until("Epoch 0 [4/5]" if when == "last iteration" else "Test [1/3]")
+    sent = time.monotonic()
+    run.proc.send_signal(signal.SIGTERM)  # the agent passes it on to both workers
+    assert run.finish() != 0
+    assert_stopped_at_the_epoch_end(run, tmp_path, sent, iterations=5)
+
+    done = subprocess.run(ddp_cmd(demo_voc, tmp_path, "--resume", "auto"), cwd=ROOT, capture_output=True, text=True,
+                          timeout=300, env=ENV)
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-3000:]
+    assert "at epoch 0, iteration 5 (all trained" in done.stdout
+    assert_same_epoch_ends(tmp_path, uninterrupted_ddp)
     assert_each_step_logged_once(tmp_path, 10)
 
 
@@ -345,7 +430,7 @@ def test_a_real_write_failure_is_one_line(demo_voc, tmp_path):
 def test_keep_checkpoints(demo_voc, tmp_path):
     train("train_mobilenet.py", demo_voc, tmp_path, "--epochs", "2", "--keep-checkpoints", "1")
     assert sorted(p.name for p in tmp_path.glob("*.pth")) == ["best.pth", "last.pth", "model-1.pth"]
-    assert os.path.samefile(tmp_path / "last.pth", tmp_path / "model-1.pth")
+    assert (tmp_path / "last.pth").read_bytes() == (tmp_path / "model-1.pth").read_bytes()
     assert load(tmp_path / "best.pth")["epoch"] in (0, 1)
 
 
@@ -456,14 +541,15 @@ def test_epoch_state_continues_the_running_means():
     assert resumed.means() == whole.means() == {"loss": 2.5, "lr": pytest.approx(0.3)}
 
 
-def test_prune_and_link_checkpoints(tmp_path, monkeypatch):
+def test_prune_and_copy_checkpoints(tmp_path, monkeypatch):
     from train_utils import checkpoint as ckpt
 
     for epoch in (0, 1, 2, 10):
         (tmp_path / f"model-{epoch}.pth").write_bytes(bytes([epoch]))
     (tmp_path / "model-x.pth").write_bytes(b"other")
-    ckpt.link_checkpoint(str(tmp_path / "model-10.pth"), str(tmp_path / "last.pth"))
-    assert os.path.samefile(tmp_path / "last.pth", tmp_path / "model-10.pth")
+    ckpt.copy_checkpoint(str(tmp_path / "model-10.pth"), str(tmp_path / "last.pth"))
+    assert (tmp_path / "last.pth").read_bytes() == bytes([10])
+    assert not os.path.samefile(tmp_path / "last.pth", tmp_path / "model-10.pth")
     assert ckpt.checkpoint_candidates(str(tmp_path)) == [str(tmp_path / n) for n in
                                                           ("last.pth", "model-10.pth", "model-2.pth", "model-1.pth",
                                                            "model-0.pth")]
@@ -471,14 +557,45 @@ def test_prune_and_link_checkpoints(tmp_path, monkeypatch):
     assert ckpt.prune_checkpoints(str(tmp_path), 2) == [str(tmp_path / "model-1.pth"), str(tmp_path / "model-0.pth")]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["last.pth", "model-10.pth", "model-2.pth", "model-x.pth"]
 
-    def no_links(*_):
-        raise OSError(errno.EPERM, "links not supported")
+    def unsupported(*_):
+        raise OSError(errno.EXDEV, "not between these files")
 
-    monkeypatch.setattr(os, "link", no_links)
-    ckpt.link_checkpoint(str(tmp_path / "model-2.pth"), str(tmp_path / "best.pth"))  # copies instead
-    assert (tmp_path / "best.pth").read_bytes() == bytes([2])
-    assert not os.path.samefile(tmp_path / "best.pth", tmp_path / "model-2.pth")
+    big = os.urandom(3 * 2**20 + 5)
+    (tmp_path / "model-2.pth").write_bytes(big)
+    monkeypatch.setattr(ckpt.fcntl, "ioctl", unsupported)  # no reflinks: copy_file_range
+    ckpt.copy_checkpoint(str(tmp_path / "model-2.pth"), str(tmp_path / "best.pth"))
+    assert (tmp_path / "best.pth").read_bytes() == big
+    monkeypatch.setattr(os, "copy_file_range", unsupported)  # nor that: through Python
+    ckpt.copy_checkpoint(str(tmp_path / "model-2.pth"), str(tmp_path / "best.pth"))
+    assert (tmp_path / "best.pth").read_bytes() == big
+    with pytest.raises(ckpt.CheckpointWriteError, match=f"cannot write {tmp_path / 'best.pth'}: .*model-9.pth is intact"):
+        ckpt.copy_checkpoint(str(tmp_path / "model-9.pth"), str(tmp_path / "best.pth"))
+    assert (tmp_path / "best.pth").read_bytes() == big
     assert not list(tmp_path.glob(".*.tmp"))
+
+
+def test_damaging_one_checkpoint_file_leaves_the_others_readable(trained_run, tmp_path):
+    """model-0.pth, last.pth and best.pth as the trainer writes them: truncating one in place
+    (as a crash or a `cp` over it would) damages no other."""
+    from backbone import WeightFileError
+    from train_utils.checkpoint import copy_checkpoint, read_checkpoint
+
+    names = ("model-0.pth", "last.pth", "best.pth")
+    for damaged in names:
+        out = tmp_path / damaged
+        out.mkdir()
+        (out / "model-0.pth").write_bytes((trained_run / "model-0.pth").read_bytes())
+        for copy in names[1:]:
+            copy_checkpoint(str(out / "model-0.pth"), str(out / copy))
+        with open(out / damaged, "r+b") as handle:
+            handle.truncate(1000)
+        for name in names:
+            if name == damaged:
+                with pytest.raises(WeightFileError, match=str(out / name)):
+                    read_checkpoint(str(out / name))
+            else:
+                read_checkpoint(str(out / name))
+                assert_same_weights(out / name, trained_run / "model-0.pth")
 
 
 def _share(rank: int, port: int, result_dir: str) -> None:
@@ -536,6 +653,21 @@ def test_loader_workers_end_with_the_run_even_on_an_error(demo_voc, tmp_path):
     workers = trainer.train_loader._iterator._workers
     assert len(workers) == 2 and not any(worker.is_alive() for worker in workers)
     assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL  # the stop handlers are removed
+
+
+def test_torch_still_has_the_loader_internals_the_trainer_uses():
+    """stop_loader_workers calls ``DataLoader._iterator._shutdown_workers`` (torch has no public
+    way to stop persistent workers): this fails loudly if torch renames either."""
+    from torch.utils.data import DataLoader
+
+    from train_utils.engine.trainer import stop_loader_workers
+
+    loader = DataLoader(range(4), batch_size=2, num_workers=1, persistent_workers=True)
+    assert [batch.tolist() for batch in loader] == [[0, 1], [2, 3]]
+    workers = loader._iterator._workers
+    assert len(workers) == 1 and workers[0].is_alive() and callable(loader._iterator._shutdown_workers)
+    stop_loader_workers(loader, None)
+    assert not workers[0].is_alive()
 
 
 def test_a_resume_with_other_batches_per_epoch_moves_the_schedule_to_the_same_epoch(demo_voc, uninterrupted,
