@@ -714,6 +714,48 @@ def test_a_non_finite_loss_names_the_terms_and_images_before_any_update():
     assert model.w.item() == 1.0 and model.w.grad is None
 
 
+def test_float16_skips_non_finite_steps_until_too_many_in_a_row(monkeypatch):
+    """With an enabled GradScaler (float16) a non-finite loss is a skipped step (the scaler lowers
+    its scale, the weights stay); the K-th in a row stops with the usual message. Without one
+    (float32, bfloat16) the first stops."""
+    from train_utils.engine import loop
+
+    class Flaky(torch.nn.Module):
+        def __init__(self, values):
+            super().__init__()
+            self.w, self.values = torch.nn.Parameter(torch.ones(1)), iter(values)
+
+        def forward(self, images, targets):
+            return {"loss_classifier": self.w * next(self.values)}
+
+    def run(values, scaler):
+        model = Flaky(values)
+        optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
+        batch = ([torch.zeros(3, 4, 4)], [{"image_id": torch.tensor(7), "boxes": torch.zeros(0, 4)}])
+        state = loop.EpochState(0)
+        with pytest.raises(loop.NonFiniteLossError, match=r"non-finite loss at epoch 0, iteration (\d+) .*Lower --lr") \
+                as error:
+            loop.train_one_epoch(model, optimizer, [batch] * len(values), torch.device("cpu"), state, scheduler, scaler)
+        return model, state, error.value, scheduler
+
+    assert loop.MAX_CONSECUTIVE_FP16_SKIPS == 20
+    monkeypatch.setattr(loop, "MAX_CONSECUTIVE_FP16_SKIPS", 3)
+    inf = float("inf")
+    scaler = torch.amp.GradScaler("cpu", init_scale=1024.0)
+    model, state, error, scheduler = run([1.0, inf, inf, 1.0, inf, float("nan"), inf], scaler)
+    assert "iteration 6 " in str(error)
+    assert model.w.item() == pytest.approx(0.8)  # only the two finite steps moved it (lr 0.1, gradient 1)
+    assert scaler.get_scale() == 1024.0 / 2 ** 4  # halved at each of the four skipped steps
+    assert (state.iteration, state.skipped, state.streak) == (6, 4, 2) and scheduler.last_epoch == 6
+    assert state.means()["loss"] == pytest.approx((1.0 + 0.9) / 2)  # the mean of the steps that trained (w 1, 0.9)
+    assert loop.EpochState.from_dict(0, state.to_dict()) == loop.EpochState(0, 6, state.loss_sums, state.lr,
+                                                                            skipped=4, streak=2)
+    for no_skips in (None, torch.amp.GradScaler("cpu", enabled=False)):  # float32 / bfloat16
+        model, state, error, _ = run([1.0, inf, 1.0], no_skips)
+        assert "iteration 1 " in str(error) and model.w.item() == pytest.approx(0.9) and state.skipped == 0
+
+
 @pytest.mark.parametrize("message, peer", [
     ("[/pytorch/third_party/gloo/gloo/transport/tcp/pair.cc:545] Read error [127.0.0.1]:40360: Connection reset by "
      "peer. This is typically caused by a remote worker hanging", True),                      # a dead rank
