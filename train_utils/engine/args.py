@@ -86,6 +86,11 @@ def _add_optimisation_flags(p: argparse.ArgumentParser, distributed: bool) -> No
     opt.add_argument("--amp-dtype", choices=sorted(AMP_DTYPES), default=None,
                      help="the --amp dtype instead of those defaults (bfloat16 on CUDA needs no GradScaler)")
     opt.add_argument("--seed", type=int, default=0)
+    opt.add_argument("--deterministic", action="store_true",
+                     help="deterministic kernels (torch.use_deterministic_algorithms, CUBLAS_WORKSPACE_CONFIG=:4096:8, "
+                          "cuDNN deterministic, no cuDNN benchmark): a GPU run repeats bit for bit, somewhat slower. "
+                          "Every op of the detectors has a deterministic CUDA version except RoIPool (--roi-op pool), "
+                          "which is refused; the list is in train_utils/engine/determinism.py")
 
 
 def _add_run_flags(p: argparse.ArgumentParser, distributed: bool) -> None:

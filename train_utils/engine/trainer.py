@@ -26,6 +26,7 @@ from train_utils.data.samplers import (GroupedBatchSampler, ResumableBatches, Se
                                        create_aspect_ratio_groups)
 from train_utils.data.transforms import get_transforms
 from train_utils.device import amp_dtype, resolve_device
+from train_utils.engine import determinism
 from train_utils.engine import distributed as dist_utils
 from train_utils.engine.checkpointer import Checkpointer, plain_args  # noqa: F401 (plain_args: its old import path)
 from train_utils.engine.control import (CheckpointEvery, ImmediateStop, RunControl, StopRequested, StopSignals,
@@ -108,7 +109,10 @@ class Trainer:
 
     # ------------------------------------------------------------------ build steps
     def setup_device(self) -> None:
-        """Device, process group (rank, world size) and seeds."""
+        """Deterministic kernels (--deterministic, before CUDA starts), device, process group
+        (rank, world size) and seeds."""
+        if getattr(self.args, "deterministic", False):
+            determinism.make_deterministic()
         self.device = resolve_device(self.args.device)
         info = (dist_utils.init_distributed_mode(self.device.type, getattr(self.args, "dist_timeout", 30.0))
                 if self.distributed else {"rank": 0, "world_size": 1, "local_rank": 0})
@@ -219,6 +223,8 @@ class Trainer:
             model = build_model(self.config, self.backbone_weights)
             if args.weights:
                 self.config = load_detector_weights(model, args.weights, self.config)
+        if getattr(args, "deterministic", False):
+            determinism.check_model(self.config, self.device)
         if self.world_size > 1 and getattr(args, "sync_bn", False):
             model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
         self.model_without_ddp = model.to(self.device)
