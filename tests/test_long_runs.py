@@ -159,10 +159,9 @@ def longest_iteration(run: Run) -> float:
     return max(b - a for a, b in zip(stamps, stamps[1:]))
 
 
-def assert_stopped_at_the_epoch_end(run: Run, out: Path, sent: float, iterations: int) -> None:
+def assert_stopped_at_the_epoch_end(run: Run, out: Path, elapsed: float, iterations: int) -> None:
     """One stop line; the trained epoch 0 in last.pth, marked as not evaluated; no evaluation
-    finished and nothing else written; within one iteration + the write + 5 s of ``sent``."""
-    elapsed = time.monotonic() - sent
+    finished and nothing else written; ``elapsed`` within one iteration + the write + 5 s."""
     stop_lines = [line for line in run.lines if line.startswith("stopped by SIGTERM at ")]
     assert len(stop_lines) == 1 and "the end of epoch 0 (trained, not yet evaluated)" in stop_lines[0], run.text[-3000:]
     written = re.search(r"last\.pth \(end of epoch 0, not yet evaluated\) written in ([\d.]+)s", run.text)
@@ -202,7 +201,7 @@ def test_a_stop_at_an_epoch_end_never_waits_for_the_evaluation(when, demo_voc, u
     sent = time.monotonic()
     run.proc.send_signal(signal.SIGTERM)
     assert run.finish() == 128 + signal.SIGTERM, run.text[-3000:]
-    assert_stopped_at_the_epoch_end(run, tmp_path, sent, iterations=4)
+    assert_stopped_at_the_epoch_end(run, tmp_path, time.monotonic() - sent, iterations=4)
 
     second = train("train_mobilenet.py", demo_voc, tmp_path, "--epochs", "2", "--resume", "auto", "--print-freq", "1")
     assert f"resumed from {tmp_path / 'last.pth'} at epoch 0, iteration 4 (all trained" in second.stdout
@@ -263,14 +262,19 @@ def test_torchrun_sigterm_stops_every_rank_at_one_iteration_then_resumes(demo_vo
 @pytest.mark.parametrize("when", ["last iteration", "evaluation"])
 def test_torchrun_stop_at_an_epoch_end_never_waits_for_the_evaluation(when, demo_voc, uninterrupted_ddp, tmp_path):
     """Two processes: SIGTERM to the agent in epoch 0's last iteration (of 5) or while the
-    evaluation runs (3 images per rank, 2 s each); every rank drops it, rank 0 writes the epoch."""
+    evaluation runs (3 images per rank, 2 s each); every rank drops it, rank 0 writes the epoch.
+    The bound holds up to rank 0's stop line (the file written, every rank agreed); torchrun's
+    own teardown after it (workers' interpreter exit, the agent's) took 4-6 s here, as before
+    this change, well inside the 30 s it gives workers before killing them."""
     run = Run(ddp_cmd(demo_voc, tmp_path, "--checkpoint-every", "0", "--plugin", "slow_eval_plugin"),
               env={**SLOW_EVAL_ENV, "OMP_NUM_THREADS": "1"})
     run.until("Epoch 0 [4/5]" if when == "last iteration" else "Test [1/3]")
     sent = time.monotonic()
     run.proc.send_signal(signal.SIGTERM)  # the agent passes it on to both workers
-    assert run.finish() != 0
-    assert_stopped_at_the_epoch_end(run, tmp_path, sent, iterations=5)
+    run.until("stopped by SIGTERM at ")
+    stopped = time.monotonic() - sent
+    assert run.finish() != 0 and time.monotonic() - sent < 30
+    assert_stopped_at_the_epoch_end(run, tmp_path, stopped, iterations=5)
 
     done = subprocess.run(ddp_cmd(demo_voc, tmp_path, "--resume", "auto"), cwd=ROOT, capture_output=True, text=True,
                           timeout=300, env=ENV)
@@ -568,7 +572,8 @@ def test_prune_and_copy_checkpoints(tmp_path, monkeypatch):
     monkeypatch.setattr(os, "copy_file_range", unsupported)  # nor that: through Python
     ckpt.copy_checkpoint(str(tmp_path / "model-2.pth"), str(tmp_path / "best.pth"))
     assert (tmp_path / "best.pth").read_bytes() == big
-    with pytest.raises(ckpt.CheckpointWriteError, match=f"cannot write {tmp_path / 'best.pth'}: .*model-9.pth is intact"):
+    missing = f"cannot write {tmp_path / 'best.pth'}: .*model-9.pth is intact"
+    with pytest.raises(ckpt.CheckpointWriteError, match=missing):
         ckpt.copy_checkpoint(str(tmp_path / "model-9.pth"), str(tmp_path / "best.pth"))
     assert (tmp_path / "best.pth").read_bytes() == big
     assert not list(tmp_path.glob(".*.tmp"))

@@ -125,7 +125,8 @@ class Checkpointer:
         if self.is_main:
             state = trainer.start_state
             where = f", iteration {state.iteration}" if state else ""
-            pending = " (all trained: its evaluation and epoch end come first)" if state and state.iteration == full else ""
+            complete = state is not None and state.iteration == full
+            pending = " (all trained: its evaluation and epoch end come first)" if complete else ""
             print(f"resumed from {path} at epoch {trainer.start_epoch}{where}{pending}")
 
     def restore_random_states(self, ckpt: Checkpoint, start_epoch: int) -> None:
