@@ -470,6 +470,37 @@ def test_run_control_saves_every_n_iterations_and_on_a_signal():
     assert control.stop_requested() == signal.SIGTERM
 
 
+def test_an_evaluation_polls_for_a_stop_before_each_batch_and_before_ending():
+    from train_utils.engine.control import CheckpointEvery, RunControl, StopRequested, StopSignals
+
+    signals = StopSignals()
+    polled = RunControl(CheckpointEvery(), signals).polled([10, 20, 30])
+    assert len(polled) == 3 and list(polled) == [10, 20, 30]
+    seen = []
+    with pytest.raises(StopRequested) as request:
+        for batch in polled:
+            seen.append(batch)
+            if batch == 20:
+                signals.signum = signal.SIGUSR1  # what the handler records, here during batch 20
+    assert seen == [10, 20] and request.value.signum == signal.SIGUSR1
+
+
+def test_an_epoch_trained_to_its_end_resumes_complete_in_any_world_size():
+    """A stop at an epoch's end stores its full count (8 of 8 with 2 processes); resumed by one
+    process (16 per epoch) the epoch is still complete, its loss means kept; an ordinary position
+    keeps the number of images seen (4 of 8 -> 8 of 16)."""
+    from argparse import Namespace
+
+    from train_utils.engine.checkpointer import Checkpointer
+
+    checkpointer = Checkpointer(Namespace(output_dir="unused"), rank=0, world_size=1)
+    stored = {"iteration": 8, "loss_sums": {"loss": 12.0}, "lr": 0.01, "world_size": 2}
+    state = checkpointer.epoch_state(3, {**stored, "end_pending": True}, full_length=16)
+    assert (state.epoch, state.iteration, state.means()) == (3, 16, {"loss": 1.5, "lr": 0.01})
+    state = checkpointer.epoch_state(3, {**stored, "iteration": 4, "loss_sums": {"loss": 6.0}}, full_length=16)
+    assert (state.iteration, state.means()["loss"]) == (8, 1.5)
+
+
 def test_augmentation_is_a_function_of_seed_epoch_and_image(demo_voc):
     """The same (epoch, index) gives the same augmented sample whatever was read before, the
     caller's random state is untouched, and another epoch draws other flips."""
