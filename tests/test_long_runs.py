@@ -43,11 +43,13 @@ class Run:
         self.proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                                      env=env or dict(os.environ), start_new_session=True)
         self.lines: List[str] = []
+        self.times: List[float] = []  # when each line read by until() arrived (time.monotonic)
 
     def until(self, prefix: str) -> None:
         """Read until a line starts with ``prefix`` (fails if the process ends first)."""
         for line in self.proc.stdout:
             self.lines.append(line)
+            self.times.append(time.monotonic())
             if line.startswith(prefix):
                 return
         raise AssertionError(f"no line starting with {prefix!r}:\n{''.join(self.lines[-30:])}")
@@ -144,7 +146,68 @@ def test_checkpoint_every_n_iterations_writes_last_inside_the_epoch(demo_voc, tm
     assert done.stdout.count("iteration checkpoint last.pth (epoch 0, iteration 3)") == 1
     last = load(tmp_path / "last.pth")
     assert last["progress"] is None and last["epoch"] == 0  # the epoch end came after
-    assert os.path.samefile(tmp_path / "last.pth", tmp_path / "model-0.pth"), "last.pth links the epoch file"
+    assert (tmp_path / "last.pth").read_bytes() == (tmp_path / "model-0.pth").read_bytes(), "a copy of the epoch file"
+    assert not os.path.samefile(tmp_path / "last.pth", tmp_path / "model-0.pth")
+
+
+SLOW_EVAL_ENV = {**os.environ, "PYTHONPATH": str(ROOT / "tests"), "SLOW_EVAL_SECONDS": "2"}
+
+
+def longest_iteration(run: Run) -> float:
+    """The longest gap between two progress lines of a training epoch that ``run`` printed."""
+    stamps = [t for line, t in zip(run.lines, run.times) if PROGRESS.match(line)]
+    return max(b - a for a, b in zip(stamps, stamps[1:]))
+
+
+def assert_stopped_at_the_epoch_end(run: Run, out: Path, elapsed: float, iterations: int) -> None:
+    """One stop line; the trained epoch 0 in last.pth, marked as not evaluated; no evaluation
+    finished and nothing else written; ``elapsed`` within one iteration + the write + 5 s."""
+    stop_lines = [line for line in run.lines if line.startswith("stopped by SIGTERM at ")]
+    assert len(stop_lines) == 1 and "the end of epoch 0 (trained, not yet evaluated)" in stop_lines[0], run.text[-3000:]
+    written = re.search(r"last\.pth \(end of epoch 0, not yet evaluated\) written in ([\d.]+)s", run.text)
+    assert written, run.text[-3000:]
+    assert elapsed < longest_iteration(run) + float(written.group(1)) + 5, (elapsed, run.text[-3000:])
+    assert not re.search(r"^evaluated \d+ images", run.text, re.M) and "Test [3/" not in run.text
+    stopped = load(out / "last.pth")
+    assert stopped["epoch"] == -1 and stopped["progress"]["end_pending"] is True
+    assert stopped["progress"]["iteration"] == iterations
+    assert sorted(p.name for p in out.glob("*.pth")) == ["last.pth"] and metrics(out) == []
+    assert not list(out.glob("*.png")) and not list(out.glob(".*.tmp"))
+
+
+def results_lines(out: Path) -> List[str]:
+    return [line for path in sorted(out.glob("results*.txt")) for line in path.read_text().splitlines()]
+
+
+def assert_same_epoch_ends(out: Path, reference: Path) -> None:
+    """The resumed run's epoch ends equal the uninterrupted run's: weights, metrics, results, best.pth."""
+    assert_same_weights(out / "model-1.pth", reference / "model-1.pth")
+    assert_same_weights(out / "best.pth", reference / "best.pth")
+    assert load(out / "best.pth")["metrics"] == load(reference / "best.pth")["metrics"]
+    drop_time = [{k: v for k, v in r.items() if k != "epoch_time"} for r in metrics(out)]
+    assert drop_time == [{k: v for k, v in r.items() if k != "epoch_time"} for r in metrics(reference)]
+    assert results_lines(out) == results_lines(reference)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("when", ["last iteration", "evaluation"])
+def test_a_stop_at_an_epoch_end_never_waits_for_the_evaluation(when, demo_voc, uninterrupted, tmp_path):
+    """SIGTERM in epoch 0's last iteration (of 4) or while its evaluation runs (2 s per image):
+    the trained epoch is saved at once, and --resume auto evaluates it first."""
+    run = Run([sys.executable, *script_cmd("train_mobilenet.py", demo_voc, tmp_path, "--epochs", "2",
+                                           "--checkpoint-every", "0", "--plugin", "slow_eval_plugin")],
+              env=SLOW_EVAL_ENV)
+    run.until("Epoch 0 [3/4]" if when == "last iteration" else "Test [1/5]")
+    sent = time.monotonic()
+    run.proc.send_signal(signal.SIGTERM)
+    assert run.finish() == 128 + signal.SIGTERM, run.text[-3000:]
+    assert_stopped_at_the_epoch_end(run, tmp_path, time.monotonic() - sent, iterations=4)
+
+    second = train("train_mobilenet.py", demo_voc, tmp_path, "--epochs", "2", "--resume", "auto", "--print-freq", "1")
+    assert f"resumed from {tmp_path / 'last.pth'} at epoch 0, iteration 4 (all trained" in second.stdout
+    assert min(epoch for epoch, _ in iterations_printed(second.stdout)) == 1  # no batch of epoch 0 again
+    assert_same_epoch_ends(tmp_path, uninterrupted)
+    assert_each_step_logged_once(tmp_path, 8)
 
 
 # ------------------------------------------------------------------------------------------ torchrun
@@ -192,6 +255,32 @@ def test_torchrun_sigterm_stops_every_rank_at_one_iteration_then_resumes(demo_vo
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-3000:]
     assert f"at epoch 1, iteration {progress['iteration']}" in done.stdout
     assert_same_weights(tmp_path / "model-1.pth", uninterrupted_ddp / "model-1.pth")
+    assert_each_step_logged_once(tmp_path, 10)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("when", ["last iteration", "evaluation"])
+def test_torchrun_stop_at_an_epoch_end_never_waits_for_the_evaluation(when, demo_voc, uninterrupted_ddp, tmp_path):
+    """Two processes: SIGTERM to the agent in epoch 0's last iteration (of 5) or while the
+    evaluation runs (3 images per rank, 2 s each); every rank drops it, rank 0 writes the epoch.
+    The bound holds up to rank 0's stop line (the file written, every rank agreed); torchrun's
+    own teardown after it (workers' interpreter exit, the agent's) took 4-6 s here, as before
+    this change, well inside the 30 s it gives workers before killing them."""
+    run = Run(ddp_cmd(demo_voc, tmp_path, "--checkpoint-every", "0", "--plugin", "slow_eval_plugin"),
+              env={**SLOW_EVAL_ENV, "OMP_NUM_THREADS": "1"})
+    run.until("Epoch 0 [4/5]" if when == "last iteration" else "Test [1/3]")
+    sent = time.monotonic()
+    run.proc.send_signal(signal.SIGTERM)  # the agent passes it on to both workers
+    run.until("stopped by SIGTERM at ")
+    stopped = time.monotonic() - sent
+    assert run.finish() != 0 and time.monotonic() - sent < 30
+    assert_stopped_at_the_epoch_end(run, tmp_path, stopped, iterations=5)
+
+    done = subprocess.run(ddp_cmd(demo_voc, tmp_path, "--resume", "auto"), cwd=ROOT, capture_output=True, text=True,
+                          timeout=300, env=ENV)
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-3000:]
+    assert "at epoch 0, iteration 5 (all trained" in done.stdout
+    assert_same_epoch_ends(tmp_path, uninterrupted_ddp)
     assert_each_step_logged_once(tmp_path, 10)
 
 
@@ -345,7 +434,7 @@ def test_a_real_write_failure_is_one_line(demo_voc, tmp_path):
 def test_keep_checkpoints(demo_voc, tmp_path):
     train("train_mobilenet.py", demo_voc, tmp_path, "--epochs", "2", "--keep-checkpoints", "1")
     assert sorted(p.name for p in tmp_path.glob("*.pth")) == ["best.pth", "last.pth", "model-1.pth"]
-    assert os.path.samefile(tmp_path / "last.pth", tmp_path / "model-1.pth")
+    assert (tmp_path / "last.pth").read_bytes() == (tmp_path / "model-1.pth").read_bytes()
     assert load(tmp_path / "best.pth")["epoch"] in (0, 1)
 
 
@@ -379,6 +468,37 @@ def test_run_control_saves_every_n_iterations_and_on_a_signal():
     signals.signum = signal.SIGTERM  # what the handler records
     assert control.poll() == {"save": 1, "stop": int(signal.SIGTERM)}
     assert control.stop_requested() == signal.SIGTERM
+
+
+def test_an_evaluation_polls_for_a_stop_before_each_batch_and_before_ending():
+    from train_utils.engine.control import CheckpointEvery, RunControl, StopRequested, StopSignals
+
+    signals = StopSignals()
+    polled = RunControl(CheckpointEvery(), signals).polled([10, 20, 30])
+    assert len(polled) == 3 and list(polled) == [10, 20, 30]
+    seen = []
+    with pytest.raises(StopRequested) as request:
+        for batch in polled:
+            seen.append(batch)
+            if batch == 20:
+                signals.signum = signal.SIGUSR1  # what the handler records, here during batch 20
+    assert seen == [10, 20] and request.value.signum == signal.SIGUSR1
+
+
+def test_an_epoch_trained_to_its_end_resumes_complete_in_any_world_size():
+    """A stop at an epoch's end stores its full count (8 of 8 with 2 processes); resumed by one
+    process (16 per epoch) the epoch is still complete, its loss means kept; an ordinary position
+    keeps the number of images seen (4 of 8 -> 8 of 16)."""
+    from argparse import Namespace
+
+    from train_utils.engine.checkpointer import Checkpointer
+
+    checkpointer = Checkpointer(Namespace(output_dir="unused"), rank=0, world_size=1)
+    stored = {"iteration": 8, "loss_sums": {"loss": 12.0}, "lr": 0.01, "world_size": 2}
+    state = checkpointer.epoch_state(3, {**stored, "end_pending": True}, full_length=16)
+    assert (state.epoch, state.iteration, state.means()) == (3, 16, {"loss": 1.5, "lr": 0.01})
+    state = checkpointer.epoch_state(3, {**stored, "iteration": 4, "loss_sums": {"loss": 6.0}}, full_length=16)
+    assert (state.iteration, state.means()["loss"]) == (8, 1.5)
 
 
 def test_augmentation_is_a_function_of_seed_epoch_and_image(demo_voc):
@@ -456,14 +576,15 @@ def test_epoch_state_continues_the_running_means():
     assert resumed.means() == whole.means() == {"loss": 2.5, "lr": pytest.approx(0.3)}
 
 
-def test_prune_and_link_checkpoints(tmp_path, monkeypatch):
+def test_prune_and_copy_checkpoints(tmp_path, monkeypatch):
     from train_utils import checkpoint as ckpt
 
     for epoch in (0, 1, 2, 10):
         (tmp_path / f"model-{epoch}.pth").write_bytes(bytes([epoch]))
     (tmp_path / "model-x.pth").write_bytes(b"other")
-    ckpt.link_checkpoint(str(tmp_path / "model-10.pth"), str(tmp_path / "last.pth"))
-    assert os.path.samefile(tmp_path / "last.pth", tmp_path / "model-10.pth")
+    ckpt.copy_checkpoint(str(tmp_path / "model-10.pth"), str(tmp_path / "last.pth"))
+    assert (tmp_path / "last.pth").read_bytes() == bytes([10])
+    assert not os.path.samefile(tmp_path / "last.pth", tmp_path / "model-10.pth")
     assert ckpt.checkpoint_candidates(str(tmp_path)) == [str(tmp_path / n) for n in
                                                           ("last.pth", "model-10.pth", "model-2.pth", "model-1.pth",
                                                            "model-0.pth")]
@@ -471,14 +592,46 @@ def test_prune_and_link_checkpoints(tmp_path, monkeypatch):
     assert ckpt.prune_checkpoints(str(tmp_path), 2) == [str(tmp_path / "model-1.pth"), str(tmp_path / "model-0.pth")]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["last.pth", "model-10.pth", "model-2.pth", "model-x.pth"]
 
-    def no_links(*_):
-        raise OSError(errno.EPERM, "links not supported")
+    def unsupported(*_):
+        raise OSError(errno.EXDEV, "not between these files")
 
-    monkeypatch.setattr(os, "link", no_links)
-    ckpt.link_checkpoint(str(tmp_path / "model-2.pth"), str(tmp_path / "best.pth"))  # copies instead
-    assert (tmp_path / "best.pth").read_bytes() == bytes([2])
-    assert not os.path.samefile(tmp_path / "best.pth", tmp_path / "model-2.pth")
+    big = os.urandom(3 * 2**20 + 5)
+    (tmp_path / "model-2.pth").write_bytes(big)
+    monkeypatch.setattr(ckpt.fcntl, "ioctl", unsupported)  # no reflinks: copy_file_range
+    ckpt.copy_checkpoint(str(tmp_path / "model-2.pth"), str(tmp_path / "best.pth"))
+    assert (tmp_path / "best.pth").read_bytes() == big
+    monkeypatch.setattr(os, "copy_file_range", unsupported)  # nor that: through Python
+    ckpt.copy_checkpoint(str(tmp_path / "model-2.pth"), str(tmp_path / "best.pth"))
+    assert (tmp_path / "best.pth").read_bytes() == big
+    missing = f"cannot write {tmp_path / 'best.pth'}: .*model-9.pth is intact"
+    with pytest.raises(ckpt.CheckpointWriteError, match=missing):
+        ckpt.copy_checkpoint(str(tmp_path / "model-9.pth"), str(tmp_path / "best.pth"))
+    assert (tmp_path / "best.pth").read_bytes() == big
     assert not list(tmp_path.glob(".*.tmp"))
+
+
+def test_damaging_one_checkpoint_file_leaves_the_others_readable(trained_run, tmp_path):
+    """model-0.pth, last.pth and best.pth as the trainer writes them: truncating one in place
+    (as a crash or a `cp` over it would) damages no other."""
+    from backbone import WeightFileError
+    from train_utils.checkpoint import copy_checkpoint, read_checkpoint
+
+    names = ("model-0.pth", "last.pth", "best.pth")
+    for damaged in names:
+        out = tmp_path / damaged
+        out.mkdir()
+        (out / "model-0.pth").write_bytes((trained_run / "model-0.pth").read_bytes())
+        for copy in names[1:]:
+            copy_checkpoint(str(out / "model-0.pth"), str(out / copy))
+        with open(out / damaged, "r+b") as handle:
+            handle.truncate(1000)
+        for name in names:
+            if name == damaged:
+                with pytest.raises(WeightFileError, match=str(out / name)):
+                    read_checkpoint(str(out / name))
+            else:
+                read_checkpoint(str(out / name))
+                assert_same_weights(out / name, trained_run / "model-0.pth")
 
 
 def _share(rank: int, port: int, result_dir: str) -> None:
@@ -538,6 +691,21 @@ def test_loader_workers_end_with_the_run_even_on_an_error(demo_voc, tmp_path):
     assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL  # the stop handlers are removed
 
 
+def test_torch_still_has_the_loader_internals_the_trainer_uses():
+    """stop_loader_workers calls ``DataLoader._iterator._shutdown_workers`` (torch has no public
+    way to stop persistent workers): this fails loudly if torch renames either."""
+    from torch.utils.data import DataLoader
+
+    from train_utils.engine.trainer import stop_loader_workers
+
+    loader = DataLoader(range(4), batch_size=2, num_workers=1, persistent_workers=True)
+    assert [batch.tolist() for batch in loader] == [[0, 1], [2, 3]]
+    workers = loader._iterator._workers
+    assert len(workers) == 1 and workers[0].is_alive() and callable(loader._iterator._shutdown_workers)
+    stop_loader_workers(loader, None)
+    assert not workers[0].is_alive()
+
+
 def test_a_resume_with_other_batches_per_epoch_moves_the_schedule_to_the_same_epoch(demo_voc, uninterrupted,
                                                                                     tmp_path, capsys):
     """model-0.pth was written after epoch 0 at 4 batches per epoch (step 4). Resumed with -b 2
@@ -580,6 +748,48 @@ def test_a_non_finite_loss_names_the_terms_and_images_before_any_update():
         train_one_epoch(model, optimizer, [batch], torch.device("cpu"), EpochState(3), scheduler,
                         describe_images=lambda ids: ", ".join(f"img{i}" for i in ids))
     assert model.w.item() == 1.0 and model.w.grad is None
+
+
+def test_float16_skips_non_finite_steps_until_too_many_in_a_row(monkeypatch):
+    """With an enabled GradScaler (float16) a non-finite loss is a skipped step (the scaler lowers
+    its scale, the weights stay); the K-th in a row stops with the usual message. Without one
+    (float32, bfloat16) the first stops."""
+    from train_utils.engine import loop
+
+    class Flaky(torch.nn.Module):
+        def __init__(self, values):
+            super().__init__()
+            self.w, self.values = torch.nn.Parameter(torch.ones(1)), iter(values)
+
+        def forward(self, images, targets):
+            return {"loss_classifier": self.w * next(self.values)}
+
+    def run(values, scaler):
+        model = Flaky(values)
+        optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
+        batch = ([torch.zeros(3, 4, 4)], [{"image_id": torch.tensor(7), "boxes": torch.zeros(0, 4)}])
+        state = loop.EpochState(0)
+        with pytest.raises(loop.NonFiniteLossError, match=r"non-finite loss at epoch 0, iteration (\d+) .*Lower --lr") \
+                as error:
+            loop.train_one_epoch(model, optimizer, [batch] * len(values), torch.device("cpu"), state, scheduler, scaler)
+        return model, state, error.value, scheduler
+
+    assert loop.MAX_CONSECUTIVE_FP16_SKIPS == 20
+    monkeypatch.setattr(loop, "MAX_CONSECUTIVE_FP16_SKIPS", 3)
+    inf = float("inf")
+    scaler = torch.amp.GradScaler("cpu", init_scale=1024.0)
+    model, state, error, scheduler = run([1.0, inf, inf, 1.0, inf, float("nan"), inf], scaler)
+    assert "iteration 6 " in str(error)
+    assert model.w.item() == pytest.approx(0.8)  # only the two finite steps moved it (lr 0.1, gradient 1)
+    assert scaler.get_scale() == 1024.0 / 2 ** 4  # halved at each of the four skipped steps
+    assert (state.iteration, state.skipped, state.streak) == (6, 4, 2) and scheduler.last_epoch == 6
+    assert state.means()["loss"] == pytest.approx((1.0 + 0.9) / 2)  # the mean of the steps that trained (w 1, 0.9)
+    assert loop.EpochState.from_dict(0, state.to_dict()) == loop.EpochState(0, 6, state.loss_sums, state.lr,
+                                                                            skipped=4, streak=2)
+    for no_skips in (None, torch.amp.GradScaler("cpu", enabled=False)):  # float32 / bfloat16
+        model, state, error, _ = run([1.0, inf, 1.0], no_skips)
+        assert "iteration 1 " in str(error) and model.w.item() == pytest.approx(0.9) and state.skipped == 0
 
 
 @pytest.mark.parametrize("message, peer", [

@@ -20,7 +20,7 @@ from train_utils.checkpoint import Checkpoint, save_checkpoint
 from train_utils.cli import model_config_from_args
 from train_utils.engine.args import build_parser, parse
 from train_utils.engine.recipes import PAPER_VGG16, describe_recipe
-from train_utils.engine.trainer import plain_args
+from train_utils.engine.checkpointer import plain_args
 from train_utils.loading import load_model
 from train_utils.model.builder import build_model
 from train_utils.model.config import ModelConfig

@@ -151,7 +151,9 @@ def test_drawn_boxes_and_untouched_random_states_and_mode(tb_run, val_set, val_p
     hook.before_train(fake_trainer(model, val_set, 0))
     model.train()
     before = (torch.get_rng_state(), random.getstate(), np.random.get_state()[1].copy(), np.random.get_state()[2])
-    hook.after_epoch(fake_trainer(model, val_set, 8), {"epoch": 1, "loss": 1.0, "lr": 0.01, "coco": [0.5] * 12})
+    record = {"epoch": 1, "loss": 1.0, "lr": 0.01, "coco": [0.5] * 12}
+    hook.after_epoch(fake_trainer(model, val_set, 8), record)
+    hook.epoch_extras(fake_trainer(model, val_set, 8), record)  # the images
     assert torch.equal(torch.get_rng_state(), before[0]) and random.getstate() == before[1]
     assert np.array_equal(np.random.get_state()[1], before[2]) and np.random.get_state()[2] == before[3]
     assert model.training

@@ -306,7 +306,7 @@ def epoch_end_case(num_images: int = 4952) -> Dict[str, float]:
 
     import torch.multiprocessing as mp
 
-    from train_utils.checkpoint import link_checkpoint
+    from train_utils.checkpoint import copy_checkpoint
 
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
@@ -320,7 +320,7 @@ def epoch_end_case(num_images: int = 4952) -> Dict[str, float]:
     start = time.perf_counter()
     try:
         (folder / "benchmark-a.pth").write_bytes(b"x")
-        link_checkpoint(str(folder / "benchmark-a.pth"), str(folder / "benchmark-b.pth"))
+        copy_checkpoint(str(folder / "benchmark-a.pth"), str(folder / "benchmark-b.pth"))
     finally:
         for name in ("benchmark-a.pth", "benchmark-b.pth"):
             (folder / name).unlink(missing_ok=True)

@@ -12,7 +12,8 @@ On disk (format 3) a checkpoint is a dict of tensors and plain values, loadable 
 | ``epoch`` | the last completed epoch (counted from 0; -1 before the first one ends) |
 | ``progress`` | None at an epoch end; inside an epoch (an iteration checkpoint): ``{"iteration": batches of
   epoch ``epoch + 1`` already trained, "loss_sums": the running sums of the loss terms, "lr": the last
-  step's rate, "world_size"}`` |
+  step's rate, "world_size"}``, plus ``"end_pending": True`` when all its batches are trained but its
+  end (evaluation, run log, epoch files) is not done: a stop came at the epoch's end |
 | ``optimizer``, ``lr_scheduler``, ``scaler`` | training state (``scaler``: None without CUDA AMP) |
 | ``rng_state`` | every rank's random states, a list indexed by rank (see ``train_utils.engine.rng``) |
 | ``args`` | the training flags |
@@ -27,7 +28,10 @@ options inside a flat ``model_config``), WZ-style files
 torchvision files. Every problem is a :class:`WeightFileError` whose one-line message names the file.
 Files are written atomically: to a temporary name, then renamed over the target; a failed write
 (disk full, read-only folder) is a :class:`CheckpointWriteError` that leaves the target as it was.
+:func:`copy_checkpoint` makes independent copies (no shared storage: damaging one leaves the
+other readable), as reflinks where the file system offers them.
 """
+import fcntl
 import os
 import re
 import shutil
@@ -35,7 +39,7 @@ import tempfile
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Dict, Iterator, List, Optional
+from typing import Any, BinaryIO, Dict, Iterator, List, Optional
 
 import torch
 
@@ -48,6 +52,8 @@ FORMAT_VERSION = 3
 _TRAINING_KEYS = ("optimizer", "lr_scheduler", "scaler", "rng_state", "progress")
 _NUMBERED = re.compile(r"model-(\d+)\.pth")
 _PREDICTOR_PREFIX = "roi_heads.box_predictor."
+END_PENDING = "end_pending"  # the progress key of an epoch trained but not yet evaluated
+FICLONE = 0x40049409  # Linux's ioctl that makes a file share another's blocks copy-on-write (linux/fs.h)
 
 
 class CheckpointWriteError(OSError):
@@ -114,19 +120,40 @@ def save_checkpoint(checkpoint: Checkpoint, path: str) -> None:
                                    "(if any) is intact", failure.errno) from None
 
 
-def link_checkpoint(source: str, target: str) -> None:
-    """Make ``target`` hold the same file as ``source`` (a hard link, or a copy where the file
-    system has none), atomically: no second write of the whole checkpoint."""
+def copy_checkpoint(source: str, target: str) -> None:
+    """Make ``target`` an independent copy of ``source``, atomically: a reflink where the file
+    system offers one (btrfs, XFS, ...: blocks shared copy-on-write, nothing written), else a
+    copy inside the kernel (``copy_file_range``), else through Python.
+
+    Raises:
+        CheckpointWriteError: the copy failed; ``target`` is as it was before the call.
+    """
     try:
-        with temporary_path(target) as tmp:
-            try:
-                os.remove(tmp)
-                os.link(source, tmp)
-            except OSError:
-                shutil.copyfile(source, tmp)
+        with temporary_path(target) as tmp, open(source, "rb") as src, open(tmp, "wb") as dst:
+            _clone_or_copy(src, dst)
     except OSError as exc:
         raise CheckpointWriteError(f"cannot write {target}: {exc.strerror or exc}; {source} is intact",
                                    exc.errno) from None
+
+
+def _clone_or_copy(src: BinaryIO, dst: BinaryIO) -> None:
+    """``src``'s bytes into the empty ``dst``, by the cheapest means available."""
+    try:
+        fcntl.ioctl(dst.fileno(), FICLONE, src.fileno())
+        return
+    except OSError:
+        pass  # no reflinks here (ext4, tmpfs, another file system for the target)
+    size, copied = os.fstat(src.fileno()).st_size, 0
+    try:
+        while copied < size:
+            step = os.copy_file_range(src.fileno(), dst.fileno(), size - copied)
+            if step == 0:
+                break
+            copied += step
+    except (AttributeError, OSError):  # no copy_file_range (not Linux), or not between these files
+        src.seek(copied)
+        dst.seek(copied)
+        shutil.copyfileobj(src, dst)
 
 
 def read_checkpoint(path: str) -> Checkpoint:

@@ -16,6 +16,7 @@ import torch
 import torch.distributed as dist
 
 _CONTROL_GROUP: Optional[Any] = None
+_STORE: Optional[dist.Store] = None  # the rendezvous store of the process group (see _attempt_store)
 # Words in the errors gloo and NCCL raise when a peer process died or stopped answering.
 # (lower case; e.g. a hung peer gives "Timed out waiting ... for recv" or "Application timeout caused
 # pair closure", a dead one "Connection reset by peer").
@@ -93,8 +94,10 @@ def _attempt_store(rank: int, world_size: int, timeout: datetime.timedelta) -> d
     """The rendezvous store of ``env://`` with its keys under this launch attempt: after torchrun
     restarts a failed group (``--max-restarts``) the store lives on, and a rank reading the
     addresses the previous attempt published would fail to connect."""
+    global _STORE
     store, _, _ = next(dist.rendezvous("env://", rank, world_size, timeout=timeout))
-    return dist.PrefixStore(f"attempt_{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}", store)
+    _STORE = dist.PrefixStore(f"attempt_{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}", store)
+    return _STORE
 
 
 def reduce_dict(values: Dict[str, torch.Tensor], average: bool = True) -> Dict[str, torch.Tensor]:
@@ -201,9 +204,10 @@ def unresponsive_ranks(grace_seconds: float = 5.0) -> Optional[List[int]]:
     (dead or hung), through the rendezvous store; None when the store itself is gone (it lives
     with rank 0, or with the launcher under torchrun)."""
     prefix = f"faster_rcnn/alive/{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}/"
-    world_size = get_world_size()
+    world_size, store = get_world_size(), _STORE
+    if store is None:
+        return None
     try:
-        store = dist.distributed_c10d._get_default_store()
         store.set(f"{prefix}{get_rank()}", "1")
         deadline = time.monotonic() + grace_seconds
         while True:
@@ -233,7 +237,7 @@ def describe_peer_failure(exc: BaseException) -> str:
 def cleanup(failed: bool = False) -> None:
     """Leave the process group; after a peer failure only the local state is dropped (a
     collective shutdown could wait on the dead rank)."""
-    global _CONTROL_GROUP
+    global _CONTROL_GROUP, _STORE
     if is_dist_avail_and_initialized() and not failed:
         dist.destroy_process_group()
-    _CONTROL_GROUP = None
+    _CONTROL_GROUP, _STORE = None, None

@@ -91,6 +91,11 @@ def _add_optimisation_flags(p: argparse.ArgumentParser, distributed: bool) -> No
                      help="TF32 convolutions and matmuls in the training steps on Ampere or later GPUs: torch "
                           "(PyTorch's setting: convolutions in TF32, matmuls in float32), on, or off (see docs/gpus.md)")
     add_tf32_flag(opt, "--eval-tf32")
+    opt.add_argument("--deterministic", action="store_true",
+                     help="deterministic kernels (torch.use_deterministic_algorithms, CUBLAS_WORKSPACE_CONFIG=:4096:8, "
+                          "cuDNN deterministic, no cuDNN benchmark): a GPU run repeats bit for bit, somewhat slower. "
+                          "Every op of the detectors has a deterministic CUDA version except RoIPool (--roi-op pool), "
+                          "which is refused; the list is in train_utils/engine/determinism.py")
 
 
 def _add_run_flags(p: argparse.ArgumentParser, distributed: bool) -> None:

@@ -2,9 +2,12 @@
 
 The first SIGTERM, SIGINT or SIGUSR1 (SLURM's usual warning before a preemption) asks the run to
 stop: the current iteration finishes, an iteration checkpoint is written and the process exits
-with 128 + the signal number. A second signal stops at once (:class:`ImmediateStop`). Under
-torch.distributed every rank acts at the same iteration: :meth:`RunControl.poll` agrees through
-one small collective.
+with 128 + the signal number. At an epoch's end nothing else runs after the request: an
+evaluation in progress is dropped (:class:`PolledLoader` asks before each image) and the
+checkpoint of the trained epoch, marked as not yet evaluated, is written; curves, images and
+pruning are skipped. A second signal stops at once (:class:`ImmediateStop`). Under
+torch.distributed every rank acts at the same point: :meth:`RunControl.poll` and
+:meth:`RunControl.stop_requested` agree through one small collective.
 """
 import os
 import re
@@ -14,7 +17,7 @@ import threading
 import time
 from dataclasses import dataclass
 from types import FrameType
-from typing import Dict, Optional
+from typing import Dict, Iterable, Iterator, Optional
 
 from train_utils import distributed as dist_utils
 
@@ -28,6 +31,14 @@ def ignore_stop_signals(_worker_id: int = 0) -> None:
     worker in the middle of the last iteration."""
     for signum in STOP_SIGNALS:
         signal.signal(signum, signal.SIG_IGN)
+
+
+class StopRequested(Exception):
+    """A stop was requested (on some rank) while the epoch's end was running: drop that work."""
+
+    def __init__(self, signum: int) -> None:
+        super().__init__(signum)
+        self.signum = signum
 
 
 class TrainingStopped(Exception):
@@ -93,8 +104,8 @@ class StopSignals:
             raise ImmediateStop(signum)
         self.signum = signum
         if dist_utils.is_main_process():  # os.write: print could re-enter a write in progress
-            _write_now(f"\n{signal.Signals(signum).name} received: finishing this iteration and writing a "
-                       "checkpoint (send it again to stop at once)\n")
+            _write_now(f"\n{signal.Signals(signum).name} received: finishing this iteration (an evaluation "
+                       "is dropped) and writing a checkpoint (send it again to stop at once)\n")
 
 
 def _write_now(text: str) -> None:
@@ -132,3 +143,30 @@ class RunControl:
     def stop_requested(self) -> int:
         """A signal number when any rank was asked to stop (outside the training loop)."""
         return int(dist_utils.agree_max([self.signals.signum or 0])[0])
+
+    def polled(self, loader: Iterable) -> "PolledLoader":
+        """``loader`` asking, before each batch, whether a stop was requested on any rank."""
+        return PolledLoader(loader, self)
+
+
+class PolledLoader:
+    """Iterates a loader, asking :meth:`RunControl.stop_requested` before each batch and before
+    ending (every rank as often: the shards have equal lengths); raises :class:`StopRequested`."""
+
+    def __init__(self, loader: Iterable, control: RunControl) -> None:
+        self.loader, self.control = loader, control
+
+    def __len__(self) -> int:
+        return len(self.loader)
+
+    def __iter__(self) -> Iterator:
+        batches = iter(self.loader)
+        while True:
+            signum = self.control.stop_requested()
+            if signum:
+                raise StopRequested(signum)
+            try:
+                batch = next(batches)
+            except StopIteration:
+                return
+            yield batch

@@ -1,7 +1,10 @@
 """Hooks: what the Trainer does around each epoch and step besides training and evaluating.
 
-A hook overrides any of ``before_train``, ``before_epoch``, ``after_step`` and ``after_epoch``;
-the Trainer calls them in list order (see ``Trainer.build_hooks``) on the ranks that hold them.
+A hook overrides any of ``before_train``, ``before_epoch``, ``after_step``, ``after_epoch`` and
+``epoch_extras``; the Trainer calls them in list order (see ``Trainer.build_hooks``) on the ranks
+that hold them. ``after_epoch`` writes the epoch's records and checkpoint (quick, and always
+together); ``epoch_extras`` does the slower work after them (curves, images, pruning), which a
+stop request skips.
 """
 import argparse
 import os
@@ -12,7 +15,6 @@ import torch
 from PIL import Image
 from torch import Tensor, nn
 
-from train_utils.checkpoint import link_checkpoint, prune_checkpoints, save_checkpoint
 from train_utils.data.classes import write_classes_json
 from train_utils.engine import rng
 from train_utils.engine.loop import EpochState
@@ -38,6 +40,9 @@ class Hook:
     def after_epoch(self, trainer: Any, record: Dict[str, Any]) -> None:
         pass
 
+    def epoch_extras(self, trainer: Any, record: Dict[str, Any]) -> None:
+        pass
+
 
 class FreezeBackboneHook(Hook):
     """``--freeze-backbone-epochs N``: the backbone's trainable parameters wait N epochs (every
@@ -60,8 +65,8 @@ def is_logged_step(trainer: Any, state: EpochState) -> bool:
 
 
 class RunLogHook(Hook):
-    """WZ's results file, metrics.jsonl, iterations.jsonl (every --print-freq steps) and the
-    curves (rank 0)."""
+    """WZ's results file, metrics.jsonl, iterations.jsonl (every --print-freq steps) and, as an
+    extra, the curves (rank 0)."""
 
     def before_train(self, trainer: Any) -> None:
         self.log = RunLog(trainer.args.output_dir, trainer.start_epoch, trainer.scheduler.last_epoch)
@@ -74,34 +79,30 @@ class RunLogHook(Hook):
         train_stats = {k: v for k, v in record.items() if k not in ("epoch", "coco")}
         self.log.add(record["epoch"], train_stats, record["coco"])
 
+    def epoch_extras(self, trainer: Any, record: Dict[str, Any]) -> None:
+        self.log.plot()
+
 
 class CheckpointHook(Hook):
-    """``classes.json`` first; after every epoch ``model-<epoch>.pth`` (written once) with
-    ``last.pth`` and, when COCO AP@0.5 improves, ``best.pth`` as links to it; then only the newest
-    ``--keep-checkpoints`` numbered files stay. Every rank takes part (the random states of all
-    ranks are gathered); rank 0 writes."""
+    """``classes.json`` first; after every epoch the epoch's checkpoint files (see
+    :class:`train_utils.engine.checkpointer.Checkpointer`), then the ``--keep-checkpoints``
+    pruning. Every rank takes part (the random states of all ranks are gathered); rank 0 writes."""
 
     def before_train(self, trainer: Any) -> None:
         if trainer.is_main:
             write_classes_json(trainer.classes_path(), trainer.train_set.class_names)
 
     def after_epoch(self, trainer: Any, record: Dict[str, Any]) -> None:
-        epoch, coco = record["epoch"], record["coco"]
+        coco = record["coco"]
         ap50 = coco[1] if coco is not None else None
         improved = ap50 is not None and ap50 > trainer.best_ap50
         if improved:
             trainer.best_ap50 = ap50
-        checkpoint = trainer.checkpoint(epoch, coco)
+        trainer.checkpointer.save_epoch(trainer, record["epoch"], coco, improved)
         trainer.control.mark()
-        if not trainer.is_main:
-            return
-        out = trainer.args.output_dir
-        numbered = os.path.join(out, f"model-{epoch}.pth")
-        save_checkpoint(checkpoint, numbered)
-        link_checkpoint(numbered, os.path.join(out, "last.pth"))
-        if improved:
-            link_checkpoint(numbered, os.path.join(out, "best.pth"))
-        prune_checkpoints(out, trainer.args.keep_checkpoints)
+
+    def epoch_extras(self, trainer: Any, record: Dict[str, Any]) -> None:
+        trainer.checkpointer.prune()
 
 
 def summary_writer_class() -> type:
@@ -160,8 +161,9 @@ class TensorBoardHook(Hook):
     - ``epoch/<term>``, ``epoch/lr``, ``epoch/epoch_time``: metrics.jsonl's epoch means, at the
       epoch's last step;
     - ``coco/<name>``: the 12 COCO numbers at each evaluation (-1, "no objects of that size", is
-      left out), and ``predictions/<image id>``: ``num_images`` fixed validation images with the
-      detections scoring at least ``score_thresh`` drawn (the longer side at most ``max_side``).
+      left out), and, as an extra, ``predictions/<image id>``: ``num_images`` fixed validation
+      images with the detections scoring at least ``score_thresh`` drawn (the longer side at most
+      ``max_side``).
 
     A resumed run purges the events after its position (left by the interrupted run), as the run
     log drops its records. Drawing the predictions leaves every random state as it was.
@@ -193,8 +195,12 @@ class TensorBoardHook(Hook):
             for name, value in zip(COCO_STAT_NAMES, record["coco"]):
                 if value != -1:
                     self.writer.add_scalar(f"coco/{name}", value, step)
-            self.add_images(trainer, step)
         self.writer.flush()
+
+    def epoch_extras(self, trainer: Any, record: Dict[str, Any]) -> None:
+        if record["coco"] is not None:
+            self.add_images(trainer, trainer.scheduler.last_epoch)
+            self.writer.flush()
         if record["epoch"] + 1 >= trainer.args.epochs:
             self.writer.close()
 

@@ -1,5 +1,6 @@
 """One training epoch; shared by every training script."""
 import math
+import sys
 from dataclasses import dataclass, field
 from typing import Any, Callable, Dict, List, Optional
 
@@ -9,6 +10,11 @@ from torch import nn
 from train_utils import distributed as dist_utils
 from train_utils.device import autocast_context, move_to_device
 from train_utils.progress import Progress
+
+
+# Under float16 with a GradScaler a non-finite loss is usually an overflow the scaler handles
+# (it skips the step and lowers its scale); this many in a row stop the run all the same.
+MAX_CONSECUTIVE_FP16_SKIPS = 20
 
 
 class NonFiniteLossError(RuntimeError):
@@ -25,25 +31,35 @@ class EpochState:
     loss_sums: Dict[str, float] = field(default_factory=dict)
     lr: Optional[float] = None  # the rate of the latest step
     last_losses: Dict[str, float] = field(default_factory=dict)  # the latest step's losses
+    skipped: int = 0  # float16 steps skipped for a non-finite loss (not in the sums)
+    streak: int = 0  # of them, how many in a row up to the latest step
 
     def add(self, losses: Dict[str, float], lr: float) -> None:
         self.iteration += 1
         for key, value in losses.items():
             self.loss_sums[key] = self.loss_sums.get(key, 0.0) + value
+        self.lr, self.last_losses, self.streak = lr, losses, 0
+
+    def skip(self, losses: Dict[str, float], lr: float) -> None:
+        """A step whose non-finite loss the GradScaler skipped: counted, not summed."""
+        self.iteration += 1
+        self.skipped += 1
+        self.streak += 1
         self.lr, self.last_losses = lr, losses
 
     def means(self) -> Dict[str, float]:
-        """The epoch's mean of each loss term and its last learning rate."""
-        means = {key: value / max(self.iteration, 1) for key, value in self.loss_sums.items()}
+        """The epoch's mean of each loss term (over the steps not skipped) and its last learning rate."""
+        means = {key: value / max(self.iteration - self.skipped, 1) for key, value in self.loss_sums.items()}
         return {**means, "lr": self.lr} if self.lr is not None else means
 
     def to_dict(self) -> Dict[str, Any]:
-        return {"iteration": self.iteration, "loss_sums": dict(self.loss_sums), "lr": self.lr}
+        return {"iteration": self.iteration, "loss_sums": dict(self.loss_sums), "lr": self.lr,
+                "skipped": self.skipped, "streak": self.streak}
 
     @classmethod
     def from_dict(cls, epoch: int, stored: Dict[str, Any]) -> "EpochState":
         return cls(epoch, int(stored["iteration"]), {k: float(v) for k, v in stored["loss_sums"].items()},
-                   stored.get("lr"))
+                   stored.get("lr"), skipped=int(stored.get("skipped", 0)), streak=int(stored.get("streak", 0)))
 
 
 def train_one_epoch(
@@ -67,7 +83,10 @@ def train_one_epoch(
     Returns the mean of every loss term over the whole epoch (averaged over ranks), the summed
     ``loss`` and the learning rate of the epoch's last step.
     Raises:
-        NonFiniteLossError: on a NaN/inf loss, before the optimiser touches the weights.
+        NonFiniteLossError: on a NaN/inf loss, before the optimiser touches the weights; with an
+            enabled GradScaler (float16) only at the ``MAX_CONSECUTIVE_FP16_SKIPS``-th in a row,
+            the ones before are skipped steps (the scaler finds the non-finite gradients, skips
+            ``optimizer.step`` and lowers its scale).
     """
     model.train()
     progress = Progress(data_loader, state.iteration + len(data_loader), f"Epoch {state.epoch}", print_freq,
@@ -80,18 +99,37 @@ def train_one_epoch(
 
         reduced_values = {k: v.detach().item() for k, v in dist_utils.reduce_dict(loss_dict).items()}
         total = sum(reduced_values.values())
-        if not math.isfinite(total):
+        finite = math.isfinite(total)
+        if not finite and not skippable(scaler, state):
             raise non_finite_loss(state, reduced_values, describe_images([int(t["image_id"]) for t in targets]))
 
         lr = optimizer.param_groups[0]["lr"]  # the rate this step uses
         optimizer_step(model, optimizer, loss, scaler, clip_grad_norm)
         scheduler.step()
 
-        state.add({**reduced_values, "loss": total}, lr)
+        if finite:
+            state.add({**reduced_values, "loss": total}, lr)
+        else:
+            state.skip({**reduced_values, "loss": total}, lr)
+            report_skip(state, scaler)
         progress.update(loss=total, **reduced_values, lr=lr)
         after_step(state)
 
     return {"lr": optimizer.param_groups[0]["lr"], **state.means()}
+
+
+def skippable(scaler: Optional[torch.amp.GradScaler], state: EpochState) -> bool:
+    """Whether a non-finite loss is left to the GradScaler: float16 training (an enabled scaler)
+    and fewer than ``MAX_CONSECUTIVE_FP16_SKIPS - 1`` skipped in a row before it."""
+    return scaler is not None and scaler.is_enabled() and state.streak + 1 < MAX_CONSECUTIVE_FP16_SKIPS
+
+
+def report_skip(state: EpochState, scaler: torch.amp.GradScaler) -> None:
+    """One warning line per skipped step (rank 0)."""
+    if dist_utils.is_main_process():
+        print(f"warning: non-finite loss at epoch {state.epoch}, iteration {state.iteration - 1} under float16: "
+              f"step skipped, GradScaler scale now {scaler.get_scale():g} ({state.streak} in a row; "
+              f"{MAX_CONSECUTIVE_FP16_SKIPS} stop the run)", file=sys.stderr)
 
 
 def non_finite_loss(state: EpochState, losses: Dict[str, float], images: str) -> NonFiniteLossError:

@@ -18,6 +18,13 @@ import torch
 RngState = Dict[str, Any]
 
 
+def seed_everything(seed: int) -> None:
+    """Seed Python's, NumPy's and torch's generators (torch's seeds every GPU too)."""
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
 def capture() -> RngState:
     """This process's random states."""
     version, internal, gauss = random.getstate()

@@ -10,8 +10,8 @@ from train_utils.vis.curves import plot_loss_and_lr, plot_map
 
 class RunLog:
     """Appends one record per epoch (``metrics.jsonl``) and one per logged step
-    (``iterations.jsonl``: epoch, iteration in the epoch, global step, losses, lr) and redraws
-    the curves from the whole history.
+    (``iterations.jsonl``: epoch, iteration in the epoch, global step, losses, lr); :meth:`plot`
+    redraws the curves from the whole history.
 
     Both files survive resumes, so each epoch and step appears once: records after the resumed
     position (left by an interrupted run) are dropped first.
@@ -43,7 +43,6 @@ class RunLog:
         self.history.append(record)
         with open(self.metrics_path, "a") as handle:
             handle.write(json.dumps(record) + "\n")
-        self.plot()
 
     def plot(self) -> None:
         epochs = [r["epoch"] for r in self.history]

@@ -7,22 +7,18 @@ change one part without touching the rest. The process group is left in a ``fina
 """
 import argparse
 import os
-import random
 import signal
 import sys
 import time
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Tuple
 
-import numpy as np
 import torch
 from torch.utils.data import BatchSampler, DataLoader, DistributedSampler
-from tqdm import tqdm
 
-from backbone import MissingWeightFileError, WeightFileError, get_backbone, weight_url
-from train_utils.checkpoint import (Checkpoint, CheckpointWriteError, checkpoint_candidates, load_detector_weights,
-                                    read_checkpoint, save_checkpoint)
-from train_utils.cli import anchor_sizes_auto, apply_model_flags, model_config_from_args, training_model_config
+from backbone import MissingWeightFileError, get_backbone, weight_url
+from train_utils.checkpoint import Checkpoint, CheckpointWriteError, load_detector_weights
+from train_utils.cli import anchor_sizes_auto, model_config_from_args, training_model_config
 from train_utils.data.catalog import build_dataset
 from train_utils.data.dataset import DetectionDataSet
 from train_utils.data.classes import AUTO_CLASSES
@@ -31,12 +27,14 @@ from train_utils.data.samplers import (GroupedBatchSampler, ResumableBatches, Se
 from train_utils.data.transforms import get_transforms
 from train_utils.device import TF32_CHOICES, amp_dtype, resolve_device, tf32_mode
 from train_utils import distributed as dist_utils
-from train_utils.engine import rng
-from train_utils.engine.control import (CheckpointEvery, ImmediateStop, RunControl, StopSignals, TrainingStopped,
-                                        ignore_stop_signals)
+from train_utils.engine import determinism
+from train_utils.engine.checkpointer import Checkpointer
+from train_utils.engine.control import (CheckpointEvery, ImmediateStop, RunControl, StopRequested, StopSignals,
+                                        TrainingStopped, ignore_stop_signals)
 from train_utils.engine.hooks import (CheckpointHook, FreezeBackboneHook, Hook, RunLogHook, TensorBoardHook,
                                       tensorboard_dir)
 from train_utils.engine.loop import EpochState, NonFiniteLossError, train_one_epoch
+from train_utils.engine.rng import seed_everything
 from train_utils.engine.lr_schedule import WarmupSchedule, build_scheduler
 from train_utils.engine.recipes import describe_recipe
 from train_utils.evaluation.coco_api import get_coco_api_from_dataset
@@ -45,13 +43,6 @@ from train_utils.model.anchor_coverage import auto_anchor_sizes, describe_auto_a
 from train_utils.model.builder import build_model, count_parameters
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
-RESUME_HINT = "resume with the model flags it was trained with, or train into another --output-dir"
-
-
-def seed_everything(seed: int) -> None:
-    random.seed(seed)
-    np.random.seed(seed % 2**32)
-    torch.manual_seed(seed)
 
 
 def resolve_weight_files(args: argparse.Namespace) -> Optional[str]:
@@ -83,14 +74,19 @@ def resolve_weight_files(args: argparse.Namespace) -> Optional[str]:
     return path
 
 
-def resume_position(checkpoint: Checkpoint) -> Tuple[int, int]:
-    """How far a checkpoint got: (optimiser steps, completed epoch); larger is newer."""
-    return int((checkpoint.lr_scheduler or {}).get("last_epoch", 0)), int(checkpoint.epoch)
+def stop_loader_workers(*loaders: Optional[DataLoader]) -> None:
+    """Stop the persistent workers of ``loaders`` now. They ignore stop signals, so the terminate
+    at interpreter exit would not end them if a traceback still held a loader.
 
-
-def plain_args(args: argparse.Namespace) -> Dict[str, Any]:
-    """argparse values as plain types (loadable with weights_only=True)."""
-    return {k: (list(v) if isinstance(v, tuple) else v) for k, v in vars(args).items()}
+    torch has no public call for this: a loader keeps its persistent workers in ``_iterator``
+    until it is garbage collected, and ``_shutdown_workers`` is what that collection runs.
+    tests/test_long_runs.py::test_torch_still_has_the_loader_internals_the_trainer_uses fails if
+    torch renames either.
+    """
+    for loader in loaders:
+        iterator = getattr(loader, "_iterator", None)
+        if iterator is not None:
+            iterator._shutdown_workers()
 
 
 class Trainer:
@@ -113,7 +109,10 @@ class Trainer:
 
     # ------------------------------------------------------------------ build steps
     def setup_device(self) -> None:
-        """Device, process group (rank, world size) and seeds."""
+        """Deterministic kernels (--deterministic, before CUDA starts), device, process group
+        (rank, world size) and seeds."""
+        if getattr(self.args, "deterministic", False):
+            determinism.make_deterministic()
         self.device = resolve_device(self.args.device)
         info = (dist_utils.init_distributed_mode(self.device.type, getattr(self.args, "dist_timeout", 30.0))
                 if self.distributed else {"rank": 0, "world_size": 1, "local_rank": 0})
@@ -126,37 +125,11 @@ class Trainer:
         seed_everything(self.args.seed + self.rank)
         self.signals.install()
         self.control = RunControl(CheckpointEvery.parse(self.args.checkpoint_every), self.signals)
+        self.checkpointer = Checkpointer(self.args, self.rank, self.world_size)
 
     def find_resume_checkpoint(self) -> None:
-        """The checkpoint to continue from, the same on every rank: each rank looks in its own
-        --output-dir and the newest checkpoint found on any rank wins (sent to the ranks without
-        it: nodes need not share the output folder). A bad file stops every rank with its line."""
-        args = self.args
-        choice, error = None, None
-        try:
-            choice = self.choose_resume_checkpoint()
-        except (ValueError, FileNotFoundError) as exc:
-            error = str(exc)
-        self.resume_path, self.resume_from = dist_utils.share_newest(choice, resume_position, error)
-        if args.resume and self.resume_from is None and args.resume != "auto":
-            raise FileNotFoundError(f"--resume {args.resume}: no such file on any rank")
-        if args.resume == "auto" and self.resume_from is None and self.is_main:
-            print(f"--resume auto: no usable checkpoint in {args.output_dir}, starting from scratch")
-
-    def choose_resume_checkpoint(self) -> Optional[Tuple[str, Checkpoint]]:
-        """This rank's candidate: the file ``--resume`` names (None where this rank does not see
-        it), or under ``auto`` the newest readable checkpoint of --output-dir; a damaged one is
-        reported and the one before it taken."""
-        args = self.args
-        if args.resume != "auto":
-            exists = args.resume and (os.path.isfile(args.resume) or self.world_size == 1)
-            return (args.resume, self.load_resume_checkpoint(args.resume)) if exists else None
-        for path in checkpoint_candidates(args.output_dir):
-            try:
-                return path, self.load_resume_checkpoint(path)
-            except WeightFileError as exc:
-                print(f"warning: skipping a damaged checkpoint: {exc}", file=sys.stderr)
-        return None
+        """The checkpoint to continue from (see :meth:`Checkpointer.find`), the same on every rank."""
+        self.resume_path, self.resume_from = self.checkpointer.find()
 
     def build_datasets(self) -> None:
         """The training and validation splits, read once on rank 0 (every image header is opened
@@ -251,6 +224,8 @@ class Trainer:
             model = build_model(self.config, self.backbone_weights)
             if args.weights:
                 self.config = load_detector_weights(model, args.weights, self.config)
+        if getattr(args, "deterministic", False):
+            determinism.check_model(self.config, self.device)
         if self.world_size > 1 and (getattr(args, "sync_bn", False) or self.config.norm == "syncbn"):
             model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
         self.model_without_ddp = model.to(self.device)
@@ -299,62 +274,9 @@ class Trainer:
         return hooks + [CheckpointHook()]
 
     def resume(self) -> None:
-        """Restore weights, optimiser, schedule position, scaler, this rank's random states and,
-        for an iteration checkpoint, the position inside the epoch."""
-        ckpt = self.resume_from
-        if ckpt is None:
-            return
-        self.model_without_ddp.load_state_dict(ckpt.model)
-        self.optimizer.load_state_dict(ckpt.optimizer)
-        # The schedule itself is rebuilt from the flags; only its position is restored.
-        self.scheduler.load_state_dict({**ckpt.lr_scheduler, "lr_lambdas": [None] * len(self.optimizer.param_groups)})
-        if self.scaler is not None and ckpt.scaler:
-            self.scaler.load_state_dict(ckpt.scaler)
-        self.start_epoch = ckpt.epoch + 1
-        self.best_ap50 = ckpt.best_ap50
-        restored = rng.restore_rank(rng.from_stored(ckpt.rng_state), self.rank)
-        if not restored:
-            seed_everything(self.args.seed + self.rank + 1009 * self.start_epoch)
-        if dist_utils.agree_max([int(not restored)])[0] and self.is_main:
-            print("warning: the checkpoint holds no random state for some ranks (another world size, or an older "
-                  "format): they go on with new seeds (not bit-exact)", file=sys.stderr)
-        if ckpt.progress:
-            self.start_state = self.resumed_epoch_state(ckpt.progress)
-        self.align_schedule()
-        if self.is_main:
-            where = f", iteration {self.start_state.iteration}" if self.start_state else ""
-            print(f"resumed from {self.resume_path} at epoch {self.start_epoch}{where}")
-
-    def resumed_epoch_state(self, progress: Dict[str, Any]) -> EpochState:
-        """The position inside the resumed epoch; after a change of world size the count of images
-        already seen is kept (the order then differs from the interrupted run's)."""
-        state = EpochState.from_dict(self.start_epoch, progress)
-        if progress.get("world_size", self.world_size) != self.world_size and state.iteration:
-            iteration = state.iteration * progress["world_size"] // self.world_size
-            state.loss_sums = {k: v * iteration / state.iteration for k, v in state.loss_sums.items()}
-            state.iteration = iteration
-            if self.is_main:
-                print(f"warning: the checkpoint was written by {progress['world_size']} processes, this run has "
-                      f"{self.world_size}: epoch {self.start_epoch} goes on after the same number of images, "
-                      "in another order", file=sys.stderr)
-        return state
-
-    def align_schedule(self) -> None:
-        """Put the schedule at the step where the resumed position is in this run's epochs. It is
-        the stored step unless the batches per epoch changed (another world size, batch size or
-        data), where the stored step would move milestones and warmup."""
-        done = self.start_state.iteration if self.start_state else 0
-        step = self.start_epoch * self.train_batches.full_length + done
-        if step == self.scheduler.last_epoch:
-            return
-        if self.is_main:
-            print(f"warning: the checkpoint's schedule was at step {self.scheduler.last_epoch}; with "
-                  f"{self.train_batches.full_length} batches per epoch this run goes on at step {step}", file=sys.stderr)
-        self.scheduler.last_epoch = step
-        for group, base_lr, factor in zip(self.optimizer.param_groups, self.scheduler.base_lrs,
-                                          self.scheduler.lr_lambdas):
-            group["lr"] = base_lr * factor(step)
-        self.scheduler._last_lr = [group["lr"] for group in self.optimizer.param_groups]
+        """Restore the resumed checkpoint into the parts just built (see :meth:`Checkpointer.restore`)."""
+        if self.resume_from is not None:
+            self.checkpointer.restore(self, self.resume_from, self.resume_path)
 
     def setup(self) -> None:
         """Every build step in order; the resume file and the weight files are checked first."""
@@ -371,34 +293,7 @@ class Trainer:
         self.resume()
         self.hooks = self.build_hooks() + self.extra_hooks
 
-    def load_resume_checkpoint(self, path: str) -> Checkpoint:
-        """A training checkpoint of this project for the model the flags describe; the inference
-        and training flags given on the command line override its stored values."""
-        ckpt = read_checkpoint(path)
-        if not ckpt.can_resume():
-            raise WeightFileError(f"{path} is not a training checkpoint of this project (no model config, "
-                                  "optimizer or epoch): use --weights to fine-tune from it instead")
-        try:
-            ckpt.config = apply_model_flags(ckpt.config, self.args, path, hint=RESUME_HINT)
-        except ValueError as exc:
-            raise ValueError(f"{path} was written for another model: {exc}") from None
-        return ckpt
-
     # ------------------------------------------------------------------ the run
-    def checkpoint(self, epoch: int, coco_stats: Optional[List[float]],
-                   progress: Optional[Dict[str, Any]] = None) -> Checkpoint:
-        """The state after ``epoch`` (and ``progress`` into the next one) in the checkpoint schema.
-        Every rank calls it: the random states of all ranks are gathered on rank 0, which writes."""
-        return Checkpoint(
-            model=self.model_without_ddp.state_dict(), config=self.config,
-            class_names=list(self.train_set.class_names), epoch=epoch,
-            optimizer=self.optimizer.state_dict(),
-            lr_scheduler={k: v for k, v in self.scheduler.state_dict().items() if k != "lr_lambdas"},
-            scaler=self.scaler.state_dict() if self.scaler is not None else None,
-            rng_state=dist_utils.gather_to_rank0(rng.capture()), progress=progress,
-            args=plain_args(self.args), data=self.data_description(), coco_stats=coco_stats,
-            best_ap50=self.best_ap50, plugins=list(getattr(self.args, "plugin", []) or []))
-
     def data_description(self) -> Dict[str, Any]:
         """The checkpoint's ``data`` section: where and how the training data was read."""
         args = self.args
@@ -412,7 +307,8 @@ class Trainer:
 
     def run_epoch(self, epoch: int) -> Dict[str, Any]:
         """One epoch of training (the rest of it when resumed inside), then evaluation when it is
-        due; returns the epoch's record."""
+        due; returns the epoch's record. A stop request from the last iteration on drops the
+        evaluation and stops with the epoch's checkpoint (see :meth:`stop_at_epoch_end`)."""
         args = self.args
         state = self.start_state if self.start_state and self.start_state.epoch == epoch else EpochState(epoch)
         self.train_batches.set_epoch(epoch, skip=state.iteration)
@@ -425,12 +321,31 @@ class Trainer:
                 after_step=self.after_step)
         stats["epoch_time"] = time.time() - start
         coco_stats = None
-        if (epoch + 1) % max(args.eval_interval, 1) == 0 or epoch + 1 == args.epochs:
-            dist_utils.broadcast_buffers(self.model_without_ddp)
-            evaluator = evaluate(self.model_without_ddp, self.val_loader, self.device, self.coco_gt, args.print_freq,
-                                 tf32=args.eval_tf32)
-            coco_stats = list(evaluator.stats) if self.is_main else None  # scored on rank 0
+        try:
+            if (epoch + 1) % max(args.eval_interval, 1) == 0 or epoch + 1 == args.epochs:
+                dist_utils.broadcast_buffers(self.model_without_ddp)
+                evaluator = evaluate(self.model_without_ddp, self.control.polled(self.val_loader), self.device,
+                                     self.coco_gt, args.print_freq, tf32=args.eval_tf32)
+                coco_stats = list(evaluator.stats) if self.is_main else None  # scored on rank 0
+            signum = self.control.stop_requested()  # also one that came during the scoring
+            if signum:
+                raise StopRequested(signum)
+        except StopRequested as request:
+            self.stop_at_epoch_end(state, request.signum)
         return {"epoch": epoch, **stats, "coco": coco_stats}
+
+    def stop_at_epoch_end(self, state: EpochState, signum: int) -> None:
+        """A stop between an epoch's training and its records: the trained epoch's checkpoint,
+        marked as not yet evaluated (``--resume auto`` evaluates it first), then the stop."""
+        self.checkpointer.save_iteration(self, state)
+        self.stop(signum, self.position(state))
+
+    def position(self, state: EpochState) -> str:
+        """Where ``state`` is, for the stop line."""
+        full = self.train_batches.full_length
+        if state.iteration >= full:
+            return f"the end of epoch {state.epoch} (trained, not yet evaluated)"
+        return f"epoch {state.epoch}, iteration {state.iteration}/{full}"
 
     def after_step(self, state: EpochState) -> None:
         """After each iteration: the hooks, then an iteration checkpoint when one is due or a stop
@@ -439,22 +354,20 @@ class Trainer:
             hook.after_step(self, state)
         decision = self.control.poll()
         if decision["save"]:
-            self.save_iteration_checkpoint(state)
+            self.checkpointer.save_iteration(self, state)
+            self.control.mark()
         if decision["stop"]:
-            self.stop(decision["stop"], f"epoch {state.epoch}, iteration {state.iteration}/"
-                                        f"{self.train_batches.full_length}")
+            self.stop(decision["stop"], self.position(state))
 
-    def save_iteration_checkpoint(self, state: EpochState) -> None:
-        """``last.pth`` with the position inside the epoch (rank 0 writes, every rank takes part)."""
-        started = time.time()
-        progress = {**state.to_dict(), "world_size": self.world_size}
-        checkpoint = self.checkpoint(state.epoch - 1, None, progress)
-        if self.is_main:
-            save_checkpoint(checkpoint, os.path.join(self.args.output_dir, "last.pth"))
-            tqdm.write(f"iteration checkpoint last.pth (epoch {state.epoch}, iteration {state.iteration}) written in "
-                       f"{time.time() - started:.1f}s")  # above a progress bar, if one is drawn
-        dist_utils.agree_max([0])  # no rank leaves (a stop) before the file is written
-        self.control.mark()
+    def epoch_extras(self, record: Dict[str, Any]) -> None:
+        """The hooks' slower epoch-end work (curves, images, pruning), none of it after a stop
+        request (rank 0 checks its own signal before each; the others' come with the next poll)."""
+        if self.control.stop_requested():
+            return
+        for hook in self.hooks:
+            if self.signals.signum is not None:
+                return
+            hook.epoch_extras(self, record)
 
     def stop(self, signum: int, where: str) -> None:
         """Leave after a stop signal, saying how to go on (rank 0)."""
@@ -478,8 +391,9 @@ class Trainer:
                     hook.before_epoch(self, epoch)
                 record = self.run_epoch(epoch)
                 for hook in self.hooks:
-                    hook.after_epoch(self, record)
-                signum = self.control.stop_requested()  # a signal during evaluation or saving
+                    hook.after_epoch(self, record)  # the epoch's records and checkpoint files
+                self.epoch_extras(record)
+                signum = self.control.stop_requested()  # a signal since the epoch's records
                 if signum and epoch + 1 < self.args.epochs:
                     self.stop(signum, f"the end of epoch {epoch}")
             if self.is_main:
@@ -496,12 +410,8 @@ class Trainer:
             dist_utils.cleanup(failed)
 
     def shut_down_loaders(self) -> None:
-        """Stop the loaders' persistent workers now. They ignore stop signals, so the terminate at
-        interpreter exit would not end them if a traceback still held a loader."""
-        for name in ("train_loader", "val_loader"):
-            iterator = getattr(getattr(self, name, None), "_iterator", None)
-            if iterator is not None and hasattr(iterator, "_shutdown_workers"):
-                iterator._shutdown_workers()
+        """Stop the loaders' persistent workers now (see :func:`stop_loader_workers`)."""
+        stop_loader_workers(getattr(self, "train_loader", None), getattr(self, "val_loader", None))
 
     def report_model(self) -> None:
         if self.is_main:
