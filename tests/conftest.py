@@ -1,10 +1,16 @@
 """Shared test fixtures: the repository root on ``sys.path`` and a tiny, fast detector."""
 import json
+import os
 import socket
 import subprocess
 import sys
 from pathlib import Path
 from typing import Callable
+
+# Before torch loads OpenMP, and inherited by every subprocess a test starts: idle OpenMP threads
+# sleep instead of spinning. With several processes on two cores, spinning threads multiply a tiny
+# training run's CPU time about five times (as the Makefile's export, for a bare `pytest`).
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 import pytest
 import torch
@@ -13,6 +19,17 @@ from torch import Tensor, nn
 ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
+
+# Fixtures that run real training, here or in a test module (tb_run: test_tensorboard.py,
+# uninterrupted_ddp: test_long_runs.py): every test using one, directly or through another
+# fixture, is marked slow, so `make check` (-m "not slow") never starts them.
+TRAINING_FIXTURES = frozenset({"trained_run", "uninterrupted", "tb_run", "uninterrupted_ddp"})
+
+
+def pytest_collection_modifyitems(items: list) -> None:
+    for item in items:
+        if TRAINING_FIXTURES.intersection(getattr(item, "fixturenames", ())):
+            item.add_marker(pytest.mark.slow)
 
 
 @pytest.fixture
