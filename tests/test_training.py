@@ -2,6 +2,7 @@
 and recovery after the process is killed mid-epoch."""
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -53,10 +54,13 @@ def test_outputs_of_a_run(uninterrupted, demo_voc):
 
 
 @pytest.mark.parametrize("script", ["train_mobilenet.py", "train_resnet50_fpn.py", "train_multi_GPU.py"])
-def test_resume_continues_exactly(script, demo_voc, uninterrupted, tmp_path):
+def test_resume_continues_exactly(script, demo_voc, trained_run, uninterrupted, tmp_path):
     backbone = {"train_multi_GPU.py": ["--backbone", "mobilenet_v2"],
                 "train_resnet50_fpn.py": ["--anchor-sizes", "16,32,64,128,256"]}.get(script, [])
-    train(script, demo_voc, tmp_path, "--epochs", "1", *backbone)
+    if script == "train_mobilenet.py":  # trained_run is this first epoch: same script, flags and schedule
+        shutil.copytree(trained_run, tmp_path, dirs_exist_ok=True)
+    else:
+        train(script, demo_voc, tmp_path, "--epochs", "1", *backbone)
     assert load(tmp_path / "last.pth")["epoch"] == 0
     train(script, demo_voc, tmp_path, "--epochs", "2", "--resume", "auto", *backbone)
 
