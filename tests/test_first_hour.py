@@ -161,6 +161,7 @@ ENTRY_POINTS = ["train_mobilenet.py", "train_resnet50_fpn.py", "train_multi_GPU.
                 "tools/benchmark.py"]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("script", ENTRY_POINTS)
 def test_help_states_each_default_once(script):
     done = run(script, "--help")
