@@ -1,10 +1,16 @@
 """Shared test fixtures: the repository root on ``sys.path`` and a tiny, fast detector."""
 import json
+import os
 import socket
 import subprocess
 import sys
 from pathlib import Path
 from typing import Callable
+
+# Before torch loads OpenMP, and inherited by every subprocess a test starts: idle OpenMP threads
+# sleep instead of spinning. With several processes on two cores, spinning threads multiply a tiny
+# training run's CPU time about five times (as the Makefile's export, for a bare `pytest`).
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 import pytest
 import torch
@@ -13,6 +19,17 @@ from torch import Tensor, nn
 ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
+
+# Fixtures that run real training, here or in a test module (tb_run: test_tensorboard.py,
+# uninterrupted_ddp: test_long_runs.py): every test using one, directly or through another
+# fixture, is marked slow, so `make check` (-m "not slow") never starts them.
+TRAINING_FIXTURES = frozenset({"trained_run", "uninterrupted", "tb_run", "uninterrupted_ddp"})
+
+
+def pytest_collection_modifyitems(items: list) -> None:
+    for item in items:
+        if TRAINING_FIXTURES.intersection(getattr(item, "fixturenames", ())):
+            item.add_marker(pytest.mark.slow)
 
 
 @pytest.fixture
@@ -108,40 +125,6 @@ def demo_voc(tmp_path_factory) -> Path:
     return root
 
 
-@pytest.fixture(scope="session")
-def trained_run(demo_voc, tmp_path_factory) -> Path:
-    """Output folder of a real one-epoch ``train_mobilenet.py`` run on ``demo_voc`` (tiny model).
-
-    Holds model-0.pth, last.pth, best.pth, results*.txt, metrics.jsonl and the curves.
-    """
-    import subprocess
-
-    out = tmp_path_factory.mktemp("trained_run")
-    cmd = [sys.executable, str(ROOT / "train_mobilenet.py"), "--data-path", str(demo_voc),
-           "--classes-json", str(demo_voc / "classes.json"), "--epochs", "1", "--output-dir", str(out),
-           *TINY_TRAIN_FLAGS]
-    done = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600)
-    if done.returncode != 0:
-        pytest.fail(f"training failed ({done.returncode}):\n{done.stdout[-2000:]}\n{done.stderr[-3000:]}")
-    return out
-
-
-@pytest.fixture(scope="session")
-def confident_checkpoint(trained_run, tmp_path_factory) -> Path:
-    """The trained checkpoint with a box classifier that calls every proposal "circle" (label 1,
-    score ~0.99) and at most 3 detections per image, so every image gets boxes to check."""
-    import torch
-    from backbone import read_weight_file
-
-    checkpoint = read_weight_file(str(trained_run / "best.pth"))
-    checkpoint["model"]["roi_heads.box_predictor.cls_score.weight"].zero_()
-    checkpoint["model"]["roi_heads.box_predictor.cls_score.bias"].copy_(torch.tensor([0.0, 6.0, 0.0, 0.0]))
-    checkpoint["model_config"]["box_detections_per_img"] = 3
-    path = tmp_path_factory.mktemp("confident") / "confident.pth"
-    torch.save(checkpoint, path)
-    return path
-
-
 # 19 training images, batch 4 -> 4 iterations per epoch. The warmup (7 iterations) and the LR
 # step (epoch 1) both straddle the epoch boundary where the resumed run restarts.
 SCHEDULE = ["--lr", "0.01", "--warmup-iters", "7", "--lr-scheduler", "multistep", "--lr-steps", "1",
@@ -170,6 +153,35 @@ def load(path: Path) -> dict:
 
 def metrics(out: Path) -> list:
     return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+
+
+@pytest.fixture(scope="session")
+def trained_run(demo_voc, tmp_path_factory) -> Path:
+    """Output folder of a real one-epoch ``train_mobilenet.py`` run on ``demo_voc`` (tiny model,
+    the flags and schedule of ``train``): the one trained model of the session, for every test that
+    needs one. Its weights are the first epoch of ``uninterrupted``; test_training resumes a copy.
+
+    Holds model-0.pth, last.pth, best.pth, results*.txt, metrics.jsonl and the curves.
+    """
+    out = tmp_path_factory.mktemp("trained_run")
+    train("train_mobilenet.py", demo_voc, out, "--epochs", "1")
+    return out
+
+
+@pytest.fixture(scope="session")
+def confident_checkpoint(trained_run, tmp_path_factory) -> Path:
+    """The trained checkpoint with a box classifier that calls every proposal "circle" (label 1,
+    score ~0.99) and at most 3 detections per image, so every image gets boxes to check."""
+    import torch
+    from backbone import read_weight_file
+
+    checkpoint = read_weight_file(str(trained_run / "best.pth"))
+    checkpoint["model"]["roi_heads.box_predictor.cls_score.weight"].zero_()
+    checkpoint["model"]["roi_heads.box_predictor.cls_score.bias"].copy_(torch.tensor([0.0, 6.0, 0.0, 0.0]))
+    checkpoint["model_config"]["box_detections_per_img"] = 3
+    path = tmp_path_factory.mktemp("confident") / "confident.pth"
+    torch.save(checkpoint, path)
+    return path
 
 
 @pytest.fixture(scope="session")

@@ -6,6 +6,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 from conftest import ROOT
 from test_formats import (
     CLASSES,
@@ -60,6 +62,7 @@ def messy_voc(root: Path) -> Path:
     return voc_dir
 
 
+@pytest.mark.slow
 def test_every_planted_voc_problem_is_reported(tmp_path):
     voc_dir = messy_voc(tmp_path)
     done = subprocess.run([sys.executable, str(ROOT / "tools" / "check_dataset.py"), str(tmp_path),

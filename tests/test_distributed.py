@@ -22,6 +22,7 @@ from train_utils.evaluation.loop import evaluate
 from train_utils.data.transforms import get_transforms
 
 
+@pytest.mark.slow
 def test_torchrun_two_processes(demo_voc, tmp_path):
     out = tmp_path / "run"
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_addr=127.0.0.1",
@@ -94,6 +95,7 @@ def test_uneven_dataset_is_evaluated_without_duplicates(trained_run, demo_voc, t
     assert distributed["stats"] == pytest.approx(single.stats, abs=1e-12)
 
 
+@pytest.mark.slow
 def test_torchrun_with_a_frozen_backbone_first(demo_voc, tmp_path):
     """--freeze-backbone-epochs under DDP: DDP covers the parameters that train (wrapped again when
     the backbone thaws), so no find_unused_parameters search is needed and both phases train."""

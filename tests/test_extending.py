@@ -51,6 +51,7 @@ def run(script: str, plugin_dir: Path, *args: str) -> subprocess.CompletedProces
                           capture_output=True, text=True, timeout=600)
 
 
+@pytest.mark.slow
 def test_plugin_backbone_and_format_train_validate_predict(plugin_dir, demo_voc, tmp_path):
     data = write_csv_splits(demo_voc, tmp_path / "csv")
     out = tmp_path / "run"
@@ -83,6 +84,7 @@ def test_plugin_backbone_and_format_train_validate_predict(plugin_dir, demo_voc,
     assert "2 images processed, 0 skipped" in predicted.stdout
 
 
+@pytest.mark.slow
 def test_checkpoint_of_a_plugin_backbone_names_the_plugin(plugin_dir, demo_voc, tmp_path):
     """Without --plugin the backbone is unknown: one line saying which flag to add."""
     state = {"format_version": 2, "model": {"x": torch.zeros(1)}, "plugins": ["tiny_plugin"],

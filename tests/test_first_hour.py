@@ -63,6 +63,7 @@ def test_check_dataset_writes_the_classes_of_the_data(traffic_voc, tmp_path, cap
     assert VOCDataSet(traffic_voc, None, None, "val.txt", classes_json=str(out)).class_names == sorted(TRAFFIC)
 
 
+@pytest.mark.slow
 def test_classes_json_auto_trains_and_the_checkpoint_carries_the_names(traffic_voc, tmp_path):
     out = tmp_path / "run"
     done = run("train_mobilenet.py", "--data-path", str(traffic_voc), "--classes-json", "auto",
@@ -160,6 +161,7 @@ ENTRY_POINTS = ["train_mobilenet.py", "train_resnet50_fpn.py", "train_multi_GPU.
                 "tools/benchmark.py"]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("script", ENTRY_POINTS)
 def test_help_states_each_default_once(script):
     done = run(script, "--help")

@@ -13,7 +13,7 @@ import pytest
 import torch
 from PIL import Image, ImageFile
 
-from conftest import ROOT, TINY_TRAIN_FLAGS
+from conftest import ROOT, SCHEDULE, TINY_TRAIN_FLAGS
 from my_dataset import CocoDataSet, LabelmeDataSet, VOCDataSet, YoloDataSet
 from train_utils.evaluation.coco_api import get_coco_api_from_dataset
 from train_utils.data.catalog import build_dataset, read_annotations
@@ -515,7 +515,7 @@ def test_training_and_validation_on_coco_match_the_voc_run(demo_voc, trained_run
     out = tmp_path / "run"
     cmd = [sys.executable, str(ROOT / "train_mobilenet.py"), "--dataset-format", "coco", "--data-path",
            str(tmp_path / "coco"), "--train-split", "train", "--val-split", "val", "--epochs", "1",
-           "--output-dir", str(out), *TINY_TRAIN_FLAGS]
+           "--output-dir", str(out), *TINY_TRAIN_FLAGS, *SCHEDULE]
     done = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, f"{done.stdout[-2000:]}\n{done.stderr[-3000:]}"
     coco_run = torch.load(out / "model-0.pth", map_location="cpu", weights_only=True)

@@ -129,6 +129,7 @@ def test_interrupted_run_resumes_to_the_uninterrupted_weights(how, at, every, wo
     assert len(repeated) <= (int(every) if how == "SIGKILL" else 0), repeated
 
 
+@pytest.mark.slow
 def test_a_second_signal_stops_at_once(demo_voc, tmp_path):
     run = Run([sys.executable, *script_cmd("train_mobilenet.py", demo_voc, tmp_path, "--epochs", "3")])
     run.until("train: ")  # still building the model: the first stop can only come after an iteration
@@ -141,6 +142,7 @@ def test_a_second_signal_stops_at_once(demo_voc, tmp_path):
     assert not list(tmp_path.glob(".*.tmp"))
 
 
+@pytest.mark.slow
 def test_checkpoint_every_n_iterations_writes_last_inside_the_epoch(demo_voc, tmp_path):
     done = train("train_mobilenet.py", demo_voc, tmp_path, "--epochs", "1", "--checkpoint-every", "3")
     assert done.stdout.count("iteration checkpoint last.pth (epoch 0, iteration 3)") == 1
@@ -325,6 +327,7 @@ def test_two_agents_like_two_nodes_with_separate_output_folders(demo_voc, uninte
         load(written[0] / "model-1.pth")["metrics"]["coco_stats"], abs=1e-9)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("fault", ["SIGKILL", "SIGSTOP"])
 def test_a_dead_or_hung_rank_ends_the_others_with_one_line(fault, demo_voc, tmp_path):
     """Two processes started by hand (no agent to clean up): rank 1 is killed or frozen; rank 0
@@ -390,6 +393,7 @@ def test_resume_from_another_models_checkpoint(demo_voc, uninterrupted, tmp_path
     assert "--backbone" in line and "backbone=mobilenet_v2" in line
 
 
+@pytest.mark.slow
 def test_a_full_disk_stops_with_one_line_and_keeps_the_previous_checkpoint(demo_voc, tmp_path, monkeypatch, capsys):
     """ENOSPC in the middle of writing epoch 1's checkpoint: one line, last.pth still holds epoch 0."""
     from train_utils.engine.trainer import main
@@ -415,6 +419,7 @@ def test_a_full_disk_stops_with_one_line_and_keeps_the_previous_checkpoint(demo_
     assert not list(tmp_path.glob(".*.tmp"))
 
 
+@pytest.mark.slow
 def test_a_real_write_failure_is_one_line(demo_voc, tmp_path):
     """A file-size limit (RLIMIT_FSIZE: writes fail with EFBIG, as on a full disk they fail with
     ENOSPC) below the checkpoint's size: torch.save's error becomes one line naming the file."""
@@ -431,6 +436,7 @@ def test_a_real_write_failure_is_one_line(demo_voc, tmp_path):
     assert not list(tmp_path.glob("*.pth")) and not list(tmp_path.glob(".*.tmp"))
 
 
+@pytest.mark.slow
 def test_keep_checkpoints(demo_voc, tmp_path):
     train("train_mobilenet.py", demo_voc, tmp_path, "--epochs", "2", "--keep-checkpoints", "1")
     assert sorted(p.name for p in tmp_path.glob("*.pth")) == ["best.pth", "last.pth", "model-1.pth"]
@@ -671,6 +677,7 @@ def test_every_rank_resumes_from_the_newest_checkpoint_of_any_rank(tmp_path):
         assert outcome["nothing"] == [None, None]
 
 
+@pytest.mark.slow
 def test_loader_workers_end_with_the_run_even_on_an_error(demo_voc, tmp_path):
     """Workers ignore stop signals, so the Trainer stops them itself: after a failed run none is
     left for the interpreter's exit to wait on."""

@@ -62,6 +62,7 @@ def test_one_rule_maps_a_local_rank_to_its_gpu(monkeypatch):
     assert cuda_index(2) == 0
 
 
+@pytest.mark.slow
 def test_evaluation_during_amp_training_is_float32(demo_voc, tmp_path):
     """--amp (bf16 on the CPU) trains in mixed precision, but the logged COCO numbers are the ones
     validation.py gives the saved weights in float32."""
@@ -95,6 +96,7 @@ def test_amp_dtype_defaults_and_choice(monkeypatch):
         parse(parser, ["--amp-dtype", "bfloat16"])  # needs --amp
 
 
+@pytest.mark.slow
 def test_float16_amp_trains_on_the_cpu(demo_voc, tmp_path):
     """--amp --amp-dtype float16 on the CPU: autocast in float16, no GradScaler (CUDA only), finite losses."""
     out = tmp_path / "fp16"

@@ -337,6 +337,7 @@ def test_multiscale_roi_pool_single_level_and_state():
 
 # --- the training script -----------------------------------------------------------------------------
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     "flags, pooler",
     [(["--backbone", "mobilenet_v2", "--roi-op", "pool"], MultiScaleRoIPool),

@@ -68,6 +68,7 @@ def random_detector(backbone: str, **config) -> nn.Module:
     return model
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("backbone, config", [
     ("resnet50_fpn", {"min_size": 512, "max_size": 853}),
     ("mobilenet_v2", {}),

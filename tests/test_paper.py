@@ -290,6 +290,7 @@ def test_recipe_model_config_matches_py_faster_rcnn():
         box_batch_size_per_image=128, box_bg_iou_low_thresh=0.1, box_smooth_l1_beta=1.0, box_nms_thresh=0.3)
 
 
+@pytest.mark.slow
 def test_paper_recipe_trains_a_step_evaluates_and_rebuilds_from_its_checkpoint(tmp_path):
     args = parse(build_parser("t", {}), ["--recipe", "paper-vgg16", *SMALL])
     config = model_config_from_args(args, num_classes=4)

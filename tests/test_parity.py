@@ -332,6 +332,7 @@ def gradients_in_train_mode(model: nn.Module, images: List[Tensor], targets: Tar
     return {k: v.detach() for k, v in losses.items()}, grads
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("fast", [False, True], ids=["reference", "fast-paths-float64"])
 @pytest.mark.parametrize("pair", ["r50_pair", "mobilenet_pair"])
 def test_losses_and_gradients_with_autograd_match_torchvision(pair, fast, request, monkeypatch):

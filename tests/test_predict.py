@@ -232,6 +232,7 @@ def test_class_colours_are_distinct_and_text_contrasts():
     assert text_colour((0, 0, 160)) == (255, 255, 255)
 
 
+@pytest.mark.slow
 def test_predict_loads_neither_pycocotools_nor_matplotlib():
     """`import predict` and `predict.py --help` stay light: evaluation and plotting are not imported."""
     probe = ("import runpy, sys\n"

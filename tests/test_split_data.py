@@ -52,6 +52,7 @@ def test_split_ids_keeps_both_sides_non_empty():
         [f"{i}" for i in reversed(range(10))], 0.2, 7)  # the listing order does not matter
 
 
+@pytest.mark.slow
 def test_refuses_to_overwrite_without_force(voc, tmp_path):
     main = voc / "ImageSets" / "Main"
     main.mkdir(parents=True, exist_ok=True)

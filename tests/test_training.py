@@ -2,6 +2,7 @@
 and recovery after the process is killed mid-epoch."""
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -53,10 +54,13 @@ def test_outputs_of_a_run(uninterrupted, demo_voc):
 
 
 @pytest.mark.parametrize("script", ["train_mobilenet.py", "train_resnet50_fpn.py", "train_multi_GPU.py"])
-def test_resume_continues_exactly(script, demo_voc, uninterrupted, tmp_path):
+def test_resume_continues_exactly(script, demo_voc, trained_run, uninterrupted, tmp_path):
     backbone = {"train_multi_GPU.py": ["--backbone", "mobilenet_v2"],
                 "train_resnet50_fpn.py": ["--anchor-sizes", "16,32,64,128,256"]}.get(script, [])
-    train(script, demo_voc, tmp_path, "--epochs", "1", *backbone)
+    if script == "train_mobilenet.py":  # trained_run is this first epoch: same script, flags and schedule
+        shutil.copytree(trained_run, tmp_path, dirs_exist_ok=True)
+    else:
+        train(script, demo_voc, tmp_path, "--epochs", "1", *backbone)
     assert load(tmp_path / "last.pth")["epoch"] == 0
     train(script, demo_voc, tmp_path, "--epochs", "2", "--resume", "auto", *backbone)
 
@@ -131,6 +135,7 @@ def test_checkpoint_of_the_first_layout_evaluates_predicts_and_resumes(demo_voc,
         assert torch.allclose(resumed["model"][key].float(), value.float(), atol=1e-6), key
 
 
+@pytest.mark.slow
 def test_killed_mid_epoch_resumes_from_last_checkpoint(demo_voc, tmp_path):
     cmd = [sys.executable, str(ROOT / "train_mobilenet.py"), "--data-path", str(demo_voc),
            "--classes-json", str(demo_voc / "classes.json"), "--output-dir", str(tmp_path),
@@ -156,6 +161,7 @@ def test_killed_mid_epoch_resumes_from_last_checkpoint(demo_voc, tmp_path):
     assert [r["epoch"] for r in metrics(tmp_path)] == [0, 1, 2]
 
 
+@pytest.mark.slow
 def test_missing_default_backbone_weights_names_the_url_and_path(demo_voc, tmp_path):
     cmd = [sys.executable, str(ROOT / "train_mobilenet.py"), "--data-path", str(demo_voc),
            "--classes-json", str(demo_voc / "classes.json"), "--output-dir", str(tmp_path)]
@@ -170,6 +176,7 @@ def test_missing_default_backbone_weights_names_the_url_and_path(demo_voc, tmp_p
     assert not list(tmp_path.glob("*.pth"))
 
 
+@pytest.mark.slow
 def test_freeze_backbone_epochs(demo_voc, tmp_path):
     """--freeze-backbone-epochs N trains only the RPN and heads for the first N epochs."""
     def backbone_params(ckpt: dict) -> dict:
@@ -210,6 +217,7 @@ def test_fine_tune_from_a_detector_file_with_another_class_count(trained_run, de
         assert torch.equal(tuned[key], value), key
 
 
+@pytest.mark.slow
 def test_missing_detector_weights_names_the_url(demo_voc, tmp_path):
     cmd = [sys.executable, str(ROOT / "train_resnet50_fpn.py"), "--data-path", str(demo_voc),
            "--classes-json", str(demo_voc / "classes.json"), "--output-dir", str(tmp_path),
@@ -240,6 +248,7 @@ def test_atomic_writes_get_the_usual_file_mode_and_leave_nothing_on_failure(tmp_
     assert sorted(p.name for p in target.parent.iterdir()) == ["last.pth"]
 
 
+@pytest.mark.slow
 def test_trainer_steps_and_extra_hooks(demo_voc, tmp_path):
     """The Trainer in-process: an extra hook sees the run after the default hooks (checkpoint and
     run log written), and an overridden build step replaces only that step."""
