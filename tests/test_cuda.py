@@ -33,7 +33,8 @@ import torch
 
 from conftest import ROOT, SCHEDULE, TINY_TRAIN_FLAGS, free_port, load, metrics, train
 
-pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+pytestmark = [pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU"),
+              pytest.mark.slow]  # training runs and torchrun on the GPU
 
 # cuBLAS picks reproducible reductions with this workspace setting (kept if already set).
 CUBLAS_WORKSPACE = ":4096:8"

@@ -203,6 +203,7 @@ def test_r50_fpn_bf16_training_with_the_levers_matches_torchvision_under_bf16():
         assert_bf16_levers_match_torchvision(ours, theirs, images, targets)
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 def test_r50_fpn_bf16_training_with_the_levers_on_cuda():
     """The same on a GPU, where the levers apply unforced: 2 VOC-sized images (800x1066 inside)."""
