@@ -191,6 +191,7 @@ def assert_bf16_levers_match_torchvision(ours: nn.Module, theirs: nn.Module, ima
             f"{worst[2]:.4f}; gradient cosines ours-tv {cosines[0]:.5f}, ours-fp32 {cosines[1]:.5f}, tv-fp32 {cosines[2]:.5f}")
 
 
+@pytest.mark.slow
 def test_r50_fpn_bf16_training_with_the_levers_matches_torchvision_under_bf16():
     from tools.bench_models import build_pair, make_inputs
 
