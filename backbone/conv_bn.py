@@ -67,6 +67,9 @@ def cached_folded_parameters(conv: nn.Conv2d, bn: nn.Module, dtype: torch.dtype)
     if any(torch.is_inference(t) for t in sources):  # no version counter to watch
         weight, bias = folded_parameters(conv, bn)
         return weight.to(dtype), bias
+    # Tensor._version (the in-place version counter autograd keeps) has no public accessor; it is the
+    # one signal of an in-place change (an optimiser step, load_state_dict's copy_).
+    # tests/test_cuda_levers.py::test_torch_still_counts_tensor_versions fails if torch drops it.
     key = (dtype, tuple((t.data_ptr(), t._version) for t in sources))
     cached = bn.__dict__.get("_folded_cache")
     if cached is None or cached[0] != key:

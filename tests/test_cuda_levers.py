@@ -247,7 +247,8 @@ def test_trained_detector_bf16_inference_with_the_levers_matches_torchvision_seq
     swaps many of them: measured, torchvision's sequence in bf16 keeps 61% of its float32
     detections, ours with the levers 63%, and 74% of ours match torchvision's bf16 ones. The
     test asks that the levers lose no more than 5 points to torchvision's own bf16 agreement
-    (a trained model's 99% matched detections need a GPU run, tests/test_cuda.py)."""
+    (the issue's bound, 99% of a trained model's detections matched, is not checked by any test yet:
+    it needs a well-trained checkpoint on a GPU)."""
     model = load_model(str(trained_run / "last.pth"))
     dataset = VOCDataSet(demo_voc, transforms=get_transforms(False), txt_name="val.txt",
                          classes_json=str(demo_voc / "classes.json"))
@@ -263,3 +264,13 @@ def test_trained_detector_bf16_inference_with_the_levers_matches_torchvision_seq
     torchvision_agreement = min(matched_fraction(reference, float32), matched_fraction(float32, reference))
     for got, expected in ((levers, float32), (float32, levers), (levers, reference), (reference, levers)):
         assert matched_fraction(got, expected) >= torchvision_agreement - 0.05
+
+
+def test_torch_still_counts_tensor_versions():
+    """backbone/conv_bn.py's cache of folded weights watches ``Tensor._version`` (no public API):
+    an in-place change must bump it."""
+    weight = torch.zeros(3)
+    assert hasattr(weight, "_version"), "torch removed Tensor._version: backbone/conv_bn.py's folded-weight cache needs another signal"
+    before = weight._version
+    weight.add_(1)
+    assert weight._version > before

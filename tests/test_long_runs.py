@@ -212,6 +212,60 @@ def test_a_stop_at_an_epoch_end_never_waits_for_the_evaluation(when, demo_voc, u
     assert_each_step_logged_once(tmp_path, 8)
 
 
+@pytest.mark.slow
+def test_a_stop_after_the_last_epochs_records_skips_its_extras_and_a_resume_draws_them(demo_voc, tmp_path):
+    """SIGTERM once the last epoch's records and checkpoints are written (an extra hook sends it):
+    the run exits on the signal without drawing the curves, and --resume auto, with nothing left to
+    train, draws them and ends as a finished run."""
+    from train_utils.engine.control import TrainingStopped
+    from train_utils.engine.hooks import Hook
+    from train_utils.engine.trainer import LAST_EPOCH_SKIPPED, Trainer
+
+    class StopAfterRecords(Hook):
+        def after_epoch(self, trainer, record) -> None:
+            os.kill(os.getpid(), signal.SIGTERM)
+
+    argv = ["--data-path", str(demo_voc), "--classes-json", str(demo_voc / "classes.json"),
+            "--output-dir", str(tmp_path), "--epochs", "1", *TINY_TRAIN_FLAGS]
+    with pytest.raises(TrainingStopped) as stopped:
+        Trainer(mobilenet_args(argv), extra_hooks=[StopAfterRecords()]).train()
+    assert stopped.value.signum == signal.SIGTERM and LAST_EPOCH_SKIPPED in str(stopped.value)
+    assert [r["epoch"] for r in metrics(tmp_path)] == [0] and (tmp_path / "model-0.pth").is_file()
+    assert not (tmp_path / "mAP.png").exists() and not (tmp_path / "loss_and_lr.png").exists()
+
+    record = Trainer(mobilenet_args([*argv, "--resume", "auto"])).train()
+    assert record == {} and (tmp_path / "mAP.png").is_file() and (tmp_path / "loss_and_lr.png").is_file()
+    assert [r["epoch"] for r in metrics(tmp_path)] == [0]
+
+
+@pytest.mark.slow
+def test_a_float16_scaler_state_is_never_dropped_silently(demo_voc, trained_run, tmp_path, capsys):
+    """A checkpoint of a float16 run (it holds a GradScaler state) resumed where --amp means
+    bfloat16: one error naming the file and the flag to add; with an explicit --amp-dtype, a warning."""
+    from train_utils.engine.trainer import Trainer
+
+    ckpt = load(trained_run / "last.pth")
+    ckpt["scaler"] = {"scale": 1024.0, "growth_factor": 2.0, "backoff_factor": 0.5, "growth_interval": 2000,
+                      "_growth_tracker": 3}
+    torch.save(ckpt, tmp_path / "last.pth")
+    argv = ["--data-path", str(demo_voc), "--classes-json", str(demo_voc / "classes.json"),
+            "--output-dir", str(tmp_path), "--epochs", "2", "--resume", "auto", "--amp", *TINY_TRAIN_FLAGS, *SCHEDULE]
+    trainer = Trainer(mobilenet_args(argv))
+    try:
+        with pytest.raises(ValueError, match="trained with float16 autocast and a GradScaler; resume it with "
+                                             "--amp --amp-dtype float16"):
+            trainer.setup()
+    finally:
+        trainer.signals.uninstall()
+    trainer = Trainer(mobilenet_args([*argv, "--amp-dtype", "bfloat16"]))
+    try:
+        trainer.setup()
+    finally:
+        trainer.signals.uninstall()
+    assert trainer.scaler is None and trainer.start_epoch == 1
+    assert "holds a float16 GradScaler state; --amp-dtype bfloat16 drops it" in capsys.readouterr().err
+
+
 # ------------------------------------------------------------------------------------------ torchrun
 @pytest.fixture(scope="module")
 def uninterrupted_ddp(demo_voc, tmp_path_factory) -> Path:
@@ -604,6 +658,17 @@ def test_prune_and_copy_checkpoints(tmp_path, monkeypatch):
     big = os.urandom(3 * 2**20 + 5)
     (tmp_path / "model-2.pth").write_bytes(big)
     monkeypatch.setattr(ckpt.fcntl, "ioctl", unsupported)  # no reflinks: copy_file_range
+    ckpt.copy_checkpoint(str(tmp_path / "model-2.pth"), str(tmp_path / "best.pth"))
+    assert (tmp_path / "best.pth").read_bytes() == big
+    real_copy_file_range = os.copy_file_range
+
+    def gives_up_after_one_mib(src, dst, count, offset_src=None, offset_dst=None):
+        if offset_src >= 2**20:
+            return 0
+        return real_copy_file_range(src, dst, min(count, 2**20), offset_src, offset_dst)
+
+    (tmp_path / "best.pth").unlink()
+    monkeypatch.setattr(os, "copy_file_range", gives_up_after_one_mib)  # stops early: Python does the rest
     ckpt.copy_checkpoint(str(tmp_path / "model-2.pth"), str(tmp_path / "best.pth"))
     assert (tmp_path / "best.pth").read_bytes() == big
     monkeypatch.setattr(os, "copy_file_range", unsupported)  # nor that: through Python

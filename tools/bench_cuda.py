@@ -266,6 +266,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     device = torch.device(args.device)
     if device.type == "cuda" and not torch.cuda.is_available():
         raise SystemExit(f"--device {args.device}: CUDA is not available here (torch {torch.__version__})")
+    if device.type == "cuda":
+        torch.cuda.set_device(device)  # the timing events record on the current device's stream
     def write_json(records: List[Dict]) -> None:
         if args.json:
             Path(args.json).write_text(json.dumps(records, indent=2))

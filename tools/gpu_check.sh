@@ -97,7 +97,7 @@ describe() {  # describe EXIT_CODE SECONDS: "ok", "TIMED OUT" or "FAILED", with 
     tally=$(grep -E '[0-9]+ (passed|failed|error|errors|skipped)|no tests ran' "$OUT/pytest.log" | tail -1)
     echo "tests/test_cuda.py: ${tally:-no pytest tally (see pytest.log)} -- $(describe "$test_rc" "$test_s")"
     grep -E '^(FAILED|ERROR) ' "$OUT/pytest.log" | cut -c1-160
-    grep -E '^(cuda |AP@0.5 |amp resume)' "$OUT/pytest.log" | sed 's/^/  /'
+    grep -E '^cuda |AP@0\.5|weight gap|from scratch on cuda' "$OUT/pytest.log" | cut -c1-200 | sed 's/^/  /'
     echo "tools/benchmark.py --device cuda: $(describe "$bench_rc" "$bench_s")"
     grep -E '^(device |\| )' "$OUT/benchmark.log" | cut -c1-200
     grep -E '^(Traceback|[A-Za-z]*Error)' "$OUT/benchmark.log" | tail -3

@@ -146,14 +146,19 @@ def _clone_or_copy(src: BinaryIO, dst: BinaryIO) -> None:
     size, copied = os.fstat(src.fileno()).st_size, 0
     try:
         while copied < size:
-            step = os.copy_file_range(src.fileno(), dst.fileno(), size - copied)
-            if step == 0:
+            step = os.copy_file_range(src.fileno(), dst.fileno(), size - copied, copied, copied)
+            if step == 0:  # the kernel gave up early: the rest by plain reads and writes
                 break
             copied += step
     except (AttributeError, OSError):  # no copy_file_range (not Linux), or not between these files
+        pass
+    if copied < size:
         src.seek(copied)
         dst.seek(copied)
         shutil.copyfileobj(src, dst)
+    dst.flush()
+    if os.fstat(dst.fileno()).st_size != size:
+        raise OSError(f"copied {os.fstat(dst.fileno()).st_size} of {size} bytes")
 
 
 def read_checkpoint(path: str) -> Checkpoint:

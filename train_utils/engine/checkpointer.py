@@ -115,6 +115,8 @@ class Checkpointer:
         trainer.scheduler.load_state_dict({**ckpt.lr_scheduler, "lr_lambdas": [None] * groups})
         if trainer.scaler is not None and ckpt.scaler:
             trainer.scaler.load_state_dict(ckpt.scaler)
+        elif ckpt.scaler:
+            self.drop_scaler(path)
         trainer.start_epoch = ckpt.epoch + 1
         trainer.best_ap50 = ckpt.best_ap50
         self.restore_random_states(ckpt, trainer.start_epoch)
@@ -128,6 +130,16 @@ class Checkpointer:
             complete = state is not None and state.iteration == full
             pending = " (all trained: its evaluation and epoch end come first)" if complete else ""
             print(f"resumed from {path} at epoch {trainer.start_epoch}{where}{pending}")
+
+    def drop_scaler(self, path: str) -> None:
+        """A float16 run's GradScaler state, resumed without float16: an error unless --amp-dtype
+        chose that on purpose (``--amp`` alone means bfloat16 on recent GPUs since this version)."""
+        if getattr(self.args, "amp_dtype", None) is None:
+            raise ValueError(f"{path} was trained with float16 autocast and a GradScaler; resume it with "
+                             "--amp --amp-dtype float16 (--amp alone now means bfloat16 on this device)")
+        if self.is_main:
+            print(f"warning: {path} holds a float16 GradScaler state; --amp-dtype {self.args.amp_dtype} drops it",
+                  file=sys.stderr)
 
     def restore_random_states(self, ckpt: Checkpoint, start_epoch: int) -> None:
         """This rank's stored random states, or new seeds (one agreed warning) where the file has

@@ -27,6 +27,7 @@ from train_utils.data.samplers import (GroupedBatchSampler, ResumableBatches, Se
 from train_utils.data.transforms import get_transforms
 from train_utils.device import TF32_CHOICES, amp_dtype, resolve_device, tf32_mode
 from train_utils import distributed as dist_utils
+from train_utils.jsonl import read_jsonl
 from train_utils.engine import determinism
 from train_utils.engine.checkpointer import Checkpointer
 from train_utils.engine.control import (CheckpointEvery, ImmediateStop, RunControl, StopRequested, StopSignals,
@@ -43,6 +44,8 @@ from train_utils.model.anchor_coverage import auto_anchor_sizes, describe_auto_a
 from train_utils.model.builder import build_model, count_parameters
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
+# A stop at the last epoch's end: everything is saved and evaluated, its extras were skipped.
+LAST_EPOCH_SKIPPED = " (the last; its curves, images and checkpoint pruning were skipped: --resume auto draws them)"
 
 
 def resolve_weight_files(args: argparse.Namespace) -> Optional[str]:
@@ -369,6 +372,14 @@ class Trainer:
                 return
             hook.epoch_extras(self, record)
 
+    def finish_extras(self) -> None:
+        """A resumed run whose every epoch is trained and evaluated: the last epoch's extras
+        again (curves, images, pruning), which a stop request at its end skipped."""
+        history = read_jsonl(Path(self.args.output_dir) / "metrics.jsonl")
+        epoch = self.args.epochs - 1
+        coco = next((r.get("coco") for r in reversed(history) if r.get("epoch") == epoch), None)
+        self.epoch_extras({"epoch": epoch, "coco": coco})
+
     def stop(self, signum: int, where: str) -> None:
         """Leave after a stop signal, saying how to go on (rank 0)."""
         name = signal.Signals(signum).name
@@ -386,6 +397,8 @@ class Trainer:
             for hook in self.hooks:
                 hook.before_train(self)
             record: Dict[str, Any] = {}
+            if self.start_epoch >= self.args.epochs > 0:
+                self.finish_extras()
             for epoch in range(self.start_epoch, self.args.epochs):
                 for hook in self.hooks:
                     hook.before_epoch(self, epoch)
@@ -394,8 +407,9 @@ class Trainer:
                     hook.after_epoch(self, record)  # the epoch's records and checkpoint files
                 self.epoch_extras(record)
                 signum = self.control.stop_requested()  # a signal since the epoch's records
-                if signum and epoch + 1 < self.args.epochs:
-                    self.stop(signum, f"the end of epoch {epoch}")
+                if signum:
+                    last = epoch + 1 == self.args.epochs
+                    self.stop(signum, f"the end of epoch {epoch}" + (LAST_EPOCH_SKIPPED if last else ""))
             if self.is_main:
                 print(f"done: checkpoints, results, metrics.jsonl and curves in {self.args.output_dir}")
             return record
