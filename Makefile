@@ -6,7 +6,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 # Test-only packages: pytest, onnx + onnxruntime for the ONNX export tests and tensorboard for --tensorboard (pyproject's "test" extra).
-TEST_PACKAGES := pytest onnx onnxruntime tensorboard
+TEST_PACKAGES := pytest pytest-xdist onnx onnxruntime tensorboard
 
 .PHONY: install demo check test benchmark
 
@@ -22,7 +22,7 @@ install: $(STAMP)
 export OMP_WAIT_POLICY ?= PASSIVE
 
 # Both tiers list their 25 slowest tests, so a test that grows slow is seen (and marked).
-PYTEST := $(PY) -m pytest -q --durations=25
+PYTEST := $(PY) -m pytest -q --durations=25 -n 2 --dist loadfile
 
 check: $(STAMP)
 	$(PYTEST) -m "not slow" tests

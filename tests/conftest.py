@@ -1,11 +1,14 @@
 """Shared test fixtures: the repository root on ``sys.path`` and a tiny, fast detector."""
 import json
 import os
+import shutil
 import socket
 import subprocess
 import sys
 from pathlib import Path
 from typing import Callable
+
+from filelock import FileLock  # a dependency of torch
 
 # Before torch loads OpenMP, and inherited by every subprocess a test starts: idle OpenMP threads
 # sleep instead of spinning. With several processes on two cores, spinning threads multiply a tiny
@@ -114,15 +117,32 @@ TINY_COMMON_FLAGS = [
 TINY_TRAIN_FLAGS = TINY_COMMON_FLAGS + MOBILENET_OPTIONS
 
 
+def shared_folder(tmp_path_factory, name: str, make: Callable[[Path], None]) -> Path:
+    """A session fixture's folder, made once per test run: under pytest-xdist (``make test`` runs
+    two workers) the first worker to ask makes it under a lock in the run's common temp folder,
+    and the others reuse it, so a training fixture never runs twice."""
+    if "PYTEST_XDIST_WORKER" not in os.environ:
+        out = tmp_path_factory.mktemp(name)
+        make(out)
+        return out
+    out = tmp_path_factory.getbasetemp().parent / name
+    complete = out.with_name(f"{name}.complete")  # beside the folder: tests list the folders' files
+    with FileLock(f"{out}.lock"):
+        if not complete.is_file():
+            shutil.rmtree(out, ignore_errors=True)
+            out.mkdir()
+            make(out)
+            complete.touch()
+    return out
+
+
 @pytest.fixture(scope="session")
 def demo_voc(tmp_path_factory) -> Path:
     """A small generated VOC2012 folder of coloured shapes (24 images, 128 px; 19 train / 5 val)
     with its classes json at ``<root>/classes.json``."""
     from tools.make_demo_voc import make_demo_voc
 
-    root = tmp_path_factory.mktemp("demo_voc")
-    make_demo_voc(root, num_images=24, seed=0, size=128)
-    return root
+    return shared_folder(tmp_path_factory, "demo_voc", lambda root: make_demo_voc(root, num_images=24, seed=0, size=128))
 
 
 # 19 training images, batch 4 -> 4 iterations per epoch. The warmup (7 iterations) and the LR
@@ -163,9 +183,8 @@ def trained_run(demo_voc, tmp_path_factory) -> Path:
 
     Holds model-0.pth, last.pth, best.pth, results*.txt, metrics.jsonl and the curves.
     """
-    out = tmp_path_factory.mktemp("trained_run")
-    train("train_mobilenet.py", demo_voc, out, "--epochs", "1")
-    return out
+    return shared_folder(tmp_path_factory, "trained_run",
+                         lambda out: train("train_mobilenet.py", demo_voc, out, "--epochs", "1"))
 
 
 @pytest.fixture(scope="session")
@@ -187,6 +206,5 @@ def confident_checkpoint(trained_run, tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def uninterrupted(demo_voc, tmp_path_factory) -> Path:
     """train_mobilenet.py for 2 epochs in one go: the reference for resumed runs."""
-    out = tmp_path_factory.mktemp("uninterrupted")
-    train("train_mobilenet.py", demo_voc, out, "--epochs", "2")
-    return out
+    return shared_folder(tmp_path_factory, "uninterrupted",
+                         lambda out: train("train_mobilenet.py", demo_voc, out, "--epochs", "2"))
