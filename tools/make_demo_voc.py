@@ -23,8 +23,7 @@ from __future__ import annotations
 
 import argparse
 import colorsys
-import io
-import json
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -32,6 +31,12 @@ from typing import Optional
 
 import numpy as np
 from PIL import Image, ImageDraw
+
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+from tools.voc_writer import VocWriter  # noqa: E402
 
 CLASSES = ("circle", "square", "triangle")
 HUE_RANGES = {"circle": (-0.03, 0.05), "square": (0.25, 0.42), "triangle": (0.55, 0.68)}  # red, green, blue
@@ -182,59 +187,22 @@ def draw_image(seed: int, index: int, size: int, recipe: Recipe = Recipe()) -> t
     return Image.fromarray(pixels), objects
 
 
-def annotation_xml(image_id: str, size: int, objects: list[DemoObject]) -> str:
-    """VOC XML text for one image."""
-    parts = [
-        "<annotation>",
-        "\t<folder>VOC2012</folder>",
-        f"\t<filename>{image_id}.jpg</filename>",
-        "\t<source><database>Synthetic shapes</database></source>",
-        f"\t<size><width>{size}</width><height>{size}</height><depth>3</depth></size>",
-        "\t<segmented>0</segmented>",
-    ]
-    for obj in objects:
-        xmin, ymin, xmax, ymax = obj.box
-        parts += [
-            "\t<object>",
-            f"\t\t<name>{obj.name}</name>",
-            "\t\t<pose>Unspecified</pose>",
-            f"\t\t<truncated>{obj.truncated}</truncated>",
-            f"\t\t<difficult>{obj.difficult}</difficult>",
-            f"\t\t<bndbox><xmin>{xmin}</xmin><ymin>{ymin}</ymin><xmax>{xmax}</xmax><ymax>{ymax}</ymax></bndbox>",
-            "\t</object>",
-        ]
-    return "\n".join(parts + ["</annotation>", ""])
-
-
 def make_demo_voc(out: Path, num_images: int = 300, seed: int = 0, size: int = 192,
                   recipe: Recipe = Recipe()) -> dict[str, int]:
     """Write the dataset under ``out`` and return counts (images, objects per class, difficult, ...)."""
     if num_images < 2 or size < 32:
         raise ValueError(f"make_demo_voc: need num_images >= 2 and size >= 32, got {num_images}, {size}")
-    voc = Path(out) / "VOCdevkit" / "VOC2012"
-    folders = {name: voc / name for name in ("Annotations", "JPEGImages", "ImageSets/Main")}
-    for folder in folders.values():
-        folder.mkdir(parents=True, exist_ok=True)
+    writer = VocWriter(out, CLASSES)
     stats = {"images": num_images, "empty_images": 0, "difficult": 0, "truncated": 0, **{c: 0 for c in CLASSES}}
-    ids = [f"demo_{i:05d}" for i in range(num_images)]
-    for index, image_id in enumerate(ids):
+    for index in range(num_images):
         image, objects = draw_image(seed, index, size, recipe)
-        buffer = io.BytesIO()
-        image.save(buffer, "JPEG", quality=JPEG_QUALITY)
-        (folders["JPEGImages"] / f"{image_id}.jpg").write_bytes(buffer.getvalue())
-        (folders["Annotations"] / f"{image_id}.xml").write_text(annotation_xml(image_id, size, objects))
+        writer.add(f"demo_{index:05d}", image, objects, JPEG_QUALITY)
         stats["empty_images"] += not objects
         for obj in objects:
             stats[obj.name] += 1
             stats["difficult"] += obj.difficult
             stats["truncated"] += obj.truncated
-    order = np.random.default_rng([seed, num_images]).permutation(num_images)
-    num_val = max(1, round(VAL_FRACTION * num_images))
-    splits = {"val": sorted(order[:num_val]), "train": sorted(order[num_val:])}
-    for split, indices in splits.items():
-        (folders["ImageSets/Main"] / f"{split}.txt").write_text("".join(f"{ids[i]}\n" for i in indices))
-    classes = {name: i for i, name in enumerate(CLASSES, start=1)}
-    (Path(out) / "classes.json").write_text(json.dumps(classes, indent=4) + "\n")
+    writer.finish(seed, VAL_FRACTION)
     return stats
 
 
