@@ -299,20 +299,32 @@ def test_dropped_counts_leave_the_targets_and_survive_an_iteration_checkpoint():
 
 
 @pytest.mark.slow
-def test_training_logs_the_dropped_boxes_of_each_epoch(demo_voc, tmp_path):
-    """One epoch with lsj + mosaic: metrics.jsonl's ``augment_dropped_boxes`` equals the sum of the
-    counts of the epoch's samples read again independently (batch 4, 16 images: each once)."""
-    from conftest import metrics, train
+def test_training_with_lsj_and_mosaic_logs_the_dropped_boxes_and_resumes_exactly(demo_voc, tmp_path):
+    """Two epochs of lsj + mosaic with 2 loader workers: metrics.jsonl's ``augment_dropped_boxes``
+    equals the sum of the counts of the epoch's samples read again independently (batch 4, 16
+    images: each once), and one epoch then a resume gives the same weights and counts."""
+    import shutil
+
+    from conftest import load, metrics, train
     from my_dataset import VOCDataSet
 
-    policy = "lsj,mosaic,hflip"
-    split = demo_voc / "VOC2012" / "ImageSets" / "Main"
+    policy, data = "lsj,mosaic,hflip", tmp_path / "data"
+    shutil.copytree(demo_voc, data)
+    split = data / "VOCdevkit" / "VOC2012" / "ImageSets" / "Main"
     (split / "first16.txt").write_text("\n".join(split.joinpath("train.txt").read_text().split()[:16]) + "\n")
-    train("train_mobilenet.py", demo_voc, tmp_path, "--epochs", "1", "--augment", policy,
-          "--train-split", "first16.txt", "--aspect-ratio-group-factor", "-1", "--workers", "2")
-    dataset = VOCDataSet(demo_voc, transforms=get_transforms(True, policy, 128), txt_name="first16.txt",
-                         classes_json=str(demo_voc / "classes.json"))
-    samples = SeededSamples(policy_dataset(dataset, policy, 128), seed=0)
-    expected = sum(int(samples[(0, index)][1][DROPPED_KEY]) for index in range(16))
-    record = metrics(tmp_path)[0]
-    assert record[DROPPED_KEY] == expected and isinstance(record[DROPPED_KEY], int) and expected > 0
+    flags = ["--augment", policy, "--train-split", "first16.txt", "--aspect-ratio-group-factor", "-1", "--workers", "2"]
+    train("train_mobilenet.py", data, tmp_path / "whole", "--epochs", "2", *flags)
+    train("train_mobilenet.py", data, tmp_path / "resumed", "--epochs", "1", *flags)
+    train("train_mobilenet.py", data, tmp_path / "resumed", "--epochs", "2", "--resume", "auto", *flags)
+
+    dataset = VOCDataSet(data, transforms=get_transforms(True, policy, 128), txt_name="first16.txt",
+                         classes_json=str(data / "classes.json"))
+    samples = SeededSamples(policy_dataset(dataset, policy, 128), seed=0)  # --min-size 128, --seed 0
+    expected = [sum(int(samples[(epoch, index)][1][DROPPED_KEY]) for index in range(16)) for epoch in (0, 1)]
+    assert all(count > 0 for count in expected)
+    for run in ("whole", "resumed"):
+        assert [record[DROPPED_KEY] for record in metrics(tmp_path / run)] == expected
+    whole, resumed = load(tmp_path / "whole" / "model-1.pth"), load(tmp_path / "resumed" / "model-1.pth")
+    assert load(tmp_path / "resumed" / "model-0.pth")["args"]["augment"] == policy
+    for key, value in whole["model"].items():
+        assert torch.equal(resumed["model"][key], value), key

@@ -15,6 +15,7 @@ worker processes.
 """
 from __future__ import annotations
 
+import argparse
 from typing import Callable, Optional, Sequence, Union
 
 import torch
@@ -398,6 +399,15 @@ def parse_policy(text: str) -> tuple[str, ...]:
             raise ValueError(f"unknown augmentation element {name!r} in {text!r}; choose a comma list of "
                              f"{', '.join(AUGMENT_ELEMENTS)} or a preset ({', '.join(AUGMENT_PRESETS)})")
     return tuple(element for element in AUGMENT_ELEMENTS if element in chosen)
+
+
+def augment_policy(text: str) -> str:
+    """``--augment``'s argparse type: the policy as typed (so checkpoints store it so), checked."""
+    try:
+        parse_policy(text)
+    except ValueError as err:
+        raise argparse.ArgumentTypeError(str(err)) from None
+    return text
 
 
 def training_size(min_size: Sequence[int], max_size: int) -> int:

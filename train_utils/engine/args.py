@@ -6,7 +6,7 @@ from typing import Any, Dict, Optional, Sequence
 from train_utils.cli import AUTO_ANCHORS, add_model_flags, model_config_from_args
 from train_utils.data.catalog import format_names, layout_help
 from train_utils.data.classes import AUTO_CLASSES
-from train_utils.data.transforms import AUGMENT_ELEMENTS, AUGMENT_PRESETS, parse_policy
+from train_utils.data.transforms import AUGMENT_ELEMENTS, AUGMENT_PRESETS, augment_policy
 from train_utils.device import AMP_DTYPES, TF32_CHOICES, add_tf32_flag
 from train_utils.engine.control import DEFAULT_CHECKPOINT_EVERY, CheckpointEvery
 from train_utils.engine.hooks import summary_writer_class
@@ -54,15 +54,6 @@ def _add_data_flags(p: argparse.ArgumentParser) -> None:
                       help="data loading worker processes (default: 4, at most the CPU count)")
     data.add_argument("--aspect-ratio-group-factor", type=int, default=3,
                       help="batch images of similar aspect ratio (-1 disables)")
-
-
-def augment_policy(text: str) -> str:
-    """``--augment``'s type: the policy as typed (it is stored in the checkpoint args), checked."""
-    try:
-        parse_policy(text)
-    except ValueError as err:
-        raise argparse.ArgumentTypeError(str(err)) from None
-    return text
 
 
 def _add_weight_flags(p: argparse.ArgumentParser) -> None:
