@@ -287,6 +287,22 @@ def test_same_seed_same_samples_with_dataloader_workers():
             assert target.keys() == want_target.keys() and all(torch.equal(target[k], want_target[k]) for k in target)
 
 
+def test_browse_dataset_draws_any_policy(demo_voc, tmp_path, capsys):
+    from tools import browse_dataset
+
+    common = [str(demo_voc), "--classes-json", str(demo_voc / "classes.json"), "--max-images", "4", "--cell-size", "64",
+              "--per-grid", "4"]
+    code = browse_dataset.main([*common, "--augment", "hflip,mosaic,lsj", "--size", "96",
+                                "--output-dir", str(tmp_path)])
+    assert code == 0
+    grid = Image.open(tmp_path / "grid_000.png")
+    gap = browse_dataset.GAP  # 4 cells, 2 x 2
+    assert grid.size == (gap + 2 * (64 + gap), gap + 2 * (64 + browse_dataset.caption_height() + gap))
+    with pytest.raises(SystemExit):
+        browse_dataset.main([*common, "--augment", "hflip,blur"])
+    assert "argument --augment: unknown augmentation element 'blur'" in capsys.readouterr().err
+
+
 # ---------------------------------------------------------------------------- the count in training
 def test_dropped_counts_leave_the_targets_and_survive_an_iteration_checkpoint():
     targets = [{"boxes": torch.zeros(0, 4), DROPPED_KEY: torch.tensor(3)}, {"boxes": torch.zeros(0, 4)},

@@ -132,8 +132,8 @@ def browse(args: argparse.Namespace) -> list[Path]:
             print(f"not drawn, cannot be decoded: {image_id}", file=sys.stderr)
             continue
         count, dropped = len(target["boxes"]), int(target[DROPPED_KEY])
-        caption = [f"{image_id}  ({count} box{'es' if count != 1 else ''}" + (f", {dropped} dropped)" if dropped else ")"),
-                   "; ".join(problems.get(image_id, []))]
+        boxes = f"{count} box{'es' if count != 1 else ''}" + (f", {dropped} dropped" if dropped else "")
+        caption = [f"{image_id}  ({boxes})", "; ".join(problems.get(image_id, []))]
         cells.append(draw_cell(F.to_pil_image(image), target["boxes"].tolist(), target["labels"].tolist(),
                                dataset.class_names, caption, args.cell_size))
         names.append(image_id)
