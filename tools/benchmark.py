@@ -3,7 +3,7 @@
     python tools/benchmark.py                 # every case, 5 alternating repeats each
     python tools/benchmark.py --cases infer_r50 train_mbv2 --repeats 3
     python tools/benchmark.py --cases train_r50 --regime plain   # identity frozen BN, 2 small boxes
-    python tools/benchmark.py --cases data    # data loading vs training throughput
+    python tools/benchmark.py --cases data    # data loading per --augment policy vs training throughput
     python tools/benchmark.py --cases checkpoint  # cost of one R50-FPN training checkpoint
     python tools/benchmark.py --cases epoch_end   # what blocks every rank at an epoch end (2 gloo ranks)
     python tools/benchmark.py --cases predict_mbv2 predict_r50  # predict.py on 100 JPEGs vs a plain loop
@@ -126,39 +126,73 @@ def memory_case(name: str, regime: str, weights: str) -> Dict[str, float]:
     return result
 
 
-def data_case(repeats: int) -> Dict[str, float]:
-    """Images/s of VOC loading (decode + transforms, like the DataLoader) vs images/s of training
-    steps of the demo detector on the same images."""
+DATA_POLICIES = ("hflip", "photometric", "full", "lsj,hflip", "photometric,lsj,hflip", "mosaic,hflip",
+                 "photometric,mosaic,hflip")
+DATA_SIZE = 192  # demo images and training size of the data case
+
+
+def _images_per_second(samples, keys: List[List[tuple]], workers: int, epochs: int) -> float:
+    """Images/s of reading ``keys`` (batches of (epoch, index)) through a DataLoader, after one
+    warm-up epoch (workers started); ``workers`` 0 reads in this process."""
+    from torch.utils.data import DataLoader
+    from train_utils.data.dataset import DetectionDataSet
+
+    loader = DataLoader(samples, batch_sampler=keys, num_workers=workers, persistent_workers=workers > 0,
+                        collate_fn=DetectionDataSet.collate_fn)
+    for _ in loader:
+        pass
+    start = time.perf_counter()
+    for _ in range(epochs):
+        for _ in loader:
+            pass
+    return epochs * sum(map(len, keys)) / (time.perf_counter() - start)
+
+
+def data_case(repeats: int) -> Dict[str, object]:
+    """Per augmentation policy, images/s of loading (decode + transforms, SeededSamples as
+    training reads them) in the main process and through a DataLoader with workers, next to the
+    images/s of training steps of the demo detector (batch 8 of 192x192 images)."""
     from my_dataset import VOCDataSet
     from tools.make_demo_voc import make_demo_voc
+    from train_utils.data.mosaic import policy_dataset
+    from train_utils.data.samplers import SeededSamples
+    from train_utils.data.transforms import get_transforms
     from train_utils.model.builder import build_model
     from train_utils.model.config import ModelConfig
-    from train_utils.data.transforms import get_transforms
 
+    workers = min(4, os.cpu_count() or 1)
+    result: Dict[str, object] = {"workers": workers, "policies": {}}
     with tempfile.TemporaryDirectory() as tmp:
-        make_demo_voc(Path(tmp), num_images=64, seed=0, size=192)
-        dataset = VOCDataSet(tmp, transforms=get_transforms(True, "hflip"), txt_name="train.txt",
-                             classes_json=Path(tmp) / "classes.json")
-        start = time.perf_counter()
-        loaded = 0
-        for _ in range(repeats):
-            for idx in range(len(dataset)):
-                dataset[idx]
-                loaded += 1
-        load_rate = loaded / (time.perf_counter() - start)
-
+        make_demo_voc(Path(tmp), num_images=64, seed=0, size=DATA_SIZE)
+        for policy in DATA_POLICIES:
+            dataset = VOCDataSet(tmp, transforms=get_transforms(True, policy, DATA_SIZE), txt_name="train.txt",
+                                 classes_json=Path(tmp) / "classes.json")
+            keys = [[(0, i) for i in range(start, start + 8)] for start in range(0, len(dataset) - 7, 8)]
+            samples = SeededSamples(policy_dataset(dataset, policy, DATA_SIZE), seed=0)
+            result["policies"][policy] = {"load_img_s": _images_per_second(samples, keys, 0, repeats),
+                                          "loader_img_s": _images_per_second(samples, keys, workers, repeats)}
         model = build_model(ModelConfig(num_classes=dataset.num_classes + 1, backbone="mobilenet_v2",
-                                        backbone_options={"feature_stride": 16}, min_size=(192,), max_size=192,
-                                        representation_size=256, box_batch_size_per_image=64,
+                                        backbone_options={"feature_stride": 16}, min_size=(DATA_SIZE,),
+                                        max_size=DATA_SIZE, representation_size=256, box_batch_size_per_image=64,
                                         anchor_sizes=(32, 64, 128)))
-        batch = [dataset[i] for i in range(8)]
+        batch = [samples[(0, i)] for i in range(8)]  # the last policy's 192x192 mosaics
         step = train_step(model, [b[0] for b in batch], [b[1] for b in batch])
         step()
         start = time.perf_counter()
         for _ in range(repeats):
             step()
-        train_rate = 8 * repeats / (time.perf_counter() - start)
-    return {"load_img_s": load_rate, "train_img_s": train_rate, "load_over_train": load_rate / train_rate}
+        result["train_img_s"] = 8 * repeats / (time.perf_counter() - start)
+    return result
+
+
+def print_data_case(result: Dict[str, object]) -> None:
+    """The data case as a table: per policy, loading vs training images/s."""
+    train_rate = result["train_img_s"]
+    print(f"data      training {train_rate:.1f} img/s (demo detector, batch 8, {DATA_SIZE} px); loading per policy:")
+    print(f"  {'policy':<26} {'1 process':>10} {'DataLoader x' + str(result['workers']):>15} {'loader/training':>16}")
+    for policy, rates in result["policies"].items():
+        print(f"  {policy:<26} {rates['load_img_s']:>6.0f} img/s {rates['loader_img_s']:>9.0f} img/s "
+              f"{rates['loader_img_s'] / train_rate:>15.1f}x", flush=True)
 
 
 def checkpoint_case(repeats: int) -> Dict[str, float]:
@@ -431,8 +465,7 @@ def main() -> None:
     for name in args.cases:
         if name == "data":
             r = data_case(args.repeats)
-            print(f"data      loading {r['load_img_s']:.1f} img/s vs training {r['train_img_s']:.1f} img/s "
-                  f"-> {r['load_over_train']:.1f}x")
+            print_data_case(r)
         elif name == "epoch_end":
             r = epoch_end_case()
             print(f"epoch end (2 ranks, 4952 val images): COCO scoring {r['score_before_wall_s']:.1f}s -> "

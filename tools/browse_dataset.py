@@ -2,14 +2,15 @@
 image grids: check that flips, crops and zoom-outs move the boxes right, and spot bad boxes.
 
     python tools/browse_dataset.py PATH [--format FORMAT] [--split S] [--classes-json FILE]
-        [--year YEAR] [--augment {none,hflip,photometric,full}] [--epoch N] [--seed N]
+        [--year YEAR] [--augment POLICY] [--size N] [--epoch N] [--seed N]
         [--output-dir DIR] [--per-grid 16] [--max-images 64] [--cell-size 256] [--only-problems]
 
 PATH, --format, --split, --classes-json and --year mean what --data-path, --dataset-format,
 --train-split, --classes-json and --year mean for training. Each image is augmented exactly as
-training epoch --epoch with --seed augments it (the same flips, crops and zoom-outs), drawn into
-a cell of --cell-size pixels with every box outlined in its class colour and named, and captioned
-with its id and box count. --only-problems draws only the images tools/check_dataset.py flags,
+training epoch --epoch with --seed augments it (the same flips, crops, zoom-outs, jitters and
+mosaics; --size is the training size lsj and mosaic work at), drawn into a cell of --cell-size
+pixels with every box outlined in its class colour and named, and captioned with its id, box
+count and the boxes augmentation dropped. --only-problems draws only the images tools/check_dataset.py flags,
 with the kinds of problem in the caption. Grids are written to DIR/grid_000.png, grid_001.png, ...
 """
 from __future__ import annotations
@@ -31,7 +32,8 @@ from tools.check_dataset import image_problems  # noqa: E402
 from train_utils.data.catalog import build_dataset, format_names, get_format, layout_help  # noqa: E402
 from train_utils.data.classes import AUTO_CLASSES  # noqa: E402
 from train_utils.data.samplers import SeededSamples  # noqa: E402
-from train_utils.data.transforms import AUGMENT_POLICIES, get_transforms  # noqa: E402
+from train_utils.data.mosaic import policy_dataset  # noqa: E402
+from train_utils.data.transforms import DROPPED_KEY, augment_policy, get_transforms  # noqa: E402
 from train_utils.flags import add_plugin_flag, import_plugins  # noqa: E402
 from train_utils.progress import Progress  # noqa: E402
 from train_utils.vis.draw import class_colour, draw_label, load_font, outline_pixels  # noqa: E402
@@ -117,10 +119,11 @@ def choose_images(args: argparse.Namespace, ids: Sequence[str]) -> tuple[list[in
 
 def browse(args: argparse.Namespace) -> list[Path]:
     """Write the grids; returns their paths."""
-    dataset = build_dataset(args.format, args.path, args.split, get_transforms(True, args.augment),
+    dataset = build_dataset(args.format, args.path, args.split, get_transforms(True, args.augment, args.size),
                             args.classes_json, args.year, skip_unknown_classes=args.skip_unknown_classes)
     indices, problems = choose_images(args, dataset.ids)
-    samples = SeededSamples(dataset, args.seed)  # the augmentation training draws for (seed, epoch, image)
+    # the augmentation training draws for (seed, epoch, image)
+    samples = SeededSamples(policy_dataset(dataset, args.augment, args.size), args.seed)
     cells, names = [], []
     for index in Progress(indices, total=len(indices), desc="drawing", print_freq=50):
         image, target = samples[(args.epoch, index)]
@@ -128,8 +131,9 @@ def browse(args: argparse.Namespace) -> list[Path]:
         if int(target["image_id"]) != index:  # undecodable: the dataset handed over the next image instead
             print(f"not drawn, cannot be decoded: {image_id}", file=sys.stderr)
             continue
-        count = len(target["boxes"])
-        caption = [f"{image_id}  ({count} box{'es' if count != 1 else ''})", "; ".join(problems.get(image_id, []))]
+        count, dropped = len(target["boxes"]), int(target[DROPPED_KEY])
+        boxes = f"{count} box{'es' if count != 1 else ''}" + (f", {dropped} dropped" if dropped else "")
+        caption = [f"{image_id}  ({boxes})", "; ".join(problems.get(image_id, []))]
         cells.append(draw_cell(F.to_pil_image(image), target["boxes"].tolist(), target["labels"].tolist(),
                                dataset.class_names, caption, args.cell_size))
         names.append(image_id)
@@ -156,7 +160,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--year", default=None, help="VOC year folder")
     parser.add_argument("--skip-unknown-classes", action="store_true",
                         help="leave out objects of classes not in the classes json instead of stopping")
-    parser.add_argument("--augment", default="hflip", choices=AUGMENT_POLICIES, help="training augmentation policy")
+    parser.add_argument("--augment", default="hflip", type=augment_policy, metavar="POLICY",
+                        help="training augmentation policy, as training's --augment (e.g. hflip,lsj,photometric)")
+    parser.add_argument("--size", type=int, default=800,
+                        help="training size of lsj and mosaic: training's largest --min-size, at most --max-size")
     parser.add_argument("--epoch", type=int, default=0, help="draw the augmentation of this training epoch")
     parser.add_argument("--seed", type=int, default=0, help="training's --seed")
     parser.add_argument("--output-dir", default="browse", help="where the grids are written")
@@ -172,8 +179,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     import_plugins(argv)
     parser = build_parser()
     args = parser.parse_args(argv)
-    if args.per_grid < 1 or args.max_images < 0 or args.cell_size < 32:
-        parser.error("--per-grid must be at least 1, --max-images at least 0 and --cell-size at least 32")
+    if args.per_grid < 1 or args.max_images < 0 or args.cell_size < 32 or args.size < 1:
+        parser.error("--per-grid must be at least 1, --max-images at least 0, --cell-size at least 32 and --size "
+                     "at least 1")
     args.split = args.split or get_format(args.format).default_splits[0]
     try:
         written = browse(args)

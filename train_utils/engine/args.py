@@ -6,6 +6,7 @@ from typing import Any, Dict, Optional, Sequence
 from train_utils.cli import AUTO_ANCHORS, add_model_flags, model_config_from_args
 from train_utils.data.catalog import format_names, layout_help
 from train_utils.data.classes import AUTO_CLASSES
+from train_utils.data.transforms import AUGMENT_ELEMENTS, AUGMENT_PRESETS, augment_policy
 from train_utils.device import AMP_DTYPES, TF32_CHOICES, add_tf32_flag
 from train_utils.engine.control import DEFAULT_CHECKPOINT_EVERY, CheckpointEvery
 from train_utils.engine.hooks import summary_writer_class
@@ -43,8 +44,12 @@ def _add_data_flags(p: argparse.ArgumentParser) -> None:
                       help="optional check: number of object classes (background excluded) the json must hold")
     data.add_argument("--skip-unknown-classes", action="store_true",
                       help="skip objects whose class is not in the classes json instead of stopping")
-    data.add_argument("--augment", default="hflip", choices=["none", "hflip", "photometric", "full"],
-                      help="training augmentation policy")
+    data.add_argument("--augment", default="hflip", type=augment_policy, metavar="POLICY",
+                      help="training augmentation: a comma list of elements (" + ", ".join(AUGMENT_ELEMENTS) +
+                           ") and presets (" + ", ".join(f"{k} = {'+'.join(v) or 'nothing'}" for k, v in
+                                                         AUGMENT_PRESETS.items()) +
+                           "), applied in that element order whatever the order typed; lsj and mosaic work at "
+                           "the training size (the largest --min-size, at most --max-size); see docs/training.md")
     data.add_argument("--workers", "-j", type=int, default=min(4, os.cpu_count() or 1),
                       help="data loading worker processes (default: 4, at most the CPU count)")
     data.add_argument("--aspect-ratio-group-factor", type=int, default=3,

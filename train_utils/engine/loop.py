@@ -8,6 +8,7 @@ import torch
 from torch import nn
 
 from train_utils import distributed as dist_utils
+from train_utils.data.transforms import DROPPED_KEY
 from train_utils.device import autocast_context, move_to_device
 from train_utils.progress import Progress
 
@@ -33,6 +34,7 @@ class EpochState:
     last_losses: Dict[str, float] = field(default_factory=dict)  # the latest step's losses
     skipped: int = 0  # float16 steps skipped for a non-finite loss (not in the sums)
     streak: int = 0  # of them, how many in a row up to the latest step
+    dropped_boxes: int = 0  # boxes the augmentation removed from this epoch's samples (all ranks)
 
     def add(self, losses: Dict[str, float], lr: float) -> None:
         self.iteration += 1
@@ -54,12 +56,13 @@ class EpochState:
 
     def to_dict(self) -> Dict[str, Any]:
         return {"iteration": self.iteration, "loss_sums": dict(self.loss_sums), "lr": self.lr,
-                "skipped": self.skipped, "streak": self.streak}
+                "skipped": self.skipped, "streak": self.streak, "dropped_boxes": self.dropped_boxes}
 
     @classmethod
     def from_dict(cls, epoch: int, stored: Dict[str, Any]) -> "EpochState":
         return cls(epoch, int(stored["iteration"]), {k: float(v) for k, v in stored["loss_sums"].items()},
-                   stored.get("lr"), skipped=int(stored.get("skipped", 0)), streak=int(stored.get("streak", 0)))
+                   stored.get("lr"), skipped=int(stored.get("skipped", 0)), streak=int(stored.get("streak", 0)),
+                   dropped_boxes=int(stored.get("dropped_boxes", 0)))
 
 
 def train_one_epoch(
@@ -81,7 +84,9 @@ def train_one_epoch(
     stop the run after saving).
 
     Returns the mean of every loss term over the whole epoch (averaged over ranks), the summed
-    ``loss`` and the learning rate of the epoch's last step.
+    ``loss``, the learning rate of the epoch's last step and ``augment_dropped_boxes``: the boxes
+    the training transforms removed from the epoch's samples, summed over ranks (each target's
+    count is taken out before the model sees it).
     Raises:
         NonFiniteLossError: on a NaN/inf loss, before the optimiser touches the weights; with an
             enabled GradScaler (float16) only at the ``MAX_CONSECUTIVE_FP16_SKIPS``-th in a row,
@@ -92,6 +97,7 @@ def train_one_epoch(
     progress = Progress(data_loader, state.iteration + len(data_loader), f"Epoch {state.epoch}", print_freq,
                         dist_utils.is_main_process(), start=state.iteration)
     for images, targets in progress:
+        state.dropped_boxes += dropped_boxes(targets, device)
         images, targets = move_to_device(images, targets, device)
         with autocast_context(device, amp_dtype):
             loss_dict = model(images, targets)
@@ -115,7 +121,16 @@ def train_one_epoch(
         progress.update(loss=total, **reduced_values, lr=lr)
         after_step(state)
 
-    return {"lr": optimizer.param_groups[0]["lr"], **state.means()}
+    return {"lr": optimizer.param_groups[0]["lr"], **state.means(), DROPPED_KEY: state.dropped_boxes}
+
+
+def dropped_boxes(targets: List[Dict[str, torch.Tensor]], device: torch.device) -> int:
+    """Take the augmentation's dropped-box counts out of a batch's targets; their sum over the
+    batch and the ranks (every rank calls this once per step)."""
+    count = sum(int(target.pop(DROPPED_KEY, 0)) for target in targets)
+    if dist_utils.get_world_size() < 2:
+        return count
+    return int(dist_utils.reduce_dict({"dropped": torch.tensor(float(count), device=device)}, average=False)["dropped"])
 
 
 def skippable(scaler: Optional[torch.amp.GradScaler], state: EpochState) -> bool:

@@ -33,7 +33,9 @@ class RunLog:
             handle.write(json.dumps(record) + "\n")
 
     def add(self, epoch: int, train: Dict[str, float], coco_stats: Optional[Sequence[float]]) -> None:
-        record: Dict[str, Any] = {"epoch": epoch, **{k: float(v) for k, v in train.items()}}
+        # Counts stay integers (augment_dropped_boxes), the rest are floats.
+        record: Dict[str, Any] = {"epoch": epoch, **{k: v if isinstance(v, int) else float(v)
+                                                     for k, v in train.items()}}
         if coco_stats is not None:
             record["coco"] = [float(v) for v in coco_stats]
             # WZ's results line: epoch, the 12 COCO numbers, mean loss, learning rate.

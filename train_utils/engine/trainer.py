@@ -24,7 +24,8 @@ from train_utils.data.dataset import DetectionDataSet
 from train_utils.data.classes import AUTO_CLASSES
 from train_utils.data.samplers import (GroupedBatchSampler, ResumableBatches, SeededSamples,
                                        create_aspect_ratio_groups)
-from train_utils.data.transforms import get_transforms
+from train_utils.data.mosaic import policy_dataset
+from train_utils.data.transforms import get_transforms, training_size
 from train_utils.device import TF32_CHOICES, amp_dtype, resolve_device, tf32_mode
 from train_utils import distributed as dist_utils
 from train_utils.jsonl import read_jsonl
@@ -157,7 +158,7 @@ class Trainer:
         args = self.args
         common = dict(year=args.year, skip_unknown_classes=args.skip_unknown_classes)
         train_set = build_dataset(args.dataset_format, args.data_path, args.train_split,
-                                  get_transforms(True, args.augment), args.classes_json, **common)
+                                  get_transforms(True, args.augment, self.augment_size()), args.classes_json, **common)
         if self.resume_from is not None and self.resume_from.class_names != train_set.class_names:
             raise ValueError(f"{self.resume_path} was trained on the classes {self.resume_from.class_names} but the "
                              f"data now gives {train_set.class_names}; resume with the same classes")
@@ -168,6 +169,11 @@ class Trainer:
             raise ValueError(f"--num-classes {args.num_classes} but {train_set.classes_json} lists "
                              f"{train_set.num_classes} classes")
         return train_set, val_set
+
+    def augment_size(self) -> int:
+        """The training size of ``lsj`` and ``mosaic``: from the resumed checkpoint's model, or the flags'."""
+        config = self.resume_from.config if self.resume_from is not None else model_config_from_args(self.args, 2)
+        return training_size(config.min_size, config.max_size)
 
     def choose_anchor_sizes(self) -> None:
         """``--anchor-sizes auto``: the sizes whose anchors cover the training boxes best (with the
@@ -210,7 +216,8 @@ class Trainer:
                       pin_memory=self.device.type == "cuda", persistent_workers=workers > 0,
                       worker_init_fn=ignore_stop_signals, generator=torch.Generator().manual_seed(args.seed))
         self.train_batches = ResumableBatches(batch_sampler, self.train_sampler)
-        self.train_loader = DataLoader(SeededSamples(train_set, args.seed), batch_sampler=self.train_batches, **common)
+        samples = SeededSamples(policy_dataset(train_set, args.augment, self.augment_size()), args.seed)
+        self.train_loader = DataLoader(samples, batch_sampler=self.train_batches, **common)
         val_sampler = DistributedSampler(self.val_set, self.world_size, self.rank, shuffle=False)
         self.val_loader = DataLoader(self.val_set, batch_size=1, sampler=val_sampler, **common)
         self.coco_gt = get_coco_api_from_dataset(self.val_set)
