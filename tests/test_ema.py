@@ -220,6 +220,18 @@ def test_a_file_without_ema_loads_its_weights_silently_and_refuses_ema(tmp_path,
         load_with(tmp_path / "plain.pth", "--weights-variant", "ema")
 
 
+def test_fine_tuning_starts_from_the_ema_weights(tmp_path, capsys):
+    from train_utils.checkpoint import load_detector_weights
+    from train_utils.model.builder import build_model
+    from train_utils.model.config import ModelConfig
+
+    _, average = ema_checkpoint(tmp_path / "ema.pth")
+    model = build_model(ModelConfig(**TINY_MOBILENET))
+    load_detector_weights(model, str(tmp_path / "ema.pth"), ModelConfig(**TINY_MOBILENET))
+    assert all(torch.equal(v, average[k]) for k, v in model.state_dict().items())
+    assert capsys.readouterr().out == f"{tmp_path / 'ema.pth'}: starting from its EMA weights\n"
+
+
 # ------------------------------------------------------------------------------------------ training runs
 def assert_same_checkpoint_weights(got: dict, want: dict) -> None:
     """Raw and EMA weights equal bit for bit, and the same EMA update count."""
