@@ -605,7 +605,7 @@ def test_format_3_round_trip(tmp_path):
     assert read.plugins == ["my_plugin"]
     assert read.can_resume()
     raw = torch.load(path, weights_only=True)
-    assert raw["format_version"] == 3
+    assert raw["format_version"] == 4
     assert raw["model_config"] == config.to_dict()
     assert raw["metrics"] == {"coco_stats": written.coco_stats, "best_ap50": 0.42}
 

@@ -125,8 +125,8 @@ def test_four_fixed_validation_images_are_drawn_with_the_checkpoints_predictions
 
 
 def fake_trainer(model, val_set, step: int, epochs: int = 2) -> SimpleNamespace:
-    """What the hook reads of a Trainer."""
-    return SimpleNamespace(model_without_ddp=model, val_set=val_set, device=torch.device("cpu"),
+    """What the hook reads of a Trainer (the images show the evaluated model: ``model``)."""
+    return SimpleNamespace(evaluated_model=lambda: model, val_set=val_set, device=torch.device("cpu"),
                            scheduler=SimpleNamespace(last_epoch=step), args=SimpleNamespace(epochs=epochs, print_freq=1),
                            train_batches=SimpleNamespace(full_length=4))
 

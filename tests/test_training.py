@@ -26,7 +26,7 @@ def test_outputs_of_a_run(uninterrupted, demo_voc):
     assert ckpt["model_config"]["num_classes"] == 4
     assert ckpt["model_config"]["min_size"] == [128] and ckpt["model_config"]["max_size"] == 128
     assert ckpt["args"]["epochs"] == 2 and ckpt["args"]["lr"] == 0.01
-    assert ckpt["format_version"] == 3
+    assert ckpt["format_version"] == 4
     assert ckpt["data"] == {"format": "voc", "path": str(demo_voc), "year": None, "train_split": "train.txt",
                             "val_split": "val.txt", "classes_json": str(demo_voc / "classes.json")}
     assert len(ckpt["metrics"]["coco_stats"]) == 12
@@ -130,7 +130,7 @@ def test_checkpoint_of_the_first_layout_evaluates_predicts_and_resumes(demo_voc,
 
     train("train_mobilenet.py", demo_voc, out, "--epochs", "2", "--resume", "auto")
     resumed, reference = load(out / "model-1.pth"), load(uninterrupted / "model-1.pth")
-    assert resumed["format_version"] == 3 and resumed["epoch"] == 1
+    assert resumed["format_version"] == 4 and resumed["epoch"] == 1
     for key, value in reference["model"].items():
         assert torch.allclose(resumed["model"][key].float(), value.float(), atol=1e-6), key
 

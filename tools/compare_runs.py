@@ -163,7 +163,7 @@ def format_table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
 def write_csv(runs: Sequence[Run], path: str) -> None:
     """Every run's best epoch with all 12 COCO numbers and every other logged field."""
     fields = [k for k in dict.fromkeys(k for run in runs for r in run.records for k in r)
-              if k not in ("epoch", "coco")]
+              if k not in ("epoch", "coco", "weights")]  # weights: "raw" or "ema", not a number
     columns = list(COCO_STAT_NAMES) + fields
     with open(path, "w", newline="") as handle:
         writer = csv.writer(handle)

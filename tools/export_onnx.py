@@ -23,7 +23,7 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 from train_utils.cli import add_model_arguments  # noqa: E402
-from train_utils.loading import load_detector  # noqa: E402
+from train_utils.loading import add_weights_variant_flag, load_detector  # noqa: E402
 from train_utils.flags import HelpFormatter, import_plugins  # noqa: E402
 from train_utils.inference.onnx_export import (  # noqa: E402
     BOX_RTOL, OPSET, OnnxDetector, export_metadata, export_onnx, match_detections,
@@ -43,6 +43,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--opset", type=int, default=OPSET, help="ONNX opset version")
     parser.add_argument("--no-check", action="store_true", help="skip the onnxruntime comparison")
     add_model_arguments(parser, with_device=False)
+    add_weights_variant_flag(parser)
     return parser
 
 

@@ -1,12 +1,15 @@
 """The checkpoint format: one versioned schema, written and read here only.
 
-On disk (format 3) a checkpoint is a dict of tensors and plain values, loadable with
+On disk (format 4) a checkpoint is a dict of tensors and plain values, loadable with
 ``torch.load(..., weights_only=True)``:
 
 | key | what |
 | --- | --- |
-| ``format_version`` | 3 |
-| ``model`` | the detector's state dict (torchvision's keys) |
+| ``format_version`` | 4 |
+| ``model`` | the detector's state dict (torchvision's keys): the trained (raw) weights |
+| ``ema`` | None, or with ``--ema`` the moving average of the weights: ``{"model": state dict (float32),
+  "updates": optimiser steps averaged, "decay", "tau"}`` (see ``train_utils.engine.ema``); what
+  :meth:`Checkpoint.weights` gives by default |
 | ``model_config`` | :meth:`ModelConfig.to_dict` |
 | ``class_names`` | label ``i`` is ``class_names[i - 1]`` |
 | ``epoch`` | the last completed epoch (counted from 0; -1 before the first one ends) |
@@ -21,7 +24,7 @@ On disk (format 3) a checkpoint is a dict of tensors and plain values, loadable 
 | ``metrics`` | ``{"coco_stats": the 12 COCO numbers or None, "best_ap50": float}`` |
 | ``plugins`` | modules the run imported with ``--plugin`` (backbones, formats) |
 
-:func:`read_checkpoint` also reads format 2 (no ``progress``, ``rng_state`` torch's CPU state alone),
+:func:`read_checkpoint` also reads format 3 (no ``ema``), format 2 (no ``progress``, ``rng_state`` torch's CPU state alone),
 format 1 (format 2's keys without ``format_version``, the metrics at the top level and the backbone
 options inside a flat ``model_config``), WZ-style files
 (``{"model", "optimizer", "lr_scheduler", "epoch"}``) and bare state dicts such as the official
@@ -39,7 +42,7 @@ import tempfile
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, BinaryIO, Dict, Iterator, List, Optional
+from typing import Any, BinaryIO, Dict, Iterator, List, Optional, Tuple
 
 import torch
 
@@ -48,8 +51,9 @@ from network_files import FasterRCNN
 from train_utils.model.builder import official_frozen_bn_eps, set_frozen_bn_eps
 from train_utils.model.config import ModelConfig
 
-FORMAT_VERSION = 3
-_TRAINING_KEYS = ("optimizer", "lr_scheduler", "scaler", "rng_state", "progress")
+FORMAT_VERSION = 4
+_TRAINING_KEYS = ("optimizer", "lr_scheduler", "scaler", "rng_state", "progress", "ema")
+WEIGHT_VARIANTS = ("ema", "raw")  # --weights-variant: the moving average (--ema runs) or the trained weights
 _NUMBERED = re.compile(r"model-(\d+)\.pth")
 _PREDICTOR_PREFIX = "roi_heads.box_predictor."
 END_PENDING = "end_pending"  # the progress key of an epoch trained but not yet evaluated
@@ -77,6 +81,7 @@ class Checkpoint:
     scaler: Optional[Dict[str, Any]] = None
     rng_state: Any = None  # format 3: a list of per-rank states; formats 1-2: a CPU state tensor
     progress: Optional[Dict[str, Any]] = None
+    ema: Optional[Dict[str, Any]] = None  # {"model", "updates", "decay", "tau"} of an --ema run
     args: Dict[str, Any] = field(default_factory=dict)
     data: Dict[str, Any] = field(default_factory=dict)
     coco_stats: Optional[List[float]] = None
@@ -86,6 +91,17 @@ class Checkpoint:
     def can_resume(self) -> bool:
         """Whether training can continue from this file (our training checkpoints)."""
         return None not in (self.config, self.epoch, self.optimizer, self.lr_scheduler)
+
+    def weights(self, path: str, variant: Optional[str] = None) -> Tuple[Dict[str, torch.Tensor], str]:
+        """The state dict to run and its variant: ``variant`` 'ema' or 'raw', or None for the EMA
+        weights when the file holds them (an ``--ema`` run) and the raw ones otherwise."""
+        if variant not in (None, *WEIGHT_VARIANTS):
+            raise ValueError(f"--weights-variant {variant!r}: choose one of {', '.join(WEIGHT_VARIANTS)}")
+        if variant == "ema" and self.ema is None:
+            raise ValueError(f"{path} holds no EMA weights (trained without --ema): use --weights-variant raw")
+        if self.ema is not None and variant != "raw":
+            return self.ema["model"], "ema"
+        return self.model, "raw"
 
     def to_dict(self) -> Dict[str, Any]:
         """The on-disk form (see the module docstring)."""
@@ -216,9 +232,12 @@ def _int_or_none(raw: Any, key: str) -> Optional[int]:
 def load_detector_weights(model: FasterRCNN, path: str, config: ModelConfig) -> ModelConfig:
     """Fine-tune from a detector file (the official COCO file, a WZ-style ``{"model": ...}`` file
     or one of ours): every matching tensor is loaded; a box predictor with another class count
-    stays freshly initialised. Returns ``config`` with the file's FrozenBatchNorm eps."""
+    stays freshly initialised; the EMA weights of an ``--ema`` run (said in one line). Returns
+    ``config`` with the file's FrozenBatchNorm eps."""
     stored = read_checkpoint(path)
-    state = stored.model
+    state, variant = stored.weights(path)
+    if variant == "ema":
+        print(f"{path}: starting from its EMA weights")
     own = model.state_dict()
     predictor_keys = [k for k in state if k.startswith(_PREDICTOR_PREFIX)]
     if any(k in own and own[k].shape != state[k].shape for k in predictor_keys):

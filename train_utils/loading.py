@@ -2,15 +2,17 @@
 
 Reads every file :func:`train_utils.checkpoint.read_checkpoint` reads: our training checkpoints
 (model config and class names inside), WZ-style ``{"model": ...}`` files and bare state dicts
-(architecture from the command line's model flags, class names from --classes-json).
+(architecture from the command line's model flags, class names from --classes-json). A file
+of an ``--ema`` run gives its EMA weights unless ``--weights-variant raw`` asks for the trained ones.
 """
 import argparse
+import sys
 from dataclasses import dataclass
 from typing import Any, Dict, List, Optional
 
 import torch
 
-from train_utils.checkpoint import Checkpoint, read_checkpoint
+from train_utils.checkpoint import WEIGHT_VARIANTS, Checkpoint, read_checkpoint
 from train_utils.cli import apply_model_flags, model_config_from_args
 from train_utils.data.classes import load_class_names
 from train_utils.device import resolve_device
@@ -32,6 +34,13 @@ class LoadedDetector:
     config: ModelConfig
     data: Dict[str, Any]
     plugins: List[str]
+
+
+def add_weights_variant_flag(parser: argparse.ArgumentParser) -> None:
+    """``--weights-variant``, beside the model flags of validation.py, predict.py and the export tool."""
+    parser.add_argument("--weights-variant", choices=WEIGHT_VARIANTS, default=None,
+                        help="which weights of a checkpoint trained with --ema: its moving average (ema, the "
+                             "default when it holds one) or the trained weights (raw)")
 
 
 def _check_fit(model: torch.nn.Module, state: dict, path: str, config: ModelConfig) -> None:
@@ -89,8 +98,12 @@ def detector_from_checkpoint(ckpt: Checkpoint, path: str, args: argparse.Namespa
     if score_thresh is not None and score_thresh < config.box_score_thresh:
         config = config.replace(box_score_thresh=score_thresh)
     model = build_model(config)
-    _check_fit(model, ckpt.model, path, config)
-    model.load_state_dict(ckpt.model)
+    state, variant = ckpt.weights(path, getattr(args, "weights_variant", None))
+    _check_fit(model, state, path, config)
+    model.load_state_dict(state)
+    if ckpt.ema is not None:
+        print(f"{path}: using its EMA weights (--weights-variant raw for the trained ones)" if variant == "ema" else
+              f"{path}: using its trained (raw) weights, not its EMA ones", file=sys.stderr)
     model.to(resolve_device(args.device)).eval()
     return LoadedDetector(model, list(names), config, ckpt.data, ckpt.plugins)
 
@@ -101,11 +114,12 @@ def load_detector(args: argparse.Namespace, weights_path: str, score_thresh: Opt
     return detector_from_checkpoint(read_checkpoint(weights_path), weights_path, args, score_thresh)
 
 
-def load_model(path: str, device: str = "cpu") -> FasterRCNN:
-    """The detector a training checkpoint holds, as trained, in eval mode on ``device``."""
+def load_model(path: str, device: str = "cpu", variant: Optional[str] = None) -> FasterRCNN:
+    """The detector a training checkpoint holds, in eval mode on ``device``; ``variant``: the
+    weights (see :meth:`Checkpoint.weights`: the EMA ones of an ``--ema`` run by default)."""
     ckpt = read_checkpoint(path)
     if ckpt.config is None:
         raise ValueError(f"{path} holds no model config; load a bare state dict with load_detector and --backbone")
     model = build_model(ckpt.config)
-    model.load_state_dict(ckpt.model, strict=True)
+    model.load_state_dict(ckpt.weights(path, variant)[0], strict=True)
     return model.to(device).eval()

@@ -9,6 +9,7 @@ from train_utils.data.classes import AUTO_CLASSES
 from train_utils.data.transforms import AUGMENT_ELEMENTS, AUGMENT_PRESETS, augment_policy
 from train_utils.device import AMP_DTYPES, TF32_CHOICES, add_tf32_flag
 from train_utils.engine.control import DEFAULT_CHECKPOINT_EVERY, CheckpointEvery
+from train_utils.engine.ema import DEFAULT_DECAY, DEFAULT_TAU
 from train_utils.engine.hooks import summary_writer_class
 from train_utils.engine.recipes import add_recipe_flag, parse_with_recipe
 from train_utils.flags import HelpFormatter, ListAction, add_plugin_flag, import_plugins
@@ -91,6 +92,12 @@ def _add_optimisation_flags(p: argparse.ArgumentParser, distributed: bool) -> No
                      "fp16 + GradScaler on older GPUs")
     opt.add_argument("--amp-dtype", choices=sorted(AMP_DTYPES), default=None,
                      help="the --amp dtype instead of those defaults (float16 on CUDA comes with a GradScaler)")
+    opt.add_argument("--ema", type=float, nargs="?", const=DEFAULT_DECAY, default=None, metavar="DECAY",
+                     help=f"keep an exponential moving average of the weights, updated after every step "
+                          f"(DECAY {DEFAULT_DECAY} when given bare): it is what each epoch evaluates, best.pth is "
+                          "chosen on, and validation.py/predict.py load by default (see docs/training.md)")
+    opt.add_argument("--ema-warmup", type=float, default=DEFAULT_TAU, metavar="TAU",
+                     help="--ema's decay warm-up: DECAY x (1 - exp(-updates / TAU)), as ultralytics; 0 = none")
     opt.add_argument("--seed", type=int, default=0)
     opt.add_argument("--tf32", choices=list(TF32_CHOICES), default="torch",
                      help="TF32 convolutions and matmuls in the training steps on Ampere or later GPUs: torch "
@@ -132,6 +139,10 @@ def parse(parser: argparse.ArgumentParser, argv: Optional[Sequence[str]] = None)
     args = parse_with_recipe(parser, argv)
     if args.amp_dtype is not None and not args.amp:
         parser.error("--amp-dtype needs --amp")
+    if args.ema is not None and not 0.0 < args.ema < 1.0:
+        parser.error(f"--ema: the decay must lie between 0 and 1 (exclusive), got {args.ema:g}")
+    if args.ema_warmup < 0:
+        parser.error(f"--ema-warmup: TAU must be 0 (no warm-up) or positive, got {args.ema_warmup:g}")
     if AUTO_ANCHORS in (args.anchor_sizes or []) and len(args.anchor_sizes) > 1:
         parser.error(f"--anchor-sizes: '{AUTO_ANCHORS}' stands alone, got {' '.join(map(str, args.anchor_sizes))}")
     try:

@@ -131,6 +131,23 @@ class Checkpointer:
             pending = " (all trained: its evaluation and epoch end come first)" if complete else ""
             print(f"resumed from {path} at epoch {trainer.start_epoch}{where}{pending}")
 
+    def restore_ema(self, trainer: Any, ckpt: Checkpoint, path: str) -> None:
+        """The resumed checkpoint's weight average into ``trainer.ema`` (built from the resumed
+        weights); one line when the flags and the file disagree: an average started now (the file
+        has none), one dropped (no --ema), or another decay or warm-up (the flags' apply)."""
+        stored, ema = ckpt.ema, trainer.ema
+        if ema is not None and stored is not None:
+            ema.load_state_dict(stored)
+        if not self.is_main:
+            return
+        if ema is None and stored is not None:
+            print(f"warning: {path} holds EMA weights but --ema is not given: they are dropped", file=sys.stderr)
+        elif ema is not None and stored is None:
+            print(f"warning: {path} holds no EMA weights: the average starts from its weights now", file=sys.stderr)
+        elif ema is not None and (stored["decay"], stored["tau"]) != (ema.decay, ema.tau):
+            print(f"warning: {path}'s EMA had decay {stored['decay']:g} and warm-up {stored['tau']:g}; it goes on "
+                  f"with --ema {ema.decay:g} --ema-warmup {ema.tau:g}", file=sys.stderr)
+
     def drop_scaler(self, path: str) -> None:
         """A float16 run's GradScaler state, resumed without float16: an error unless --amp-dtype
         chose that on purpose (``--amp`` alone means bfloat16 on recent GPUs since this version)."""
@@ -185,6 +202,7 @@ class Checkpointer:
             lr_scheduler={k: v for k, v in scheduler.state_dict().items() if k != "lr_lambdas"},
             scaler=trainer.scaler.state_dict() if trainer.scaler is not None else None,
             rng_state=dist_utils.gather_to_rank0(rng.capture()), progress=progress,
+            ema=trainer.ema.state_dict() if trainer.ema is not None else None,
             args=plain_args(args), data=trainer.data_description(), coco_stats=coco_stats,
             best_ap50=trainer.best_ap50, plugins=list(getattr(args, "plugin", []) or []))
 

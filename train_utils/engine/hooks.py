@@ -22,6 +22,9 @@ from train_utils.engine.run_log import RunLog
 from train_utils.evaluation import COCO_STAT_NAMES
 from train_utils.vis.draw import draw_detections
 
+# An epoch record's keys besides the training means: its number, the COCO numbers and which
+# weights they score ("raw", or "ema" with --ema).
+NOT_TRAINING_STATS = ("epoch", "coco", "weights")
 TENSORBOARD_MISSING = "--tensorboard needs the tensorboard package: pip install tensorboard"
 
 
@@ -76,8 +79,8 @@ class RunLogHook(Hook):
             self.log.add_step(state.epoch, state.iteration, trainer.scheduler.last_epoch, state.last_losses, state.lr)
 
     def after_epoch(self, trainer: Any, record: Dict[str, Any]) -> None:
-        train_stats = {k: v for k, v in record.items() if k not in ("epoch", "coco")}
-        self.log.add(record["epoch"], train_stats, record["coco"])
+        train_stats = {k: v for k, v in record.items() if k not in NOT_TRAINING_STATS}
+        self.log.add(record["epoch"], train_stats, record["coco"], record["weights"])
 
     def epoch_extras(self, trainer: Any, record: Dict[str, Any]) -> None:
         self.log.plot()
@@ -189,7 +192,7 @@ class TensorBoardHook(Hook):
     def after_epoch(self, trainer: Any, record: Dict[str, Any]) -> None:
         step = trainer.scheduler.last_epoch
         for key, value in record.items():
-            if key not in ("epoch", "coco"):
+            if key not in NOT_TRAINING_STATS:
                 self.writer.add_scalar(f"epoch/{key}", value, step)
         if record["coco"] is not None:
             for name, value in zip(COCO_STAT_NAMES, record["coco"]):
@@ -206,7 +209,7 @@ class TensorBoardHook(Hook):
 
     def add_images(self, trainer: Any, step: int) -> None:
         """The fixed validation images with their predictions, one at a time as evaluation runs them."""
-        model, dataset = trainer.model_without_ddp, trainer.val_set
+        model, dataset = trainer.evaluated_model(), trainer.val_set
         was_training, states = model.training, rng.capture()
         model.eval()
         try:

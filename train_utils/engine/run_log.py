@@ -32,12 +32,15 @@ class RunLog:
         with open(self.steps_path, "a") as handle:
             handle.write(json.dumps(record) + "\n")
 
-    def add(self, epoch: int, train: Dict[str, float], coco_stats: Optional[Sequence[float]]) -> None:
-        # Counts stay integers (augment_dropped_boxes), the rest are floats.
+    def add(self, epoch: int, train: Dict[str, float], coco_stats: Optional[Sequence[float]],
+            weights: str = "raw") -> None:
+        """The epoch's record; an evaluated one also holds the COCO numbers and which weights they
+        score (``weights``: "raw", or "ema" with --ema). Counts stay integers (augment_dropped_boxes)."""
         record: Dict[str, Any] = {"epoch": epoch, **{k: v if isinstance(v, int) else float(v)
                                                      for k, v in train.items()}}
         if coco_stats is not None:
             record["coco"] = [float(v) for v in coco_stats]
+            record["weights"] = weights
             # WZ's results line: epoch, the 12 COCO numbers, mean loss, learning rate.
             values = [f"{v:.4f}" for v in list(coco_stats) + [train["loss"]]] + [f"{train['lr']:.6f}"]
             with open(self.results_path, "a") as handle:

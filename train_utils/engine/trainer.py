@@ -31,6 +31,7 @@ from train_utils import distributed as dist_utils
 from train_utils.jsonl import read_jsonl
 from train_utils.engine import determinism
 from train_utils.engine.checkpointer import Checkpointer
+from train_utils.engine.ema import ModelEMA
 from train_utils.engine.control import (CheckpointEvery, ImmediateStop, RunControl, StopRequested, StopSignals,
                                         TrainingStopped, ignore_stop_signals)
 from train_utils.engine.hooks import (CheckpointHook, FreezeBackboneHook, Hook, RunLogHook, TensorBoardHook,
@@ -109,6 +110,7 @@ class Trainer:
         self.resume_path: Optional[str] = None
         self.start_state: Optional[EpochState] = None  # a resumed epoch's position
         self.backbone_weights: Optional[str] = None
+        self.ema: Optional[ModelEMA] = None  # --ema
         self.signals = StopSignals()
 
     # ------------------------------------------------------------------ build steps
@@ -288,6 +290,18 @@ class Trainer:
         if self.resume_from is not None:
             self.checkpointer.restore(self, self.resume_from, self.resume_path)
 
+    def build_ema(self) -> None:
+        """``--ema``: the moving average of the weights just built or resumed, continuing the
+        resumed checkpoint's average (see :meth:`Checkpointer.restore_ema`)."""
+        if self.args.ema is not None:
+            self.ema = ModelEMA(self.model_without_ddp, self.args.ema, self.args.ema_warmup)
+        if self.resume_from is not None:
+            self.checkpointer.restore_ema(self, self.resume_from, self.resume_path)
+
+    def evaluated_model(self) -> torch.nn.Module:
+        """The weights each epoch evaluates (and best.pth is chosen on): the EMA's with --ema."""
+        return self.ema.module if self.ema is not None else self.model_without_ddp
+
     def setup(self) -> None:
         """Every build step in order; the resume file and the weight files are checked first."""
         self.setup_device()
@@ -301,6 +315,7 @@ class Trainer:
         self.build_optimizer()
         self.build_schedule()
         self.resume()
+        self.build_ema()
         self.hooks = self.build_hooks() + self.extra_hooks
 
     # ------------------------------------------------------------------ the run
@@ -333,8 +348,9 @@ class Trainer:
         coco_stats = None
         try:
             if (epoch + 1) % max(args.eval_interval, 1) == 0 or epoch + 1 == args.epochs:
-                dist_utils.broadcast_buffers(self.model_without_ddp)
-                evaluator = evaluate(self.model_without_ddp, self.control.polled(self.val_loader), self.device,
+                model = self.evaluated_model()
+                dist_utils.broadcast_buffers(model)
+                evaluator = evaluate(model, self.control.polled(self.val_loader), self.device,
                                      self.coco_gt, args.print_freq, tf32=args.eval_tf32)
                 coco_stats = list(evaluator.stats) if self.is_main else None  # scored on rank 0
             signum = self.control.stop_requested()  # also one that came during the scoring
@@ -342,7 +358,7 @@ class Trainer:
                 raise StopRequested(signum)
         except StopRequested as request:
             self.stop_at_epoch_end(state, request.signum)
-        return {"epoch": epoch, **stats, "coco": coco_stats}
+        return {"epoch": epoch, **stats, "coco": coco_stats, "weights": "raw" if self.ema is None else "ema"}
 
     def stop_at_epoch_end(self, state: EpochState, signum: int) -> None:
         """A stop between an epoch's training and its records: the trained epoch's checkpoint,
@@ -359,7 +375,10 @@ class Trainer:
 
     def after_step(self, state: EpochState) -> None:
         """After each iteration: the hooks, then an iteration checkpoint when one is due or a stop
-        signal came (every rank decides the same), and the stop itself."""
+        signal came (every rank decides the same), and the stop itself. The EMA is updated first
+        (not after a float16 step the GradScaler skipped: the weights did not move)."""
+        if self.ema is not None and state.streak == 0:
+            self.ema.update(self.model_without_ddp)
         for hook in self.hooks:
             hook.after_step(self, state)
         decision = self.control.poll()

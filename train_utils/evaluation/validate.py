@@ -27,7 +27,7 @@ from train_utils.evaluation.loop import evaluate
 from train_utils.evaluation.per_class import ClassResult, format_table, per_class_results, write_record
 from train_utils.evaluation.voc_eval import RULES, mean_ap, voc_ap_per_class
 from train_utils.flags import HelpFormatter
-from train_utils.loading import LoadedDetector
+from train_utils.loading import LoadedDetector, add_weights_variant_flag
 
 
 def validation_parser(description: str) -> argparse.ArgumentParser:
@@ -56,6 +56,7 @@ def validation_parser(description: str) -> argparse.ArgumentParser:
     parser.add_argument("--report-images", type=int, default=8, help="worst and best images shown in the report")
     add_tf32_flag(parser)
     add_model_arguments(parser)
+    add_weights_variant_flag(parser)
     return parser
 
 

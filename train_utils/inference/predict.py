@@ -24,7 +24,7 @@ from train_utils.inference.pipeline import (BatchDetect, OrderedOutput, above, b
 from train_utils.inference.session import Run, make_writers
 from train_utils.inference.video import import_av, is_video_file
 from train_utils.inference.video_jobs import run_video
-from train_utils.loading import load_detector
+from train_utils.loading import add_weights_variant_flag, load_detector
 
 
 def predict_parser(description: str) -> argparse.ArgumentParser:
@@ -69,6 +69,7 @@ def predict_parser(description: str) -> argparse.ArgumentParser:
     parser.add_argument("--workers", type=int, default=2, help="image decoding worker processes (at least 1)")
     add_tf32_flag(parser)
     add_model_arguments(parser, one_token=True)  # list flags must not swallow the INPUTs
+    add_weights_variant_flag(parser)
     return parser
 
 
