@@ -316,9 +316,10 @@ def test_dropped_counts_leave_the_targets_and_survive_an_iteration_checkpoint():
 
 @pytest.mark.slow
 def test_training_with_lsj_and_mosaic_logs_the_dropped_boxes_and_resumes_exactly(demo_voc, tmp_path):
-    """Two epochs of lsj + mosaic with 2 loader workers: metrics.jsonl's ``augment_dropped_boxes``
-    equals the sum of the counts of the epoch's samples read again independently (batch 4, 16
-    images: each once), and one epoch then a resume gives the same weights and counts."""
+    """Two epochs of lsj + mosaic with 2 loader workers and weight EMA: metrics.jsonl's
+    ``augment_dropped_boxes`` equals the sum of the counts of the epoch's samples read again
+    independently (batch 4, 16 images: each once), and one epoch then a resume gives the same
+    weights, EMA weights and counts."""
     import shutil
 
     from conftest import load, metrics, train
@@ -328,7 +329,8 @@ def test_training_with_lsj_and_mosaic_logs_the_dropped_boxes_and_resumes_exactly
     shutil.copytree(demo_voc, data)
     split = data / "VOCdevkit" / "VOC2012" / "ImageSets" / "Main"
     (split / "first16.txt").write_text("\n".join(split.joinpath("train.txt").read_text().split()[:16]) + "\n")
-    flags = ["--augment", policy, "--train-split", "first16.txt", "--aspect-ratio-group-factor", "-1", "--workers", "2"]
+    flags = ["--augment", policy, "--train-split", "first16.txt", "--aspect-ratio-group-factor", "-1", "--workers", "2",
+             "--ema", "0.9", "--ema-warmup", "2"]
     train("train_mobilenet.py", data, tmp_path / "whole", "--epochs", "2", *flags)
     train("train_mobilenet.py", data, tmp_path / "resumed", "--epochs", "1", *flags)
     train("train_mobilenet.py", data, tmp_path / "resumed", "--epochs", "2", "--resume", "auto", *flags)
@@ -344,3 +346,6 @@ def test_training_with_lsj_and_mosaic_logs_the_dropped_boxes_and_resumes_exactly
     assert load(tmp_path / "resumed" / "model-0.pth")["args"]["augment"] == policy
     for key, value in whole["model"].items():
         assert torch.equal(resumed["model"][key], value), key
+    assert whole["ema"]["updates"] == resumed["ema"]["updates"] == 8
+    for key, value in whole["ema"]["model"].items():
+        assert torch.equal(resumed["ema"]["model"][key], value), key
