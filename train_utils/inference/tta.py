@@ -21,7 +21,7 @@ from typing import Iterator, Sequence
 import torch
 from torch import Tensor, nn
 
-from network_files.ops.boxes import batched_nms, box_iou
+from network_files.ops.boxes import batched_nms
 from train_utils.flags import ListAction
 
 Detections = dict[str, Tensor]
@@ -131,33 +131,54 @@ def unflip(output: Detections, width: int) -> Detections:
     return {**output, "boxes": torch.stack((width - boxes[:, 2], boxes[:, 1], width - boxes[:, 0], boxes[:, 3]), 1)}
 
 
+class _Cluster:
+    """One WBF cluster: the score-weighted sum of its members' boxes, their score sum and count."""
+
+    def __init__(self) -> None:
+        self.weighted = [0.0, 0.0, 0.0, 0.0]
+        self.weight = 0.0
+        self.members = 0
+        self.box = [0.0, 0.0, 0.0, 0.0]
+
+    def add(self, box: list[float], score: float) -> None:
+        self.weighted = [total + score * value for total, value in zip(self.weighted, box)]
+        self.weight += score
+        self.members += 1
+        self.box = [total / self.weight for total in self.weighted]
+
+
+def _iou(a: list[float], b: list[float]) -> float:
+    inter = max(0.0, min(a[2], b[2]) - max(a[0], b[0])) * max(0.0, min(a[3], b[3]) - max(a[1], b[1]))
+    union = (a[2] - a[0]) * (a[3] - a[1]) + (b[2] - b[0]) * (b[3] - b[1]) - inter
+    return inter / union if union > 0 else 0.0
+
+
 def weighted_box_fusion(boxes: Tensor, scores: Tensor, labels: Tensor, iou_thresh: float,
                         num_passes: int) -> Detections:
     """Weighted box fusion (see the module docstring) of ``boxes [N, 4]``, ``scores [N]``,
     ``labels [N]`` from ``num_passes`` passes: ``{"boxes" [C, 4], "labels" [C], "scores" [C]}``,
-    one row per cluster in the order the clusters were started."""
-    count = boxes.shape[0]
-    weighted = boxes.new_zeros((count, 4))  # sum of score * box per cluster
-    weights = scores.new_zeros(count)  # sum of scores per cluster
-    members = scores.new_zeros(count)
-    fused = boxes.new_zeros((count, 4))
-    cluster_labels = labels.new_zeros(count)
-    clusters = 0
-    # Sequential: each box is matched against the clusters' fused boxes as they are so far.
+    one row per cluster in the order the clusters were started.
+
+    Sequential by nature (a box is matched against the fused boxes as they are so far); plain
+    Python floats, as the few hundred boxes of an image make tensor calls per box the larger cost."""
+    box_list, score_list, label_list = boxes.tolist(), scores.tolist(), labels.tolist()
+    clusters: list[tuple[int, _Cluster]] = []
+    by_label: dict[int, list[_Cluster]] = {}
     for index in scores.argsort(descending=True, stable=True).tolist():
-        target = clusters
-        if clusters:
-            overlaps = box_iou(boxes[index:index + 1], fused[:clusters])[0]
-            overlaps = torch.where(cluster_labels[:clusters] == labels[index], overlaps, torch.full_like(overlaps, -1))
-            best = int(overlaps.argmax())
-            target = best if float(overlaps[best]) > iou_thresh else clusters
-        if target == clusters:
-            cluster_labels[target] = labels[index]
-            clusters += 1
-        weighted[target] += scores[index] * boxes[index]
-        weights[target] += scores[index]
-        members[target] += 1
-        fused[target] = weighted[target] / weights[target]
-    factor = members[:clusters].clamp(max=num_passes) / num_passes
-    return {"boxes": fused[:clusters], "labels": cluster_labels[:clusters],
-            "scores": weights[:clusters] / members[:clusters] * factor}
+        box, label = box_list[index], label_list[index]
+        best, best_iou = None, iou_thresh
+        for cluster in by_label.setdefault(label, []):
+            overlap = _iou(cluster.box, box)
+            if overlap > best_iou:  # strictly above the threshold; the first of equal overlaps
+                best, best_iou = cluster, overlap
+        if best is None:
+            best = _Cluster()
+            by_label[label].append(best)
+            clusters.append((label, best))
+        best.add(box, score_list[index])
+    fused = torch.tensor([c.box for _, c in clusters], dtype=boxes.dtype, device=boxes.device).reshape(-1, 4)
+    mean = torch.tensor([c.weight / c.members for _, c in clusters], dtype=scores.dtype, device=scores.device)
+    found = torch.tensor([min(c.members, num_passes) / num_passes for _, c in clusters], dtype=scores.dtype,
+                         device=scores.device)
+    return {"boxes": fused, "labels": torch.tensor([label for label, _ in clusters], dtype=labels.dtype,
+                                                   device=labels.device), "scores": mean * found}
