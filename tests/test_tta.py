@@ -221,7 +221,7 @@ def test_validation_and_predict_with_tta(trained_run, demo_voc, tmp_path):
     result = json.loads(record.with_suffix(".json").read_text())
     assert result["tta"] == {"scales": [0.9, 1.1], "flip": True, "merge": "nms", "iou_thresh": 0.5, "passes": 4}
     assert result["box_nms"] == "soft-gaussian" and math.isfinite(result["coco_map50"])
-    image = next((demo_voc / "VOC2012" / "JPEGImages").iterdir())
+    image = sorted((demo_voc / "VOCdevkit" / "VOC2012" / "JPEGImages").iterdir())[0]
     out = tmp_path / "pred"
     subprocess.run([sys.executable, str(ROOT / "predict.py"), "--weights", weights, str(image), "--tta",
                     "--output-dir", str(out), "--save-json", "--score-thresh", "0"], cwd=ROOT, check=True,
