@@ -96,7 +96,8 @@ class FasterRCNN(FasterRCNNBase):
     The defaults build the FPN configuration: anchors ``(32, 64, 128, 256, 512)`` x
     ``(0.5, 1, 2)``, RoIAlign 7x7 over feature maps ``"0".."3"``, a 1024-wide two-layer head.
     Three keywords beyond torchvision's select the paper's training rules (see
-    ``RegionProposalNetwork`` and ``RoIHeads``); their defaults keep torchvision's behaviour.
+    ``RegionProposalNetwork`` and ``RoIHeads``), three more soft-NMS for the final detections
+    (``box_nms`` "soft-linear" or "soft-gaussian"); their defaults keep torchvision's behaviour.
     """
 
     def __init__(
@@ -137,6 +138,10 @@ class FasterRCNN(FasterRCNNBase):
         rpn_ignore_cross_boundary: bool = False,
         box_bg_iou_low_thresh: float = 0.0,
         box_smooth_l1_beta: float = 1 / 9,
+        # final detections: hard NMS (torchvision's) or soft-NMS (network_files/ops/soft_nms.py)
+        box_nms: str = "hard",
+        box_soft_nms_sigma: float = 0.5,
+        box_soft_nms_min_score: float = 1e-3,
         **transform_kwargs,
     ) -> None:
         _check_arguments(backbone, num_classes, box_predictor)
@@ -156,7 +161,8 @@ class FasterRCNN(FasterRCNNBase):
         roi_heads = RoIHeads(
             box_roi_pool, box_head, box_predictor, box_fg_iou_thresh, box_bg_iou_thresh, box_batch_size_per_image,
             box_positive_fraction, bbox_reg_weights, box_score_thresh, box_nms_thresh, box_detections_per_img,
-            bg_iou_low_thresh=box_bg_iou_low_thresh, smooth_l1_beta=box_smooth_l1_beta)
+            bg_iou_low_thresh=box_bg_iou_low_thresh, smooth_l1_beta=box_smooth_l1_beta, nms_method=box_nms,
+            soft_nms_sigma=box_soft_nms_sigma, soft_nms_min_score=box_soft_nms_min_score)
 
         mean = image_mean if image_mean is not None else [0.485, 0.456, 0.406]
         std = image_std if image_std is not None else [0.229, 0.224, 0.225]

@@ -9,6 +9,7 @@ from .ops import boxes as box_ops
 from . import det_utils
 from .box_head import TwoMLPHead
 from .ops.poolers import MultiScaleRoIAlign
+from .ops.soft_nms import batched_soft_nms
 
 
 def fastrcnn_loss(
@@ -54,6 +55,9 @@ class RoIHeads(nn.Module):
             BG_THRESH_LO); lower ones are not sampled. 0 (torchvision's) keeps them all. An image
             without objects keeps every RoI as background.
         smooth_l1_beta: ``beta`` of the box regression loss (see :func:`fastrcnn_loss`).
+        nms_method: final per-class NMS: "hard" (torchvision's), "soft-linear" or "soft-gaussian"
+            (soft-NMS, ``nms_thresh`` the linear rule's IoU); ``soft_nms_sigma`` the gaussian's
+            width, ``soft_nms_min_score`` the score below which a decayed box is dropped.
     """
 
     def __init__(
@@ -71,6 +75,9 @@ class RoIHeads(nn.Module):
         detections_per_img: int,
         bg_iou_low_thresh: float = 0.0,
         smooth_l1_beta: float = 1 / 9,
+        nms_method: str = "hard",
+        soft_nms_sigma: float = 0.5,
+        soft_nms_min_score: float = 1e-3,
     ) -> None:
         super().__init__()
         self.box_similarity = box_ops.box_iou
@@ -85,6 +92,9 @@ class RoIHeads(nn.Module):
         self.detections_per_img = detections_per_img
         self.bg_iou_low_thresh = bg_iou_low_thresh
         self.smooth_l1_beta = smooth_l1_beta
+        self.nms_method = nms_method
+        self.soft_nms_sigma = soft_nms_sigma
+        self.soft_nms_min_score = soft_nms_min_score
 
     def assign_targets_to_proposals(
         self, proposals: List[Tensor], gt_boxes: List[Tensor], gt_labels: List[Tensor]
@@ -167,11 +177,20 @@ class RoIHeads(nn.Module):
             boxes, scores, labels = boxes[keep], scores[keep], labels[keep]
             keep = box_ops.remove_small_boxes(boxes, min_size=1e-2)
             boxes, scores, labels = boxes[keep], scores[keep], labels[keep]
-            keep = box_ops.batched_nms(boxes, scores, labels, self.nms_thresh)[: self.detections_per_img]
+            keep, kept_scores = self.final_nms(boxes, scores, labels)
             all_boxes.append(boxes[keep])
-            all_scores.append(scores[keep])
+            all_scores.append(kept_scores)
             all_labels.append(labels[keep])
         return all_boxes, all_scores, all_labels
+
+    def final_nms(self, boxes: Tensor, scores: Tensor, labels: Tensor) -> Tuple[Tensor, Tensor]:
+        """Per-class NMS of one image's ``boxes [N, 4]``, ``scores [N]``, ``labels [N]``: the indices
+        of the top ``detections_per_img`` kept ``[D]`` and their scores ``[D]`` (decayed by soft-NMS)."""
+        if self.nms_method == "hard":
+            keep = box_ops.batched_nms(boxes, scores, labels, self.nms_thresh)[: self.detections_per_img]
+            return keep, scores[keep]
+        return batched_soft_nms(boxes, scores, labels, self.nms_method.removeprefix("soft-"), self.nms_thresh,
+                                self.soft_nms_sigma, self.soft_nms_min_score, self.detections_per_img)
 
     def box_features(
         self, features: Dict[str, Tensor], proposals: List[Tensor], image_shapes: List[Tuple[int, int]]

@@ -61,9 +61,9 @@ def test_detector_defaults_are_faster_rcnn_signature_defaults():
     config = ModelConfig(num_classes=5)
     detector_fields = [f for f in dataclasses.fields(ModelConfig) if f.metadata["detector"]]
     # Every numeric rpn_/box_ keyword of FasterRCNN is in the schema, and nothing else (17 of
-    # torchvision's and the paper's three training rules).
+    # torchvision's, the paper's three training rules and the three soft-NMS settings).
     numeric = {n for n, p in signature.items() if n.startswith(("rpn_", "box_")) and p.default is not None}
-    assert {f.name for f in detector_fields} == numeric and len(numeric) == 20
+    assert {f.name for f in detector_fields} == numeric and len(numeric) == 23
     for f in detector_fields:
         assert f.name in signature, f.name
         assert getattr(config, f.name) == signature[f.name].default, f.name

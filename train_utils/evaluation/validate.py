@@ -130,8 +130,9 @@ def validate(args: argparse.Namespace, detector: LoadedDetector) -> Validation:
                         num_workers=max(int(args.workers), 0), collate_fn=DetectionDataSet.collate_fn,
                         pin_memory=device.type == "cuda")
     coco_gt = get_coco_api_from_dataset(dataset)
+    tta = detector.model.tta_settings() if hasattr(detector.model, "tta_settings") else None
     print(f"evaluating {args.weights_path} on {dataset.split_file} ({len(dataset)} images, "
-          f"{len(detector.class_names)} classes) on {device}")
+          f"{len(detector.class_names)} classes) on {device}" + (f" with test-time augmentation {tta}" if tta else ""))
     start = time.perf_counter()
     evaluator = evaluate(detector.model, loader, device, coco_gt, tf32=args.tf32)
     elapsed = time.perf_counter() - start
@@ -147,7 +148,7 @@ def validate(args: argparse.Namespace, detector: LoadedDetector) -> Validation:
         "weights": str(args.weights_path), "data_path": data_path, "split": split, "num_images": len(dataset),
         "coco_stats": stats, "coco_stat_names": list(COCO_STAT_NAMES), "coco_map": stats[0], "coco_map50": stats[1],
         "voc_metric": args.voc_metric, "voc_map": voc_map, "per_class": [asdict(row) for row in rows],
-        "images_per_second": images_per_second,
+        "images_per_second": images_per_second, "box_nms": detector.config.box_nms, "tta": tta,
     }
     write_results(Path(args.output), coco_summary_lines(evaluator.coco_eval["bbox"]), rows, record)
     return Validation(record, dataset, evaluator)

@@ -74,6 +74,9 @@ def export_onnx(
 ) -> None:
     """Trace ``model`` (eval mode, on the CPU) on a random ``example_size (H, W)`` image and write
     the ONNX file atomically, with ``metadata`` attached. The image size stays dynamic."""
+    if model.roi_heads.nms_method != "hard":  # a trace would fix its data-dependent loop count
+        raise ValueError(f"--box-nms {model.roi_heads.nms_method} cannot be exported to ONNX; export with "
+                         "--box-nms hard")
     onnx = _require("onnx", "ONNX export")
     wrapper = SingleImageDetector(model).eval()
     example = torch.rand((3, *example_size), generator=torch.Generator().manual_seed(0))

@@ -22,6 +22,7 @@ from train_utils.inference.onnx_export import OnnxDetector
 from train_utils.inference.pipeline import (BatchDetect, OrderedOutput, above, batches_by_size, default_batch_size,
                                             detect_each, one_by_one, torch_batch_detect)
 from train_utils.inference.session import Run, make_writers
+from train_utils.inference.tta import add_tta_flags, check_tta_flags, tta_from_args
 from train_utils.inference.video import import_av, is_video_file
 from train_utils.inference.video_jobs import run_video
 from train_utils.loading import add_weights_variant_flag, load_detector
@@ -70,6 +71,7 @@ def predict_parser(description: str) -> argparse.ArgumentParser:
     add_tf32_flag(parser)
     add_model_arguments(parser, one_token=True)  # list flags must not swallow the INPUTs
     add_weights_variant_flag(parser)
+    add_tta_flags(parser, one_token=True)
     return parser
 
 
@@ -83,6 +85,9 @@ def check_args(args: argparse.Namespace) -> None:
         value = getattr(args, name)
         if value is not None and value < 1:
             raise ValueError(f"--{name.replace('_', '-')} must be at least 1, got {value}")
+    check_tta_flags(args)
+    if args.tta and args.onnx:
+        raise ValueError(f"--tta needs --weights: {args.onnx} runs the one pass fixed at export")
 
 
 def load_predictor(args: argparse.Namespace) -> tuple[BatchDetect, list[str], torch.device]:
@@ -90,7 +95,7 @@ def load_predictor(args: argparse.Namespace) -> tuple[BatchDetect, list[str], to
     if args.weights:
         detector = load_detector(args, args.weights, score_thresh=args.score_thresh)
         device = next(detector.model.parameters()).device
-        return torch_batch_detect(detector.model, device), detector.class_names, device
+        return torch_batch_detect(tta_from_args(detector.model, args), device), detector.class_names, device
     fixed = model_flags_given(args)  # an ONNX file has the model and its settings baked in
     if fixed:
         raise ValueError(f"{args.onnx}: the model and its image sizes are fixed at export; "

@@ -28,6 +28,7 @@ from network_files import FasterRCNN
 
 ARCHITECTURE, INFERENCE, TRAINING = "architecture", "inference", "training"
 ROI_OPS = ("align", "pool")
+BOX_NMS = ("hard", "soft-linear", "soft-gaussian")
 _DETECTOR_DEFAULTS = {name: p.default for name, p in inspect.signature(FasterRCNN.__init__).parameters.items()}
 
 
@@ -94,6 +95,15 @@ class ModelConfig:
     box_nms_thresh: float = detector_setting("box_nms_thresh", INFERENCE, "IoU of the per-class detection NMS")
     box_detections_per_img: int = detector_setting("box_detections_per_img", INFERENCE,
                                                    "most detections per image")
+    box_nms: str = setting(_DETECTOR_DEFAULTS["box_nms"], INFERENCE,
+                           "NMS of the final detections: hard (torchvision's) or soft-NMS (Bodla et al. 2017) "
+                           "decaying overlapping scores linearly (by 1 - IoU above --box-nms-thresh) or by a "
+                           "gaussian of the IoU", choices=BOX_NMS, detector=True)
+    box_soft_nms_sigma: float = detector_setting("box_soft_nms_sigma", INFERENCE,
+                                                 "width of soft-gaussian: scores decay by exp(-IoU^2 / sigma)")
+    box_soft_nms_min_score: float = detector_setting(
+        "box_soft_nms_min_score", INFERENCE, "soft-NMS drops a box whose decayed score falls below this "
+                                             "(mmcv's and Bodla et al.'s 0.001)")
     box_fg_iou_thresh: float = detector_setting("box_fg_iou_thresh", TRAINING, "IoU making a RoI foreground")
     box_bg_iou_thresh: float = detector_setting("box_bg_iou_thresh", TRAINING, "IoU below which a RoI is background")
     box_batch_size_per_image: int = detector_setting("box_batch_size_per_image", TRAINING,
@@ -216,8 +226,18 @@ def _check_matching(config: ModelConfig) -> None:
         raise ValueError(f"--box-smooth-l1-beta must be positive, got {config.box_smooth_l1_beta}")
 
 
+def _check_box_nms(config: ModelConfig) -> None:
+    """A known final NMS; a positive gaussian width and a minimum score within [0, 1)."""
+    if config.box_nms not in BOX_NMS:
+        raise ValueError(f"--box-nms: unknown method '{config.box_nms}' (choose from {', '.join(BOX_NMS)})")
+    if not config.box_soft_nms_sigma > 0:
+        raise ValueError(f"--box-soft-nms-sigma must be positive, got {config.box_soft_nms_sigma}")
+    if not 0 <= config.box_soft_nms_min_score < 1:
+        raise ValueError(f"--box-soft-nms-min-score must lie in [0, 1), got {config.box_soft_nms_min_score}")
+
+
 _RULES = (_check_num_classes, _check_backbone, _check_trainable_layers, _check_norm, _check_roi_op,
-          _check_sizes, _check_matching)
+          _check_sizes, _check_matching, _check_box_nms)
 
 
 def settings(role: Optional[str] = None) -> list:
