@@ -3,7 +3,7 @@ import argparse
 import os
 from typing import Any, Dict, Optional, Sequence
 
-from train_utils.cli import AUTO_ANCHORS, add_model_flags, model_config_from_args
+from train_utils.cli import AUTO_ANCHORS, add_compile_flags, add_model_flags, compile_mode, model_config_from_args
 from train_utils.data.catalog import format_names, layout_help
 from train_utils.data.classes import AUTO_CLASSES
 from train_utils.device import AMP_DTYPES, TF32_CHOICES, add_tf32_flag
@@ -91,6 +91,7 @@ def _add_optimisation_flags(p: argparse.ArgumentParser, distributed: bool) -> No
                      help="TF32 convolutions and matmuls in the training steps on Ampere or later GPUs: torch "
                           "(PyTorch's setting: convolutions in TF32, matmuls in float32), on, or off (see docs/gpus.md)")
     add_tf32_flag(opt, "--eval-tf32")
+    add_compile_flags(opt)
     opt.add_argument("--deterministic", action="store_true",
                      help="deterministic kernels (torch.use_deterministic_algorithms, CUBLAS_WORKSPACE_CONFIG=:4096:8, "
                           "cuDNN deterministic, no cuDNN benchmark): a GPU run repeats bit for bit, somewhat slower. "
@@ -127,6 +128,10 @@ def parse(parser: argparse.ArgumentParser, argv: Optional[Sequence[str]] = None)
     args = parse_with_recipe(parser, argv)
     if args.amp_dtype is not None and not args.amp:
         parser.error("--amp-dtype needs --amp")
+    try:
+        compile_mode(args)
+    except ValueError as err:
+        parser.error(str(err))
     if AUTO_ANCHORS in (args.anchor_sizes or []) and len(args.anchor_sizes) > 1:
         parser.error(f"--anchor-sizes: '{AUTO_ANCHORS}' stands alone, got {' '.join(map(str, args.anchor_sizes))}")
     try:

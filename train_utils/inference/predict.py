@@ -90,6 +90,8 @@ def load_predictor(args: argparse.Namespace) -> tuple[BatchDetect, list[str], to
         detector = load_detector(args, args.weights, score_thresh=args.score_thresh)
         device = next(detector.model.parameters()).device
         return torch_batch_detect(detector.model, device), detector.class_names, device
+    if args.compile:
+        raise ValueError(f"{args.onnx}: --compile applies to PyTorch weights (--weights), not to an ONNX model")
     fixed = model_flags_given(args)  # an ONNX file has the model and its settings baked in
     if fixed:
         raise ValueError(f"{args.onnx}: the model and its image sizes are fixed at export; "
