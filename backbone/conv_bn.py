@@ -87,12 +87,15 @@ def conv_bn(x: Tensor, conv: nn.Conv2d, bn: nn.Module) -> Tensor:
     x: [N, C_in, H, W] -> [N, C_out, H', W']. Under autocast the convolution runs in the autocast
     dtype without its bias, and the float32 folded bias is added to its output in place (one
     rounding to the output dtype, instead of a bias rounded first). Where the CUDA levers apply,
-    folded parameters that get no gradient are cached (:func:`cached_folded_parameters`).
+    folded parameters that get no gradient are cached (:func:`cached_folded_parameters`), except
+    under ``torch.compile``.
     """
     if not can_fold(bn, x.device):
         return bn(conv(x))
     autocast = torch.is_autocast_enabled(x.device.type)
-    if fast_path.cuda_levers(x.device) and _fixed_parameters(conv, bn):
+    # Under torch.compile (--compile) the folding is part of the graph: no cache keyed on tensor
+    # versions, which would break the graph at every convolution.
+    if fast_path.cuda_levers(x.device) and _fixed_parameters(conv, bn) and not torch.compiler.is_compiling():
         dtype = torch.get_autocast_dtype(x.device.type) if autocast else conv.weight.dtype
         weight, bias = cached_folded_parameters(conv, bn, dtype)
     else:

@@ -549,3 +549,46 @@ def test_r50_fpn_ours_and_torchvision_on_cuda():
         assert ours_s > 0 and theirs_s > 0
     del ours, theirs
     torch.cuda.empty_cache()
+
+
+# ------------------------------------------------------------------------------------------ host syncs
+def test_one_training_step_syncs_only_where_allowed():
+    """One float32 training step of our ResNet50-FPN (random weights, 2 small images), the loop's
+    included, under ``torch.cuda.set_sync_debug_mode("error")``: any host-device synchronisation
+    raises, except inside ``allowed_sync(reason)``. That context manager is the allow-list, one
+    commented use per needed sync in the code (the loop's one read of the loss values, the sizes
+    NMS and the data-dependent selections need); a new sync anywhere else fails this test."""
+    try:
+        from network_files.ops.syncs import allowed_sync
+    except ImportError:
+        pytest.skip("network_files.ops.syncs.allowed_sync is not in this tree")
+    from backbone import resnet50_fpn_backbone
+    from network_files import FasterRCNN
+    from train_utils.engine.loop import EpochState, train_one_epoch
+
+    device = torch.device("cuda")
+    torch.manual_seed(0)
+    model = FasterRCNN(resnet50_fpn_backbone(), num_classes=5, min_size=320, max_size=480).to(device)
+    optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=1e-3, momentum=0.9)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
+    generator = torch.Generator().manual_seed(0)
+    batch = ([torch.rand(3, 240, 320, generator=generator) for _ in range(2)],
+             [{"boxes": torch.tensor([[20.0, 30.0, 160.0, 200.0], [150.0, 40.0, 300.0, 230.0]]),
+               "labels": torch.tensor([1, 3]), "image_id": torch.tensor(index)} for index in range(2)])
+    state = EpochState(0)
+    train_one_epoch(model, optimizer, [batch], device, state, scheduler)  # warm-up: lazy CUDA and cuDNN set-up
+    weight = model.roi_heads.box_predictor.cls_score.weight.detach().clone()
+
+    previous = torch.cuda.get_sync_debug_mode()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        with pytest.raises(RuntimeError, match="synchroniz"):  # the mode is on: a sync raises
+            torch.ones(1, device=device).item()
+        with allowed_sync("the test's own check"):
+            assert torch.ones(1, device=device).item() == 1.0
+        assert torch.cuda.get_sync_debug_mode() == 2  # restored on exit
+        train_one_epoch(model, optimizer, [batch], device, state, scheduler)
+    finally:
+        torch.cuda.set_sync_debug_mode(previous)
+    assert state.iteration == 2 and math.isfinite(state.last_losses["loss"])
+    assert not torch.equal(model.roi_heads.box_predictor.cls_score.weight, weight)  # the step trained

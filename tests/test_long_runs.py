@@ -5,6 +5,7 @@ Every interrupted run is resumed with ``--resume auto`` and must end with the we
 uninterrupted run (CPU, float32: bit for bit)."""
 import errno
 import json
+import math
 import os
 import re
 import signal
@@ -820,6 +821,53 @@ def test_a_non_finite_loss_names_the_terms_and_images_before_any_update():
         train_one_epoch(model, optimizer, [batch], torch.device("cpu"), EpochState(3), scheduler,
                         describe_images=lambda ids: ", ".join(f"img{i}" for i in ids))
     assert model.w.item() == 1.0 and model.w.grad is None
+
+
+def test_one_read_per_step_logs_the_per_term_values_and_trains_the_same_weights(tiny_detector):
+    """The loop reads its loss terms with one transfer per step; the logged values and the final
+    weights equal those of an independent float32 loop that reads each term with ``.item()``."""
+    import copy
+
+    from train_utils.engine.loop import EpochState, train_one_epoch
+
+    generator = torch.Generator().manual_seed(3)
+    batches = []
+    for index in range(3):
+        images = [torch.rand(3, 64, 80, generator=generator) for _ in range(2)]
+        targets = [{"boxes": torch.tensor([[4.0, 6.0, 40.0, 50.0], [30.0, 8.0, 70.0, 60.0]]) + index,
+                    "labels": torch.tensor([1, 2]), "image_id": torch.tensor(i)} for i in range(2)]
+        batches.append((images, targets))
+    torch.manual_seed(0)
+    model = tiny_detector()
+    reference = copy.deepcopy(model)
+
+    def sgd(net):
+        optimizer = torch.optim.SGD(net.parameters(), lr=0.02, momentum=0.9)
+        return optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0 / (step + 1))
+
+    logged = []
+    optimizer, scheduler = sgd(model)
+    torch.manual_seed(1)
+    train_one_epoch(model, optimizer, batches, torch.device("cpu"), EpochState(0), scheduler, print_freq=100,
+                    after_step=lambda state: logged.append(dict(state.last_losses)))
+
+    expected = []
+    optimizer, scheduler = sgd(reference)
+    reference.train()
+    torch.manual_seed(1)
+    for images, targets in batches:
+        loss_dict = reference(images, targets)
+        values = {name: value.item() for name, value in loss_dict.items()}
+        expected.append({**values, "loss": sum(values.values())})
+        optimizer.zero_grad(set_to_none=True)
+        sum(loss_dict.values()).backward()
+        optimizer.step()
+        scheduler.step()
+
+    assert logged == expected and all(math.isfinite(step["loss"]) for step in logged)
+    assert len({step["loss"] for step in logged}) == 3  # three different steps were compared
+    for (name, mine), theirs in zip(model.state_dict().items(), reference.state_dict().values()):
+        assert torch.equal(mine, theirs), name
 
 
 def test_float16_skips_non_finite_steps_until_too_many_in_a_row(monkeypatch):

@@ -13,6 +13,7 @@ from typing import Any, Dict, List, Optional, Sequence, Union
 from backbone import get_backbone
 from backbone.registry import all_option_fields, backbone_help
 from train_utils.flags import ListAction, add_plugin_flag
+from train_utils.model.compile import COMPILE_MODES
 from train_utils.model.config import (ARCHITECTURE, INFERENCE, ModelConfig, apply_weights_rule, plain, settings,
                                       weights_rule_fields)
 
@@ -106,7 +107,28 @@ def add_model_arguments(parser: argparse.ArgumentParser, with_device: bool = Tru
                         help="{class name: id 1..K} file; default: the class names stored in the checkpoint")
     if with_device:
         parser.add_argument("--device", default="auto", help="'auto' (cuda when available), 'cuda', 'cuda:1' or 'cpu'")
+        add_compile_flags(parser)
     add_model_flags(parser, training=False, one_token=one_token)
+
+
+def add_compile_flags(parser: argparse.ArgumentParser) -> None:
+    """``--compile`` and ``--compile-mode`` (training, validation.py, predict.py)."""
+    parser.add_argument("--compile", action="store_true",
+                        help="torch.compile the backbone + FPN, the RPN head and the box head (the rest stays eager); "
+                             "the first batches of each image size take longer (see docs/benchmarks.md#gpu-levers)")
+    parser.add_argument("--compile-mode", choices=COMPILE_MODES, default=None,
+                        help="the torch.compile mode of --compile (torch's own mode \"default\" unless given)")
+
+
+def compile_mode(args: argparse.Namespace) -> Optional[str]:
+    """The torch.compile mode the flags ask for, None without ``--compile``; ``--compile-mode``
+    alone is a ValueError."""
+    mode = getattr(args, "compile_mode", None)
+    if not getattr(args, "compile", False):
+        if mode is not None:
+            raise ValueError("--compile-mode needs --compile")
+        return None
+    return mode or "default"
 
 
 def _given_settings(args: argparse.Namespace) -> Dict[str, Any]:

@@ -13,10 +13,11 @@ from typing import Any, Dict, List, Optional
 import torch
 
 from train_utils.checkpoint import WEIGHT_VARIANTS, Checkpoint, read_checkpoint
-from train_utils.cli import apply_model_flags, model_config_from_args
+from train_utils.cli import apply_model_flags, compile_mode, model_config_from_args
 from train_utils.data.classes import load_class_names
 from train_utils.device import resolve_device
 from train_utils.model.builder import build_model, official_frozen_bn_eps
+from train_utils.model.compile import compile_static_parts
 from train_utils.model.config import ModelConfig
 from network_files import FasterRCNN
 
@@ -105,6 +106,9 @@ def detector_from_checkpoint(ckpt: Checkpoint, path: str, args: argparse.Namespa
         print(f"{path}: using its EMA weights (--weights-variant raw for the trained ones)" if variant == "ema" else
               f"{path}: using its trained (raw) weights, not its EMA ones", file=sys.stderr)
     model.to(resolve_device(args.device)).eval()
+    mode = compile_mode(args)
+    if mode is not None:
+        compile_static_parts(model, mode)
     return LoadedDetector(model, list(names), config, ckpt.data, ckpt.plugins)
 
 

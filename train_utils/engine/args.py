@@ -3,7 +3,7 @@ import argparse
 import os
 from typing import Any, Dict, Optional, Sequence
 
-from train_utils.cli import AUTO_ANCHORS, add_model_flags, model_config_from_args
+from train_utils.cli import AUTO_ANCHORS, add_compile_flags, add_model_flags, compile_mode, model_config_from_args
 from train_utils.data.catalog import format_names, layout_help
 from train_utils.data.classes import AUTO_CLASSES
 from train_utils.data.transforms import AUGMENT_ELEMENTS, AUGMENT_PRESETS, augment_policy
@@ -103,6 +103,7 @@ def _add_optimisation_flags(p: argparse.ArgumentParser, distributed: bool) -> No
                      help="TF32 convolutions and matmuls in the training steps on Ampere or later GPUs: torch "
                           "(PyTorch's setting: convolutions in TF32, matmuls in float32), on, or off (see docs/gpus.md)")
     add_tf32_flag(opt, "--eval-tf32")
+    add_compile_flags(opt)
     opt.add_argument("--deterministic", action="store_true",
                      help="deterministic kernels (torch.use_deterministic_algorithms, CUBLAS_WORKSPACE_CONFIG=:4096:8, "
                           "cuDNN deterministic, no cuDNN benchmark): a GPU run repeats bit for bit, somewhat slower. "
@@ -143,6 +144,10 @@ def parse(parser: argparse.ArgumentParser, argv: Optional[Sequence[str]] = None)
         parser.error(f"--ema: the decay must lie between 0 and 1 (exclusive), got {args.ema:g}")
     if args.ema_warmup < 0:
         parser.error(f"--ema-warmup: TAU must be 0 (no warm-up) or positive, got {args.ema_warmup:g}")
+    try:
+        compile_mode(args)
+    except ValueError as err:
+        parser.error(str(err))
     if AUTO_ANCHORS in (args.anchor_sizes or []) and len(args.anchor_sizes) > 1:
         parser.error(f"--anchor-sizes: '{AUTO_ANCHORS}' stands alone, got {' '.join(map(str, args.anchor_sizes))}")
     try:

@@ -7,6 +7,7 @@ from typing import Any, Callable, Dict, List, Optional
 import torch
 from torch import nn
 
+from network_files.ops.syncs import allowed_sync
 from train_utils import distributed as dist_utils
 from train_utils.data.transforms import DROPPED_KEY
 from train_utils.device import autocast_context, move_to_device
@@ -102,15 +103,18 @@ def train_one_epoch(
         with autocast_context(device, amp_dtype):
             loss_dict = model(images, targets)
         loss = sum(loss_dict.values())
+        backward(optimizer, loss, scaler)
 
-        reduced_values = {k: v.detach().item() for k, v in dist_utils.reduce_dict(loss_dict).items()}
+        # Read after backward() has been queued, before the step: one transfer for all the terms.
+        reduced_values = read_losses(dist_utils.reduce_dict(loss_dict))
         total = sum(reduced_values.values())
         finite = math.isfinite(total)
         if not finite and not skippable(scaler, state):
+            optimizer.zero_grad(set_to_none=True)  # the run stops with the weights and no gradient touched
             raise non_finite_loss(state, reduced_values, describe_images([int(t["image_id"]) for t in targets]))
 
         lr = optimizer.param_groups[0]["lr"]  # the rate this step uses
-        optimizer_step(model, optimizer, loss, scaler, clip_grad_norm)
+        optimizer_step(model, optimizer, scaler, clip_grad_norm)
         scheduler.step()
 
         if finite:
@@ -154,18 +158,34 @@ def non_finite_loss(state: EpochState, losses: Dict[str, float], images: str) ->
                               f"images in the batch: {images}. Lower --lr, check these annotations, or disable --amp")
 
 
-def optimizer_step(model: nn.Module, optimizer: torch.optim.Optimizer, loss: torch.Tensor,
-                   scaler: Optional[torch.amp.GradScaler], clip_grad_norm: float) -> None:
-    """Backward and one optimiser step, through the GradScaler (CUDA AMP) when there is one, with
-    the gradient norm clipped when ``clip_grad_norm`` > 0."""
+def read_losses(losses: Dict[str, torch.Tensor]) -> Dict[str, float]:
+    """The loss terms (single-element tensors) as Python floats, read with one host transfer (one
+    synchronisation on CUDA) instead of one per term; the same values ``.item()`` gives each
+    (``cat`` only widens mixed float dtypes, exactly)."""
+    stacked = torch.cat([value.detach().reshape(1) for value in losses.values()])
+    with allowed_sync("loss values for the log"):
+        values = stacked.tolist()
+    return dict(zip(losses, values))
+
+
+def backward(optimizer: torch.optim.Optimizer, loss: torch.Tensor, scaler: Optional[torch.amp.GradScaler]) -> None:
+    """Fresh gradients of ``loss`` (scaled by the GradScaler, CUDA AMP, when there is one)."""
     optimizer.zero_grad(set_to_none=True)
     if scaler is None:
         loss.backward()
+    else:
+        scaler.scale(loss).backward()
+
+
+def optimizer_step(model: nn.Module, optimizer: torch.optim.Optimizer, scaler: Optional[torch.amp.GradScaler],
+                   clip_grad_norm: float) -> None:
+    """One optimiser step on the gradients of :func:`backward`, through the GradScaler when there
+    is one, with the gradient norm clipped when ``clip_grad_norm`` > 0."""
+    if scaler is None:
         if clip_grad_norm > 0:
             nn.utils.clip_grad_norm_(model.parameters(), clip_grad_norm)
         optimizer.step()
         return
-    scaler.scale(loss).backward()
     if clip_grad_norm > 0:
         scaler.unscale_(optimizer)
         nn.utils.clip_grad_norm_(model.parameters(), clip_grad_norm)

@@ -18,7 +18,7 @@ from torch.utils.data import BatchSampler, DataLoader, DistributedSampler
 
 from backbone import MissingWeightFileError, get_backbone, weight_url
 from train_utils.checkpoint import Checkpoint, CheckpointWriteError, load_detector_weights
-from train_utils.cli import anchor_sizes_auto, model_config_from_args, training_model_config
+from train_utils.cli import anchor_sizes_auto, compile_mode, model_config_from_args, training_model_config
 from train_utils.data.catalog import build_dataset
 from train_utils.data.dataset import DetectionDataSet
 from train_utils.data.classes import AUTO_CLASSES
@@ -44,6 +44,7 @@ from train_utils.evaluation.coco_api import get_coco_api_from_dataset
 from train_utils.evaluation.loop import evaluate
 from train_utils.model.anchor_coverage import auto_anchor_sizes, describe_auto_anchors
 from train_utils.model.builder import build_model, count_parameters
+from train_utils.model.compile import compile_static_parts, static_parts
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 # A stop at the last epoch's end: everything is saved and evaluated, its extras were skipped.
@@ -241,6 +242,9 @@ class Trainer:
         if self.world_size > 1 and (getattr(args, "sync_bn", False) or self.config.norm == "syncbn"):
             model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
         self.model_without_ddp = model.to(self.device)
+        mode = compile_mode(args)
+        if mode is not None:
+            compile_static_parts(model, mode)
         self.backbone_trainable = [p for p in model.backbone.parameters() if p.requires_grad]
         self.wrap_model()
 
@@ -461,6 +465,9 @@ class Trainer:
             print(f"model: {self.config.backbone}, {self.config.num_classes} classes incl. background, "
                   f"{trainable:,} of {total:,} parameters trainable; device {self.device}, "
                   f"world size {self.world_size}")
+            mode = compile_mode(self.args)
+            if mode is not None:
+                print(f"torch.compile (mode {mode}): {', '.join(static_parts(self.model_without_ddp))}")
 
 
 def run_training(args: argparse.Namespace, distributed: bool = False) -> Dict[str, Any]:

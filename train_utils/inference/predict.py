@@ -88,6 +88,8 @@ def check_args(args: argparse.Namespace) -> None:
     check_tta_flags(args)
     if args.tta and args.onnx:
         raise ValueError(f"--tta needs --weights: {args.onnx} runs the one pass fixed at export")
+    if args.compile and args.onnx:
+        raise ValueError(f"{args.onnx}: --compile applies to PyTorch weights (--weights), not to an ONNX model")
 
 
 def load_predictor(args: argparse.Namespace) -> tuple[BatchDetect, list[str], torch.device]:
