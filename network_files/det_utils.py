@@ -1,11 +1,12 @@
 """Building blocks shared by the RPN and the box head: box encoding, matching, sampling, losses."""
 import math
-from typing import Dict, List, Sequence, Tuple
+from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from .ops.syncs import allowed_sync
 from .ops.tracing import is_tracing
 
 ConstantCache = Dict[Tuple[Tuple[float, ...], torch.dtype, torch.device], Tensor]
@@ -46,23 +47,87 @@ class BalancedPositiveNegativeSampler:
         Returns:
             two lists of ``[N_i]`` uint8 masks: sampled positives, sampled negatives.
         """
-        positive_masks, negative_masks = [], []
+        positive_masks, negative_masks, _ = self.sample(labels_per_image)
+        return positive_masks, negative_masks
+
+    def sample(self, labels_per_image: List[Tensor]) -> Tuple[List[Tensor], List[Tensor], List[Tuple[int, int]]]:
+        """:meth:`__call__`, and the number of sampled ``(positives, negatives)`` of each image.
+
+        The candidates of all images are counted with one host read (``randperm`` needs the
+        counts); the random draws are the same calls, in the same order, as one loop per image.
+        """
+        positive_masks, negative_masks, sampled = [], [], []
         max_positives = int(self.batch_size_per_image * self.positive_fraction)
-        for labels in labels_per_image:
-            positive = torch.where(labels >= 1)[0]
-            negative = torch.where(labels == 0)[0]
-            num_pos = min(positive.numel(), max_positives)
-            num_neg = min(negative.numel(), self.batch_size_per_image - num_pos)
+        for labels, (total_pos, total_neg) in zip(labels_per_image, candidate_counts(labels_per_image)):
+            positive = torch.nonzero_static(labels >= 1, size=total_pos).flatten()
+            negative = torch.nonzero_static(labels == 0, size=total_neg).flatten()
+            num_pos = min(total_pos, max_positives)
+            num_neg = min(total_neg, self.batch_size_per_image - num_pos)
             # Random subsets drawn from torch's generator (so runs are reproducible with a seed).
-            chosen_pos = positive[torch.randperm(positive.numel(), device=positive.device)[:num_pos]]
-            chosen_neg = negative[torch.randperm(negative.numel(), device=negative.device)[:num_neg]]
+            chosen_pos = positive[torch.randperm(total_pos, device=positive.device)[:num_pos]]
+            chosen_neg = negative[torch.randperm(total_neg, device=negative.device)[:num_neg]]
             pos_mask = torch.zeros_like(labels, dtype=torch.uint8)
             neg_mask = torch.zeros_like(labels, dtype=torch.uint8)
             pos_mask[chosen_pos] = 1
             neg_mask[chosen_neg] = 1
             positive_masks.append(pos_mask)
             negative_masks.append(neg_mask)
-        return positive_masks, negative_masks
+            sampled.append((num_pos, num_neg))
+        return positive_masks, negative_masks, sampled
+
+
+def candidate_counts(labels_per_image: List[Tensor]) -> List[Tuple[int, int]]:
+    """``(positives, negatives)`` (labels >= 1, == 0) of each ``[N_i]`` label tensor, read with one
+    host transfer for all images."""
+    if not labels_per_image:
+        return []
+    if len({labels.shape for labels in labels_per_image}) == 1:
+        stacked = torch.stack(labels_per_image)
+        counts = torch.stack(((stacked >= 1).sum(dim=1), (stacked == 0).sum(dim=1)), dim=1)
+    else:
+        counts = torch.stack([torch.stack(((labels >= 1).sum(), (labels == 0).sum())) for labels in labels_per_image])
+    with allowed_sync("the sampler's randperm sizes are the numbers of positive and negative candidates"):
+        return [tuple(pair) for pair in counts.tolist()]
+
+
+def row_indices(mask: Tensor, reason: str) -> List[Tensor]:
+    """Indices of the True entries of each row of ``mask [B, K]``: the counts of all rows are read
+    with one host transfer (``reason`` says what needs them), then found without further syncs."""
+    return _true_indices(list(mask.unbind(0)), mask.sum(dim=1), reason)
+
+
+def segment_indices(mask: Tensor, sizes: List[int], reason: str) -> List[Tensor]:
+    """:func:`row_indices` of the segments of ``mask [sum N_i]`` (``sizes`` = N_i), counted from
+    each segment's start."""
+    segments = list(mask.split(sizes))
+    return _true_indices(segments, torch.stack([segment.sum() for segment in segments]), reason)
+
+
+def _true_indices(segments: List[Tensor], counts: Tensor, reason: str) -> List[Tensor]:
+    """``nonzero`` of each 1-d mask, its size known from ``counts [len(segments)]``."""
+    if is_tracing():  # an exported graph keeps the data-dependent sizes
+        return [torch.where(segment)[0] for segment in segments]
+    with allowed_sync(reason):
+        sizes = counts.tolist()
+    return [torch.nonzero_static(segment, size=size).flatten() for segment, size in zip(segments, sizes)]
+
+
+def pad_boxes(boxes: List[Tensor]) -> Tuple[Tensor, Tensor]:
+    """Stack ``[N_i, 4]`` boxes into ``[B, max N_i, 4]`` padded with zeros, and the mask
+    ``[B, max N_i]`` of the real rows."""
+    padded = torch.nn.utils.rnn.pad_sequence(boxes, batch_first=True)
+    valid = torch.nn.utils.rnn.pad_sequence(
+        [b.new_ones(b.shape[0], dtype=torch.bool) for b in boxes], batch_first=True
+    )
+    return padded, valid
+
+
+def padded_quality(similarity, gt: Tensor, gt_valid: Tensor, predictions: Tensor, pred_valid: Optional[Tensor]) -> Tensor:
+    """``similarity(gt [B, M, 4], predictions [B, N, 4]) -> [B, M, N]`` with -1 in the rows of
+    padded gt boxes and the columns of padded (or excluded, ``pred_valid [B, N]``) predictions:
+    below any IoU, so they are never a best match."""
+    valid = gt_valid[:, :, None] if pred_valid is None else gt_valid[:, :, None] & pred_valid[:, None, :]
+    return similarity(gt, predictions).masked_fill(~valid, -1.0)
 
 
 class BoxCoder:
@@ -164,18 +229,26 @@ class Matcher:
             if match_quality_matrix.shape[0] == 0:
                 raise ValueError("No ground-truth boxes available for one of the images during training")
             raise ValueError("No proposal boxes available for one of the images during training")
+        return self.match_padded(match_quality_matrix, None)
 
-        best_quality, matches = match_quality_matrix.max(dim=0)
+    def match_padded(self, quality: Tensor, gt_valid: Optional[Tensor]) -> Tensor:
+        """``quality [..., M, N] -> matches [..., N]`` for a batch of images whose gt rows are
+        padded (``gt_valid [..., M]``, None: all real). Padded rows and excluded columns must hold
+        -1 (see :func:`padded_quality`): no prediction then matches them, and they give no
+        low-quality match. Without masks, boolean indexing or ``nonzero``: no host sync."""
+        best_quality, matches = quality.max(dim=-2)
         best_gt_before_thresholds = matches.clone() if self.allow_low_quality_matches else None
-        matches[best_quality < self.low_threshold] = self.BELOW_LOW_THRESHOLD
+        matches.masked_fill_(best_quality < self.low_threshold, self.BELOW_LOW_THRESHOLD)
         between = (best_quality >= self.low_threshold) & (best_quality < self.high_threshold)
-        matches[between] = self.BETWEEN_THRESHOLDS
+        matches.masked_fill_(between, self.BETWEEN_THRESHOLDS)
 
         if best_gt_before_thresholds is not None:
             # For every gt, the predictions that reach its best quality get their best gt back.
-            best_per_gt = match_quality_matrix.max(dim=1).values
-            restored = torch.where(match_quality_matrix == best_per_gt[:, None])[1]
-            matches[restored] = best_gt_before_thresholds[restored]
+            best_per_gt = quality.max(dim=-1, keepdim=True).values
+            reaches_best = quality == best_per_gt
+            if gt_valid is not None:
+                reaches_best &= gt_valid[..., None]
+            matches = torch.where(reaches_best.any(dim=-2), best_gt_before_thresholds, matches)
         return matches
 
 

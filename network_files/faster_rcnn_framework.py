@@ -8,6 +8,7 @@ from torch import Tensor, nn
 from .ops import fast_path
 from .box_head import FastRCNNPredictor, TwoMLPHead
 from .ops.poolers import MultiScaleRoIAlign
+from .ops.syncs import allowed_sync
 from .roi_head import RoIHeads
 from .rpn_function import AnchorsGenerator, RegionProposalNetwork, RPNHead
 from .ops.tracing import Size
@@ -72,6 +73,7 @@ class FasterRCNNBase(nn.Module):
     def _check_targets(targets: Optional[Targets]) -> None:
         if targets is None:
             raise ValueError("targets are required in training mode (call model.eval() for inference)")
+        degenerate = []
         for index, target in enumerate(targets):
             boxes = target.get("boxes")
             if not isinstance(boxes, Tensor):
@@ -80,13 +82,22 @@ class FasterRCNNBase(nn.Module):
                 raise ValueError(f"target {index}: 'boxes' must have shape [N, 4], got {list(boxes.shape)}")
             if "labels" not in target:
                 raise ValueError(f"target {index}: 'labels' is missing")
-            degenerate = (boxes[:, 2:] <= boxes[:, :2]).any(dim=1)
-            if degenerate.any():
-                box_index = int(torch.where(degenerate)[0][0])
-                raise ValueError(
-                    f"target {index}: box {box_index} {boxes[box_index].tolist()} has no area "
-                    "(boxes must satisfy x2 > x1 and y2 > y1)"
-                )
+            degenerate.append((boxes[:, 2:] <= boxes[:, :2]).any(dim=1))
+        with allowed_sync("one check of every image's boxes for a clear error"):
+            found = bool(torch.cat(degenerate).any()) if degenerate else False
+        if found:
+            _raise_degenerate(targets, degenerate)
+
+
+def _raise_degenerate(targets: Targets, degenerate: List[Tensor]) -> None:
+    """The error for the first box without area (``degenerate``: one ``[N_i]`` mask per image)."""
+    for index, (target, mask) in enumerate(zip(targets, degenerate)):
+        if mask.any():
+            box_index = int(torch.where(mask)[0][0])
+            raise ValueError(
+                f"target {index}: box {box_index} {target['boxes'][box_index].tolist()} has no area "
+                "(boxes must satisfy x2 > x1 and y2 > y1)"
+            )
 
 
 class FasterRCNN(FasterRCNNBase):

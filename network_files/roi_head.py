@@ -10,11 +10,13 @@ from . import det_utils
 from .box_head import TwoMLPHead
 from .ops.poolers import MultiScaleRoIAlign
 from .ops.soft_nms import batched_soft_nms
+from .ops.syncs import allowed_sync
 
 
 def fastrcnn_loss(
     class_logits: Tensor, box_regression: Tensor, labels: List[Tensor], regression_targets: List[Tensor],
     beta: float = 1 / 9,
+    num_positive: Optional[int] = None,
 ) -> Tuple[Tensor, Tensor]:
     """Cross-entropy over all sampled RoIs and smooth L1 on the positives' class-specific offsets.
 
@@ -24,6 +26,8 @@ def fastrcnn_loss(
         labels: per image ``[R_i]`` int64 (0 = background).
         regression_targets: per image ``[R_i, 4]``.
         beta: where the smooth L1 turns from quadratic to linear (torchvision's 1/9; py-faster-rcnn's 1).
+        num_positive: the number of labels > 0 when known (the sampler's count): the positives are
+            then found without a host sync.
     Returns:
         ``(loss_classifier, loss_box_reg)``; the box loss is normalised by the number of RoIs.
     """
@@ -31,7 +35,10 @@ def fastrcnn_loss(
     targets_all = torch.cat(regression_targets, dim=0)
     classification_loss = F.cross_entropy(class_logits, labels_all)
 
-    positive = torch.where(labels_all > 0)[0]
+    if num_positive is None:
+        positive = torch.where(labels_all > 0)[0]
+    else:
+        positive = torch.nonzero_static(labels_all > 0, size=num_positive).flatten()
     num_rois = class_logits.shape[0]
     per_class = box_regression.reshape(num_rois, box_regression.size(-1) // 4, 4)
     box_loss = det_utils.smooth_l1_loss(
@@ -99,44 +106,65 @@ class RoIHeads(nn.Module):
     def assign_targets_to_proposals(
         self, proposals: List[Tensor], gt_boxes: List[Tensor], gt_labels: List[Tensor]
     ) -> Tuple[List[Tensor], List[Tensor]]:
-        """Per image: index of the matched gt ``[R_i]`` and the RoI label ``[R_i]`` (-1 = ignored)."""
-        matched_idxs, labels = [], []
-        for proposals_in_image, boxes, classes in zip(proposals, gt_boxes, gt_labels):
-            if boxes.numel() == 0:
-                # No objects: every proposal is background.
-                count = proposals_in_image.shape[0]
-                matched = torch.zeros((count,), dtype=torch.int64, device=proposals_in_image.device)
-                image_labels = torch.zeros((count,), dtype=torch.int64, device=proposals_in_image.device)
-            else:
-                quality = self.box_similarity(boxes, proposals_in_image)
-                matches = self.proposal_matcher(quality)
-                matched = matches.clamp(min=0)
-                image_labels = classes[matched].to(dtype=torch.int64)
-                image_labels[matches == det_utils.Matcher.BELOW_LOW_THRESHOLD] = 0
-                image_labels[matches == det_utils.Matcher.BETWEEN_THRESHOLDS] = -1
-                if self.bg_iou_low_thresh > 0:
-                    image_labels[quality.max(dim=0).values < self.bg_iou_low_thresh] = -1
-            matched_idxs.append(matched)
-            labels.append(image_labels)
-        return matched_idxs, labels
+        """Per image: index of the matched gt ``[R_i]`` and the RoI label ``[R_i]`` (-1 = ignored).
+        All images are matched at once, gt boxes and proposals padded to one count each."""
+        counts = [p.shape[0] for p in proposals]
+        gt_padded, gt_valid = det_utils.pad_boxes(gt_boxes)
+        padded, valid = det_utils.pad_boxes(proposals)
+        if gt_padded.shape[1] == 0:
+            # No image has objects: every proposal is background.
+            zeros = torch.zeros(valid.shape, dtype=torch.int64, device=valid.device)
+            return self._unpad(zeros, zeros.clone(), counts)
+        quality = det_utils.padded_quality(self.box_similarity, gt_padded, gt_valid, padded, valid)
+        matches = self.proposal_matcher.match_padded(quality, gt_valid)
+        matched = matches.clamp(min=0)
+        # An image without objects matches its first padding row: label 0, index 0.
+        classes = torch.nn.utils.rnn.pad_sequence(gt_labels, batch_first=True)
+        labels = classes.gather(1, matched).to(dtype=torch.int64)
+        labels.masked_fill_(matches == det_utils.Matcher.BELOW_LOW_THRESHOLD, 0)
+        labels.masked_fill_(matches == det_utils.Matcher.BETWEEN_THRESHOLDS, -1)
+        if self.bg_iou_low_thresh > 0:
+            too_far = quality.max(dim=1).values < self.bg_iou_low_thresh
+            labels.masked_fill_(too_far & gt_valid.any(dim=1, keepdim=True), -1)
+        return self._unpad(matched, labels, counts)
+
+    @staticmethod
+    def _unpad(matched: Tensor, labels: Tensor, counts: List[int]) -> Tuple[List[Tensor], List[Tensor]]:
+        """Rows ``[B, max R_i]`` back to one ``[R_i]`` tensor per image."""
+        return [m[:n] for m, n in zip(matched, counts)], [l[:n] for l, n in zip(labels, counts)]
 
     def subsample(self, labels: List[Tensor]) -> List[Tensor]:
         """Indices of the sampled RoIs of each image (positives and negatives, in index order)."""
-        pos_masks, neg_masks = self.fg_bg_sampler(labels)
-        return [torch.where(pos | neg)[0] for pos, neg in zip(pos_masks, neg_masks)]
+        return self._subsample(labels)[0]
+
+    def _subsample(self, labels: List[Tensor]) -> Tuple[List[Tensor], int]:
+        """:meth:`subsample` and the number of sampled positives of all images."""
+        pos_masks, neg_masks, counts = self.fg_bg_sampler.sample(labels)
+        # The sampler's counts size the index lists: no host read.
+        sampled = [
+            torch.nonzero_static(pos | neg, size=num_pos + num_neg).flatten()
+            for pos, neg, (num_pos, num_neg) in zip(pos_masks, neg_masks, counts)
+        ]
+        return sampled, sum(num_pos for num_pos, _ in counts)
 
     def select_training_samples(
         self, proposals: List[Tensor], targets: List[Dict[str, Tensor]]
     ) -> Tuple[List[Tensor], List[Tensor], List[Tensor], List[Tensor]]:
         """Adds the gt boxes to the proposals, matches, samples; returns the sampled RoIs with their
         matched gt index, label and regression target."""
+        return self._select_training_samples(proposals, targets)[:4]
+
+    def _select_training_samples(
+        self, proposals: List[Tensor], targets: List[Dict[str, Tensor]]
+    ) -> Tuple[List[Tensor], List[Tensor], List[Tensor], List[Tensor], int]:
+        """:meth:`select_training_samples` and the number of sampled positives."""
         dtype, device = proposals[0].dtype, proposals[0].device
         gt_boxes = [t["boxes"].to(dtype) for t in targets]
         gt_labels = [t["labels"] for t in targets]
         # Ground truth joins the proposals so every object has at least one perfect RoI.
         proposals = [torch.cat((p, g)) for p, g in zip(proposals, gt_boxes)]
         matched_idxs, labels = self.assign_targets_to_proposals(proposals, gt_boxes, gt_labels)
-        sampled = self.subsample(labels)
+        sampled, num_positive = self._subsample(labels)
 
         matched_gt_boxes = []
         for i, keep in enumerate(sampled):
@@ -148,7 +176,7 @@ class RoIHeads(nn.Module):
                 boxes = torch.zeros((1, 4), dtype=dtype, device=device)
             matched_gt_boxes.append(boxes[matched_idxs[i]])
         regression_targets = self.box_coder.encode(matched_gt_boxes, proposals)
-        return proposals, matched_idxs, labels, regression_targets
+        return proposals, matched_idxs, labels, regression_targets, num_positive
 
     def postprocess_detections(
         self,
@@ -161,33 +189,34 @@ class RoIHeads(nn.Module):
         device = class_logits.device
         num_classes = class_logits.shape[-1]
         counts = [p.shape[0] for p in proposals]
-        pred_boxes = self.box_coder.decode(box_regression, proposals).split(counts, 0)
-        pred_scores = F.softmax(class_logits, -1).split(counts, 0)
+        decoded = self.box_coder.decode(box_regression, proposals).split(counts, 0)
+        boxes = torch.cat([box_ops.clip_boxes_to_image(b, size) for b, size in zip(decoded, image_shapes)])
+        scores = F.softmax(class_logits, -1)
+        labels = torch.arange(num_classes, device=device).view(1, -1).expand_as(scores)
+        # Column 0 is the background class: never a detection.
+        boxes, scores, labels = boxes[:, 1:].reshape(-1, 4), scores[:, 1:].reshape(-1), labels[:, 1:].reshape(-1)
+        keep = (scores > self.score_thresh) & box_ops.small_box_mask(boxes, min_size=1e-2)
+        sizes = [n * (num_classes - 1) for n in counts]
+        kept = det_utils.segment_indices(keep, sizes, "the detections kept per image size its NMS input")
 
         all_boxes, all_scores, all_labels = [], [], []
-        for boxes, scores, image_shape in zip(pred_boxes, pred_scores, image_shapes):
-            boxes = box_ops.clip_boxes_to_image(boxes, image_shape)
-            labels = torch.arange(num_classes, device=device).view(1, -1).expand_as(scores)
-            # Column 0 is the background class: never a detection.
-            boxes = boxes[:, 1:].reshape(-1, 4)
-            scores = scores[:, 1:].reshape(-1)
-            labels = labels[:, 1:].reshape(-1)
-
-            keep = torch.where(scores > self.score_thresh)[0]
-            boxes, scores, labels = boxes[keep], scores[keep], labels[keep]
-            keep = box_ops.remove_small_boxes(boxes, min_size=1e-2)
-            boxes, scores, labels = boxes[keep], scores[keep], labels[keep]
-            keep, kept_scores = self.final_nms(boxes, scores, labels)
-            all_boxes.append(boxes[keep])
+        for image_boxes, image_scores, image_labels, index in zip(
+            boxes.split(sizes), scores.split(sizes), labels.split(sizes), kept
+        ):
+            image_boxes, image_scores, image_labels = image_boxes[index], image_scores[index], image_labels[index]
+            keep, kept_scores = self.final_nms(image_boxes, image_scores, image_labels)
+            all_boxes.append(image_boxes[keep])
             all_scores.append(kept_scores)
-            all_labels.append(labels[keep])
+            all_labels.append(image_labels[keep])
         return all_boxes, all_scores, all_labels
 
     def final_nms(self, boxes: Tensor, scores: Tensor, labels: Tensor) -> Tuple[Tensor, Tensor]:
         """Per-class NMS of one image's ``boxes [N, 4]``, ``scores [N]``, ``labels [N]``: the indices
         of the top ``detections_per_img`` kept ``[D]`` and their scores ``[D]`` (decayed by soft-NMS)."""
         if self.nms_method == "hard":
-            keep = box_ops.batched_nms(boxes, scores, labels, self.nms_thresh)[: self.detections_per_img]
+            with allowed_sync("NMS: the number of boxes kept is data-dependent"):
+                keep = box_ops.batched_nms(boxes, scores, labels, self.nms_thresh)
+            keep = keep[: self.detections_per_img]
             return keep, scores[keep]
         return batched_soft_nms(boxes, scores, labels, self.nms_method.removeprefix("soft-"), self.nms_thresh,
                                 self.soft_nms_sigma, self.soft_nms_min_score, self.detections_per_img)
@@ -238,14 +267,14 @@ class RoIHeads(nn.Module):
         if self.training:
             if targets is None:
                 raise ValueError("RoIHeads needs targets in training mode")
-            proposals, _, labels, regression_targets = self.select_training_samples(proposals, targets)
+            proposals, _, labels, regression_targets, num_positive = self._select_training_samples(proposals, targets)
 
         box_features = self.box_features(features, proposals, image_shapes)
         class_logits, box_regression = self.box_predictor(box_features)
 
         if self.training:
             loss_classifier, loss_box_reg = fastrcnn_loss(class_logits, box_regression, labels, regression_targets,
-                                                          self.smooth_l1_beta)
+                                                          self.smooth_l1_beta, num_positive)
             return [], {"loss_classifier": loss_classifier, "loss_box_reg": loss_box_reg}
 
         boxes, scores, labels = self.postprocess_detections(class_logits, box_regression, proposals, image_shapes)

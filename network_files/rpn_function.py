@@ -10,6 +10,7 @@ from . import det_utils
 from .ops import fast_path
 from .image_list import ImageList
 from .ops.sparse_grad_conv import sparse_grad_conv2d
+from .ops.syncs import allowed_sync
 from .ops.tracing import is_tracing
 
 
@@ -163,6 +164,14 @@ def anchors_inside_image(anchors: Tensor, image_size: Tuple[int, int]) -> Tensor
     return (anchors[:, 0] >= 0) & (anchors[:, 1] >= 0) & (anchors[:, 2] <= width) & (anchors[:, 3] <= height)
 
 
+def _stacked(anchors: List[Tensor]) -> Tensor:
+    """The per-image anchors ``[A, 4]`` as ``[B, A, 4]``; a view when they are all one tensor
+    (as the anchor generator returns them)."""
+    if all(a is anchors[0] for a in anchors):
+        return anchors[0].expand(len(anchors), -1, -1)
+    return torch.stack(anchors)
+
+
 def permute_and_flatten(layer: Tensor, num_images: int, channels: int, height: int, width: int) -> Tensor:
     """``[B, A*C, H, W] -> [B, H*W*A, C]`` in the same order as the anchors."""
     layer = layer.view(num_images, -1, channels, height, width)
@@ -231,25 +240,27 @@ class RegionProposalNetwork(nn.Module):
         return self._post_nms_top_n["training" if self.training else "testing"]
 
     def assign_targets_to_anchors(
-        self, anchors: List[Tensor], targets: List[Dict[str, Tensor]]
+        self, anchors: List[Tensor], targets: List[Dict[str, Tensor]], inside: Optional[Tensor] = None
     ) -> Tuple[List[Tensor], List[Tensor]]:
-        """Per image: anchor labels ``[A]`` (1 object, 0 background, -1 ignored) and matched boxes ``[A, 4]``."""
-        labels, matched_boxes = [], []
-        for anchors_in_image, target in zip(anchors, targets):
-            gt_boxes = target["boxes"]
-            if gt_boxes.numel() == 0:
-                # An image with no objects: every anchor is background.
-                matched = torch.zeros(anchors_in_image.shape, dtype=torch.float32, device=anchors_in_image.device)
-                image_labels = torch.zeros((anchors_in_image.shape[0],), dtype=torch.float32, device=anchors_in_image.device)
-            else:
-                matches = self.proposal_matcher(self.box_similarity(gt_boxes, anchors_in_image))
-                matched = gt_boxes[matches.clamp(min=0)]
-                image_labels = (matches >= 0).to(dtype=torch.float32)
-                image_labels[matches == det_utils.Matcher.BELOW_LOW_THRESHOLD] = 0.0
-                image_labels[matches == det_utils.Matcher.BETWEEN_THRESHOLDS] = -1.0
-            labels.append(image_labels)
-            matched_boxes.append(matched)
-        return labels, matched_boxes
+        """Per image: anchor labels ``[A]`` (1 object, 0 background, -1 ignored) and matched boxes
+        ``[A, 4]``. All images are matched at once against their gt boxes padded to one count.
+        ``inside [B, A]``: match only these anchors (see :meth:`assign_targets_inside_image`)."""
+        batch = _stacked(anchors)
+        gt_boxes, gt_valid = det_utils.pad_boxes([t["boxes"] for t in targets])
+        if gt_boxes.shape[1] == 0:
+            # No image has objects: every anchor is background.
+            labels = torch.zeros(batch.shape[:2], dtype=torch.float32, device=batch.device)
+            matched = torch.zeros(batch.shape, dtype=torch.float32, device=batch.device)
+            return list(labels.unbind(0)), list(matched.unbind(0))
+        quality = det_utils.padded_quality(self.box_similarity, gt_boxes, gt_valid, batch, inside)
+        matches = self.proposal_matcher.match_padded(quality, gt_valid)
+        # An image without objects matches its first (zero) padding row: a zero box, label 0.
+        image_index = torch.arange(len(targets), device=matches.device)[:, None]
+        matched = gt_boxes[image_index, matches.clamp(min=0)]
+        labels = (matches >= 0).to(dtype=torch.float32)
+        labels.masked_fill_(matches == det_utils.Matcher.BELOW_LOW_THRESHOLD, 0.0)
+        labels.masked_fill_(matches == det_utils.Matcher.BETWEEN_THRESHOLDS, -1.0)
+        return list(labels.unbind(0)), list(matched.unbind(0))
 
     def assign_targets_inside_image(
         self, anchors: List[Tensor], targets: List[Dict[str, Tensor]], image_sizes: List[Tuple[int, int]]
@@ -257,19 +268,20 @@ class RegionProposalNetwork(nn.Module):
         """:meth:`assign_targets_to_anchors` over the anchors inside each ``(height, width)`` image
         only (py-faster-rcnn's anchor_target_layer with allowed_border 0): the others are labelled
         -1 and match their own box; they never count as an object's best anchor either."""
-        labels, matched_boxes = [], []
-        for anchors_in_image, target, size in zip(anchors, targets, image_sizes):
-            inside = anchors_inside_image(anchors_in_image, size)
-            if not bool(inside.any()):
+        batch = _stacked(anchors)
+        inside = torch.stack([anchors_inside_image(a, size) for a, size in zip(anchors, image_sizes)])
+        with allowed_sync("a clear error for an image without any anchor inside"):
+            has_inside = inside.any(dim=1).tolist()
+        for size, ok in zip(image_sizes, has_inside):
+            if not ok:
                 raise ValueError(f"rpn_ignore_cross_boundary: no anchor lies inside the {size[1]}x{size[0]} "
                                  "(width x height) training image; use smaller anchors or larger images")
-            (inside_labels,), (inside_boxes,) = self.assign_targets_to_anchors([anchors_in_image[inside]], [target])
-            image_labels = torch.full_like(anchors_in_image[:, 0], -1.0, dtype=inside_labels.dtype)
-            image_labels[inside] = inside_labels
-            matched = anchors_in_image.to(inside_boxes.dtype, copy=True)
-            matched[inside] = inside_boxes
-            labels.append(image_labels)
-            matched_boxes.append(matched)
+        labels, matched_boxes = self.assign_targets_to_anchors(anchors, targets, inside)
+        labels = [image_labels.masked_fill(~mask, -1.0) for image_labels, mask in zip(labels, inside)]
+        matched_boxes = [
+            torch.where(mask[:, None], boxes, own.to(boxes.dtype))
+            for boxes, mask, own in zip(matched_boxes, inside, batch)
+        ]
         return labels, matched_boxes
 
     def _top_n_per_level(self, objectness: Tensor, num_anchors_per_level: List[int]) -> Tensor:
@@ -306,15 +318,15 @@ class RegionProposalNetwork(nn.Module):
         proposals = proposals[batch_idx, top_idx]
         probabilities = torch.sigmoid(objectness)
 
+        clipped = torch.stack([box_ops.clip_boxes_to_image(b, size) for b, size in zip(proposals, image_shapes)])
+        keep = box_ops.small_box_mask(clipped, self.min_size) & (probabilities >= self.score_thresh)
+        kept = det_utils.row_indices(keep, "the proposals kept per image size its NMS input")
         final_boxes, final_scores = [], []
-        for boxes, scores, lvl, image_shape in zip(proposals, probabilities, levels, image_shapes):
-            boxes = box_ops.clip_boxes_to_image(boxes, image_shape)
-            keep = box_ops.remove_small_boxes(boxes, self.min_size)
-            boxes, scores, lvl = boxes[keep], scores[keep], lvl[keep]
-            keep = torch.where(scores >= self.score_thresh)[0]
-            boxes, scores, lvl = boxes[keep], scores[keep], lvl[keep]
+        for boxes, scores, lvl, index in zip(clipped, probabilities, levels, kept):
+            boxes, scores, lvl = boxes[index], scores[index], lvl[index]
             # NMS runs independently per feature level.
-            keep = box_ops.batched_nms(boxes, scores, lvl, self.nms_thresh)[: self.post_nms_top_n()]
+            with allowed_sync("NMS: the number of boxes kept is data-dependent"):
+                keep = box_ops.batched_nms(boxes, scores, lvl, self.nms_thresh)[: self.post_nms_top_n()]
             final_boxes.append(boxes[keep])
             final_scores.append(scores[keep])
         return final_boxes, final_scores
@@ -324,9 +336,10 @@ class RegionProposalNetwork(nn.Module):
     ) -> Tuple[Tensor, Tensor]:
         """Binary cross-entropy over sampled anchors; smooth L1 over sampled positives,
         normalised by the number of sampled anchors."""
-        pos_masks, neg_masks = self.fg_bg_sampler(labels)
-        sampled_pos = torch.where(torch.cat(pos_masks, dim=0))[0]
-        sampled_neg = torch.where(torch.cat(neg_masks, dim=0))[0]
+        pos_masks, neg_masks, counts = self.fg_bg_sampler.sample(labels)
+        # The sampler's counts size the index lists: no host read.
+        sampled_pos = torch.nonzero_static(torch.cat(pos_masks, dim=0), size=sum(p for p, _ in counts)).flatten()
+        sampled_neg = torch.nonzero_static(torch.cat(neg_masks, dim=0), size=sum(n for _, n in counts)).flatten()
         sampled = torch.cat([sampled_pos, sampled_neg], dim=0)
 
         objectness = objectness.flatten()

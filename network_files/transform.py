@@ -1,5 +1,6 @@
 """Turns a list of images (and targets) into one normalised, resized, padded batch, and back."""
 import math
+import struct
 from typing import Dict, List, Optional, Sequence, Tuple, Union
 
 import torch
@@ -12,13 +13,25 @@ from .ops.tracing import Size, is_tracing, size_tensor
 
 
 def resize_boxes(boxes: Tensor, original_size: Sequence[Size], new_size: Sequence[Size]) -> Tensor:
-    """Scale boxes ``[N, 4]`` from an image of ``original_size (h, w)`` to one of ``new_size``."""
-    ratio_h, ratio_w = (
-        size_tensor(new, torch.float32, boxes.device) / size_tensor(old, torch.float32, boxes.device)
-        for new, old in zip(new_size, original_size)
-    )
+    """Scale boxes ``[N, 4]`` from an image of ``original_size (h, w)`` to one of ``new_size``.
+    The ratios are float32 quotients; in eager mode they are Python numbers (no tensor copied to
+    the device per call), exactly the float32 values, so float32 and float64 boxes scale the same."""
+    if is_tracing():
+        ratio_h, ratio_w = (
+            size_tensor(new, torch.float32, boxes.device) / size_tensor(old, torch.float32, boxes.device)
+            for new, old in zip(new_size, original_size)
+        )
+    else:
+        ratio_h, ratio_w = (_float32_ratio(new, old) for new, old in zip(new_size, original_size))
     x1, y1, x2, y2 = boxes.unbind(1)
     return torch.stack((x1 * ratio_w, y1 * ratio_h, x2 * ratio_w, y2 * ratio_h), dim=1)
+
+
+def _float32_ratio(new: int, old: int) -> float:
+    """``float32(new) / float32(old)`` rounded to float32, for sizes below 2**24 (exact in float32).
+    The float64 quotient rounded to float32 is that value: double rounding is innocuous for a
+    division when float64 has at least 2 * 24 + 2 bits of precision."""
+    return struct.unpack("f", struct.pack("f", new / old))[0]
 
 
 class GeneralizedRCNNTransform(nn.Module):

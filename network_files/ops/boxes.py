@@ -11,7 +11,7 @@ from torchvision.ops import batched_nms, box_iou, nms
 
 from .tracing import Size
 
-__all__ = ["box_iou", "batched_nms", "nms", "clip_boxes_to_image", "remove_small_boxes"]
+__all__ = ["box_iou", "batched_nms", "nms", "clip_boxes_to_image", "remove_small_boxes", "small_box_mask"]
 
 
 def clip_boxes_to_image(boxes: Tensor, size: Tuple[Size, Size]) -> Tensor:
@@ -27,8 +27,13 @@ def clip_boxes_to_image(boxes: Tensor, size: Tuple[Size, Size]) -> Tensor:
     return torch.stack((xs, ys), dim=-1).reshape(boxes.shape)
 
 
+def small_box_mask(boxes: Tensor, min_size: float) -> Tensor:
+    """Mask ``[...]`` of the boxes ``[..., 4]`` whose width and height are both ``>= min_size``."""
+    widths = boxes[..., 2] - boxes[..., 0]
+    heights = boxes[..., 3] - boxes[..., 1]
+    return (widths >= min_size) & (heights >= min_size)
+
+
 def remove_small_boxes(boxes: Tensor, min_size: float) -> Tensor:
     """Indices of the boxes ``[N, 4]`` whose width and height are both ``>= min_size``."""
-    widths = boxes[:, 2] - boxes[:, 0]
-    heights = boxes[:, 3] - boxes[:, 1]
-    return torch.where((widths >= min_size) & (heights >= min_size))[0]
+    return torch.where(small_box_mask(boxes, min_size))[0]

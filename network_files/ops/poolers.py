@@ -22,7 +22,7 @@ import torch
 from torch import Tensor, nn
 from torchvision.ops import roi_pool
 
-from .roi_align import boxes_to_rois, pyramid_roi_align, pyramid_roi_align_linear
+from .roi_align import boxes_to_rois, level_members, pyramid_roi_align, pyramid_roi_align_linear
 
 _LEVEL_EPS = 1e-6
 
@@ -177,8 +177,7 @@ class MultiScaleRoIPool(_PyramidPooler):
             return roi_pool(features[0], rois, self.output_size, scales[0])
         first = features[0]
         result = first.new_zeros((rois.shape[0], first.shape[1]) + self.output_size)
-        for level, (feature, scale) in enumerate(zip(features, scales)):
-            index = torch.where(levels == level)[0]
+        for index, feature, scale in zip(level_members(levels, len(features)), features, scales):
             result[index] = roi_pool(feature, rois[index], self.output_size, scale).to(result.dtype)
         return result
 
