@@ -1,5 +1,6 @@
 """tools/make_scenes_voc.py: the realistic synthetic scenes read back by the project's VOC reader,
-byte-identical under a seed, VOC flags set by rule, occlusion and scale variety present."""
+byte-identical under a seed, boxes around the visible pixels, VOC flags set by rule, occlusion and
+scale variety present."""
 from __future__ import annotations
 
 import json
@@ -100,17 +101,47 @@ def test_placement_rules_on_hand_made_masks():
     assert scene.place(np.ones((20, 20), bool), 35, -4, paint(20), "cross")  # 4 rows and 5 columns outside
     assert (scene.owner >= 0).sum() == 54 + 100 + 240  # visible object pixels
     assert (scene.pixels == 200).all(axis=-1).sum() == 54 + 100 + 240 + 16  # and the clutter, painted
-    first, second, cut = scene.annotations()
-    assert (first.box, first.truncated, first.difficult, first.visible) == ((5, 5, 15, 15), 0, 0, 0.54)
+    first, second, cut = scene.annotations()  # boxes around the visible pixels only
+    assert (first.box, first.truncated, first.difficult, first.visible) == ((5, 5, 12, 15), 0, 0, 0.54)
     assert (second.box, second.truncated, second.difficult, second.visible) == ((12, 5, 22, 15), 0, 0, 1.0)
     assert (cut.box, cut.truncated, cut.difficult, cut.visible) == ((35, 0, 50, 16), 1, 0, 0.6)
     assert scene.place(square, -3, 5, paint(10), "ring")  # hides the first square's columns 5 and 6
     first, ring = scene.annotations()[0], scene.annotations()[3]
-    assert (first.difficult, first.visible) == (1, 0.34)  # more than 60% hidden
+    assert (first.box, first.difficult, first.visible) == ((7, 5, 12, 15), 1, 0.34)  # more than 60% hidden
     assert (ring.box, ring.truncated, ring.difficult, ring.visible) == ((0, 5, 7, 15), 1, 0, 0.7)
     tiny = scenes._Scene(np.zeros((40, 50, 3), np.float32))
     tiny.place(np.ones((9, 9), bool), 0, 0, paint(9), "disc")
     assert tiny.annotations()[0].difficult == 1  # under TINY_SIDE pixels
+
+
+def _tight_box(mask: np.ndarray) -> tuple[int, int, int, int]:
+    """(xmin, ymin, xmax, ymax) of the True pixels of bool [H, W] ``mask``, by row and column scans."""
+    cols = [x for x in range(mask.shape[1]) if mask[:, x].any()]
+    rows = [y for y in range(mask.shape[0]) if mask[y].any()]
+    return cols[0], rows[0], cols[-1] + 1, rows[-1] + 1
+
+
+def test_box_is_the_tight_box_of_the_visible_pixels():
+    scene = scenes._Scene(np.zeros((30, 40, 3), np.float32))
+    back = np.zeros((14, 14), bool)
+    back[2:12, 1:13] = True  # a 12 x 10 rectangle inside its square, at image columns 4..15, rows 5..14
+    assert scene.place(back, 3, 3, np.full((14, 14, 3), 100, np.float32), "box")
+    front = np.ones((16, 16), bool)  # rows 1..16, columns 10..25: hides the back object's columns 10..15
+    assert scene.place(front, 10, 1, np.full((16, 16, 3), 200, np.float32), "disc")
+    visible = np.zeros((30, 40), bool)
+    visible[5:15, 4:10] = True  # independent reference: the rectangle minus the front square
+    assert ((scene.pixels[..., 0] == 100) == visible).all() and (scene.owner == 0).sum() == visible.sum()
+    back_obj, front_obj = scene.annotations()
+    assert back_obj.box == _tight_box(visible) == (4, 5, 10, 15)
+    assert (back_obj.visible, back_obj.difficult, back_obj.truncated) == (0.5, 0, 0)
+    assert front_obj.box == (10, 1, 26, 17) and front_obj.visible == 1.0
+    assert scene.place(np.ones((8, 8), bool), 3, 11, np.zeros((8, 8, 3), np.float32), None)  # clutter in front
+    visible[11:19, 3:11] = False  # hides the back object's rows 11..14
+    back_obj, front_obj = scene.annotations()
+    assert back_obj.box == _tight_box(visible) == (4, 5, 10, 11) and back_obj.visible == 0.3
+    assert back_obj.difficult == 1 and front_obj.box == (10, 1, 26, 17)  # its column 10 still shows rows 1..10
+    scene.owner[scene.owner == 0] = scenes.CLUTTER  # nothing of it left in view: not annotated
+    assert [o.name for o in scene.annotations()] == ["disc"]
 
 
 def test_class_subset_sizes_and_counts_from_the_command_line(tmp_path, capsys):
@@ -125,7 +156,7 @@ def test_class_subset_sizes_and_counts_from_the_command_line(tmp_path, capsys):
     objects = [o for _, found, _ in drawn for o in found]
     assert {o.name for o in objects} == {"ring", "star"} and {len(found) for _, found, _ in drawn} <= {0, 2, 3}
     sides = [max(o.box[2] - o.box[0], o.box[3] - o.box[1]) / min(image.size) for image, found, _ in drawn
-             for o in found if not o.truncated]
+             for o in found if o.visible == 1.0]
     assert sides and 0.2 - 0.03 <= min(sides) and max(sides) <= 0.3 + 0.03  # pixel rounding of small squares
     bad = [(["--classes", "disc", "moon"], "--classes takes distinct names from disc, ring, cross, star, box, "
                                            "triangle, got disc moon"),

@@ -18,13 +18,14 @@ A second generator beside ``make_demo_voc.py``, aimed at realism rather than eas
 * lighting (brightness, contrast, colour cast, vignette, a soft shadow), blur, sensor noise and
   JPEG quality 35-95; image sides uniform in ``--size`` (so varying aspect ratios).
 
-Boxes are the full extent of each object (VOC style: occluded parts included), clipped to the
-image, in continuous pixel coordinates (pixel columns c0..c1 give xmin = c0, xmax = c1 + 1).
-``truncated=1`` for objects cut by the image border; ``difficult=1`` for objects with more than
-60% of their pixels hidden (by objects or clutter in front, or outside the image) or whose box's
-longer side is under 10 pixels. The layout is the one ``make_demo_voc.py`` writes
-(``tools/voc_writer.py``). Each image is drawn from its own generator seeded with (seed, index),
-so the output is byte-identical for the same arguments.
+Boxes follow the PASCAL VOC guidelines: each is the tight box of the object's VISIBLE pixels,
+once every later object and the front clutter are drawn, in continuous pixel coordinates (visible
+pixel columns c0..c1 give xmin = c0, xmax = c1 + 1); an object with no visible pixel is not
+annotated. ``truncated=1`` for objects cut by the image border; ``difficult=1`` for objects with
+more than 60% of their pixels hidden (by objects or clutter in front, or outside the image) or
+whose visible box's longer side is under 10 pixels. The layout is the one ``make_demo_voc.py``
+writes (``tools/voc_writer.py``). Each image is drawn from its own generator seeded with (seed,
+index), so the output is byte-identical for the same arguments.
 """
 from __future__ import annotations
 
@@ -57,7 +58,7 @@ EMPTY_PROBABILITY = 0.03
 BORDER_PROBABILITY = 0.15  # chance an object may stick out of the image (up to 45% of its side)
 MIN_VISIBLE = 0.15  # placements leaving an earlier object less visible than this are rejected
 DIFFICULT_VISIBLE = 0.4  # objects less visible than this (more than 60% hidden) are difficult
-TINY_SIDE = 10  # objects whose box's longer side is shorter (pixels) are difficult
+TINY_SIDE = 10  # objects whose visible box's longer side is shorter (pixels) are difficult
 VAL_FRACTION = 0.2
 CLUTTER = -2  # owner value of front clutter pixels (-1: background)
 
@@ -90,8 +91,8 @@ class SceneRecipe:
 
 @dataclass
 class SceneObject:
-    """An annotated object: class name, full-extent box (xmin, ymin, xmax, ymax) clipped to the
-    image, VOC flags and the fraction of its pixels that are visible."""
+    """An annotated object: class name, tight box (xmin, ymin, xmax, ymax) of its visible pixels,
+    VOC flags and the fraction of its pixels that are visible."""
 
     name: str
     box: tuple[int, int, int, int]
@@ -245,12 +246,12 @@ def _overlap(n: int, x0: int, y0: int, width: int, height: int) -> tuple[Window,
 
 class _Scene:
     """The image being drawn, the owner of each pixel (object index, -1 background, CLUTTER) and
-    each placed object's name, full-extent box, truncation, pixel area and visible pixel count."""
+    each placed object's name, window in the image, truncation, pixel area and visible pixel count."""
 
     def __init__(self, pixels: np.ndarray) -> None:
         self.pixels = pixels
         self.owner = np.full(pixels.shape[:2], -1, np.int64)
-        self.objects: list[tuple[str, tuple[int, int, int, int], bool]] = []
+        self.objects: list[tuple[str, Window, bool]] = []
         self.areas: list[int] = []
         self.visible: list[int] = []
 
@@ -270,18 +271,29 @@ class _Scene:
         self.owner[inside][local] = CLUTTER if name is None else len(self.areas)
         self.pixels[inside][local] = paint[part][local]
         if name is not None:
-            rows, cols = np.nonzero(mask.any(axis=1))[0], np.nonzero(mask.any(axis=0))[0]
-            box = (max(x0 + int(cols[0]), 0), max(y0 + int(rows[0]), 0),
-                   min(x0 + int(cols[-1]) + 1, width), min(y0 + int(rows[-1]) + 1, height))
-            self.objects.append((name, box, bool(local.sum() < mask.sum())))
+            self.objects.append((name, inside, bool(local.sum() < mask.sum())))
             self.areas.append(int(mask.sum()))
             self.visible.append(int(local.sum()))
         return True
 
+    def visible_box(self, index: int) -> Optional[tuple[int, int, int, int]]:
+        """Tight box (xmin, ymin, xmax, ymax) of the pixels object ``index`` still owns; None when
+        it owns none."""
+        rows_window, cols_window = self.objects[index][1]
+        rows, cols = np.nonzero(self.owner[rows_window, cols_window] == index)
+        if rows.size == 0:
+            return None
+        x0, y0 = cols_window.start, rows_window.start
+        return (x0 + int(cols.min()), y0 + int(rows.min()), x0 + int(cols.max()) + 1, y0 + int(rows.max()) + 1)
+
     def annotations(self) -> list[SceneObject]:
-        """The placed objects with their VOC flags."""
+        """The objects with a visible pixel, boxed tightly around their visible pixels, with their
+        VOC flags."""
         found = []
-        for (name, box, truncated), area, visible in zip(self.objects, self.areas, self.visible):
+        for index, ((name, _, truncated), area, visible) in enumerate(zip(self.objects, self.areas, self.visible)):
+            box = self.visible_box(index)
+            if box is None:
+                continue
             tiny = max(box[2] - box[0], box[3] - box[1]) < TINY_SIDE
             difficult = tiny or visible < DIFFICULT_VISIBLE * area
             found.append(SceneObject(name, box, int(truncated), int(difficult), round(visible / area, 4)))
