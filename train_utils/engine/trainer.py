@@ -296,9 +296,13 @@ class Trainer:
 
     def build_ema(self) -> None:
         """``--ema``: the moving average of the weights just built or resumed, continuing the
-        resumed checkpoint's average (see :meth:`Checkpointer.restore_ema`)."""
+        resumed checkpoint's average (see :meth:`Checkpointer.restore_ema`); under --compile its
+        parts are compiled as the model's (the evaluation of each epoch runs them)."""
         if self.args.ema is not None:
             self.ema = ModelEMA(self.model_without_ddp, self.args.ema, self.args.ema_warmup)
+            mode = compile_mode(self.args)
+            if mode is not None:
+                compile_static_parts(self.ema.module, mode)
         if self.resume_from is not None:
             self.checkpointer.restore_ema(self, self.resume_from, self.resume_path)
 
