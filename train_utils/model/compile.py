@@ -28,6 +28,7 @@ COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-
 # of their own, so one run stays well under this many compiled entries per forward; past it a
 # part runs eager (torch warns once) rather than compiling without end.
 RECOMPILE_LIMIT = 16
+COMPILED_METHODS = ("forward", "after_fc6")  # after_fc6: the two-layer box head's only
 
 
 def static_parts(model: nn.Module) -> Dict[str, nn.Module]:
@@ -51,13 +52,13 @@ def compile_static_parts(model: nn.Module, mode: str = "default") -> nn.Module:
 
 def compiled_methods(part: nn.Module) -> Tuple[str, ...]:
     """The methods of ``part`` that :func:`compile_static_parts` replaces on the instance."""
-    return ("forward", "after_fc6") if hasattr(part, "after_fc6") else ("forward",)
+    return COMPILED_METHODS if hasattr(part, "after_fc6") else COMPILED_METHODS[:1]
 
 
 def drop_compiled(model: nn.Module) -> nn.Module:
-    """``model`` with the per-instance compiled methods of :func:`compile_static_parts` removed:
-    every part runs its class's eager method, on its own weights (used on a deep copy)."""
-    for part in static_parts(model).values():
-        for method in compiled_methods(part):
-            part.__dict__.pop(method, None)
+    """``model`` (any module) with the per-instance compiled methods of :func:`compile_static_parts`
+    removed: every submodule runs its class's eager method, on its own weights (for a deep copy)."""
+    for module in model.modules():
+        for method in COMPILED_METHODS:
+            module.__dict__.pop(method, None)
     return model
