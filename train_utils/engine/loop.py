@@ -36,6 +36,7 @@ class EpochState:
     skipped: int = 0  # float16 steps skipped for a non-finite loss (not in the sums)
     streak: int = 0  # of them, how many in a row up to the latest step
     dropped_boxes: int = 0  # boxes the augmentation removed from this epoch's samples (all ranks)
+    stepped: bool = True  # whether the latest step moved the weights (False: the GradScaler skipped it)
 
     def add(self, losses: Dict[str, float], lr: float) -> None:
         self.iteration += 1
@@ -114,7 +115,7 @@ def train_one_epoch(
             raise non_finite_loss(state, reduced_values, describe_images([int(t["image_id"]) for t in targets]))
 
         lr = optimizer.param_groups[0]["lr"]  # the rate this step uses
-        optimizer_step(model, optimizer, scaler, clip_grad_norm)
+        state.stepped = optimizer_step(model, optimizer, scaler, clip_grad_norm)
         scheduler.step()
 
         if finite:
@@ -178,16 +179,22 @@ def backward(optimizer: torch.optim.Optimizer, loss: torch.Tensor, scaler: Optio
 
 
 def optimizer_step(model: nn.Module, optimizer: torch.optim.Optimizer, scaler: Optional[torch.amp.GradScaler],
-                   clip_grad_norm: float) -> None:
+                   clip_grad_norm: float) -> bool:
     """One optimiser step on the gradients of :func:`backward`, through the GradScaler when there
-    is one, with the gradient norm clipped when ``clip_grad_norm`` > 0."""
+    is one, with the gradient norm clipped when ``clip_grad_norm`` > 0. Returns whether the
+    weights moved: False when the GradScaler skipped the step for non-finite gradients (it then
+    lowers its scale; a finite loss can still have them)."""
     if scaler is None:
         if clip_grad_norm > 0:
             nn.utils.clip_grad_norm_(model.parameters(), clip_grad_norm)
         optimizer.step()
-        return
+        return True
+    with allowed_sync("the GradScaler's scale before the step"):
+        scale = scaler.get_scale()
     if clip_grad_norm > 0:
         scaler.unscale_(optimizer)
         nn.utils.clip_grad_norm_(model.parameters(), clip_grad_norm)
     scaler.step(optimizer)
     scaler.update()
+    with allowed_sync("whether the GradScaler skipped the step (its scale went down)"):
+        return scaler.get_scale() >= scale

@@ -384,8 +384,9 @@ class Trainer:
     def after_step(self, state: EpochState) -> None:
         """After each iteration: the hooks, then an iteration checkpoint when one is due or a stop
         signal came (every rank decides the same), and the stop itself. The EMA is updated first
-        (not after a float16 step the GradScaler skipped: the weights did not move)."""
-        if self.ema is not None and state.streak == 0:
+        (not after a float16 step the GradScaler skipped, for a non-finite loss or non-finite
+        gradients: the weights did not move)."""
+        if self.ema is not None and state.stepped:
             self.ema.update(self.model_without_ddp)
         for hook in self.hooks:
             hook.after_step(self, state)
