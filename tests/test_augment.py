@@ -307,11 +307,52 @@ def test_browse_dataset_draws_any_policy(demo_voc, tmp_path, capsys):
 def test_dropped_counts_leave_the_targets_and_survive_an_iteration_checkpoint():
     targets = [{"boxes": torch.zeros(0, 4), DROPPED_KEY: torch.tensor(3)}, {"boxes": torch.zeros(0, 4)},
                {"boxes": torch.zeros(0, 4), DROPPED_KEY: torch.tensor(2)}]
-    assert dropped_boxes(targets, torch.device("cpu")) == 5
+    assert dropped_boxes(targets) == 5
     assert all(DROPPED_KEY not in target for target in targets)
-    state = EpochState(2, iteration=3, dropped_boxes=7)
-    assert EpochState.from_dict(2, state.to_dict()).dropped_boxes == 7
+    state = EpochState(2, iteration=3, dropped_boxes=7, dropped_here=5)
+    assert state.sync_dropped(torch.device("cpu")) == 12 and state.dropped_here == 0
+    restored = EpochState.from_dict(2, state.to_dict())
+    assert (restored.dropped_boxes, restored.dropped_here) == (12, 0)
     assert EpochState.from_dict(2, {"iteration": 1, "loss_sums": {}, "lr": None}).dropped_boxes == 0
+
+
+def _sync_two_ranks(rank: int, port: int, result_dir: str) -> None:
+    """One rank of a 2-process gloo group: a resumed epoch (total 10 so far) where rank 0 drops 3
+    boxes and rank 1 drops 4, synced twice (an iteration checkpoint, then the epoch's end)."""
+    import json
+    import os
+    from pathlib import Path
+
+    import torch.distributed as dist
+
+    from train_utils import distributed as dist_utils
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE="2",
+                      LOCAL_RANK=str(rank))
+    dist_utils.init_distributed_mode("cpu", timeout_minutes=1)
+    try:
+        state = EpochState.from_dict(0, {"iteration": 2, "loss_sums": {}, "lr": None, "dropped_boxes": 10})
+        state.dropped_here += 3 + rank
+        first = state.sync_dropped(torch.device("cpu"))
+        stored = state.to_dict()["dropped_boxes"]
+        second = state.sync_dropped(torch.device("cpu"))
+        Path(result_dir, f"{rank}.json").write_text(json.dumps([first, stored, second, state.dropped_here]))
+    finally:
+        dist.destroy_process_group()
+
+
+def test_the_ranks_dropped_counts_are_summed_once_when_synced(tmp_path):
+    """Under DDP each rank counts its own samples; sync_dropped (every rank, at an iteration
+    checkpoint and at the epoch's end) adds all ranks' counts since the last sync to the total."""
+    import json
+
+    import torch.multiprocessing as mp
+
+    from conftest import free_port
+
+    mp.start_processes(_sync_two_ranks, args=(free_port(), str(tmp_path)), nprocs=2, start_method="fork")
+    for rank in (0, 1):
+        assert json.loads((tmp_path / f"{rank}.json").read_text()) == [17, 17, 17, 0]  # 10 + 3 + 4, once
 
 
 @pytest.mark.slow

@@ -210,6 +210,7 @@ class Checkpointer:
         """``last.pth`` with the position inside epoch ``state.epoch``; once all its batches are
         trained, marked as the epoch's end not yet evaluated. Every rank waits for the file."""
         started = time.time()
+        state.sync_dropped(trainer.device)
         progress = {**state.to_dict(), "world_size": self.world_size}
         if state.iteration >= trainer.train_batches.full_length:
             progress[END_PENDING] = True
