@@ -163,6 +163,17 @@ def test_a_step_the_grad_scaler_skips_for_inf_gradients_leaves_the_ema_alone():
     assert seen == [(True, 0.5, 0.75, 1), (False, 0.5, 0.75, 1), (True, -0.5, 0.125, 2)]
 
 
+def test_resuming_a_run_without_ema_with_ema_warns_about_the_best_comparison(capsys):
+    """The resumed best AP@0.5 is the raw weights'; from now on the EMA's is compared with it."""
+    from train_utils.engine.checkpointer import Checkpointer
+
+    trainer = argparse.Namespace(ema=ModelEMA(tiny_model(), 0.9, 0), best_ap50=0.4125)
+    Checkpointer(argparse.Namespace(output_dir="out"), 0, 1).restore_ema(trainer, Checkpoint(model={}), "old.pth")
+    assert capsys.readouterr().err == ("warning: old.pth holds no EMA weights: the average starts from its weights "
+                                       "now, and best.pth is chosen by comparing the EMA's AP@0.5 with the raw "
+                                       "weights' best so far (0.4125)\n")
+
+
 # ------------------------------------------------------------------------------------------ flags
 def parse_training(*argv: str) -> argparse.Namespace:
     from train_mobilenet import DEFAULTS
