@@ -27,7 +27,9 @@ ImageLike = Union[PILImage.Image, torch.Tensor]
 Target = dict[str, torch.Tensor]
 Transform = Callable[[ImageLike, Target], tuple[ImageLike, Target]]
 
-PER_BOX_KEYS = ("boxes", "labels", "area", "iscrowd", "difficult")  # entries indexed by box
+# Entries indexed by box. No dataset of this project emits "difficult" (VOC's flag becomes iscrowd);
+# a user's own Dataset using these transforms may (torchvision-style VOC targets), and it stays aligned.
+PER_BOX_KEYS = ("boxes", "labels", "area", "iscrowd", "difficult")
 IMAGENET_MEAN = (0.485, 0.456, 0.406)  # canvas colour of zoom-out, jitter and mosaic, in [0, 1]
 DROPPED_KEY = "augment_dropped_boxes"  # target key: boxes the training transforms removed
 # The elements of a policy in the order they are applied (mosaic combines 4 images at the dataset
