@@ -3,7 +3,7 @@
 Images may be PIL images or [C, H, W] tensors; targets follow the dataset format (``boxes``
 float32 [N, 4] xyxy pixels plus per-box ``labels``, ``area``, ``iscrowd``). Geometric transforms
 move the boxes exactly and return a new target dict (the input dict is not modified). The
-deterministic kernels (`hflip`, `zoom_out`, `crop`, `resize`, `place`) are public; the ``Random*``
+deterministic kernels (`hflip`, `zoom_out`, `crop`, `resize`, `place`, `paste_with_boxes`) are public; the ``Random*``
 classes only draw their parameters from torch's global generator (so ``torch.manual_seed`` and
 DataLoader worker seeding apply).
 
@@ -172,10 +172,18 @@ def place(image: ImageLike, target: Target, canvas_width: int, canvas_height: in
     """The image at (left, top) of a ``fill`` canvas: padded where it is smaller, cut where it
     reaches past (offsets may be negative). Boxes move with it, are clipped to the visible part,
     and those under ``min_side`` pixels wide or high after clipping are dropped and counted."""
+    return paste_with_boxes(blank_canvas(image, canvas_width, canvas_height, fill), image, target, left, top, min_side)
+
+
+def paste_with_boxes(canvas: ImageLike, image: ImageLike, target: Target, left: int, top: int,
+                     min_side: float = 1.0) -> tuple[ImageLike, Target]:
+    """``image`` drawn on ``canvas`` at (left, top) as :func:`paste` draws it, and ``target``'s
+    boxes moved with it, clipped to the visible part, those under ``min_side`` pixels wide or high
+    after clipping dropped and counted (:func:`place` on a blank canvas, :func:`mosaic` on its own)."""
     height, width = image_size(image)
-    canvas = paste(blank_canvas(image, canvas_width, canvas_height, fill), image, left, top)
+    canvas_height, canvas_width = image_size(canvas)
     window = (max(left, 0), max(top, 0), min(left + width, canvas_width), min(top + height, canvas_height))
-    return canvas, clip_to_window(target, left, top, window, min_side)
+    return paste(canvas, image, left, top), clip_to_window(target, left, top, window, min_side)
 
 
 def _uniform(low: float, high: float) -> float:
