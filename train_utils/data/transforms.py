@@ -3,9 +3,9 @@
 Images may be PIL images or [C, H, W] tensors; targets follow the dataset format (``boxes``
 float32 [N, 4] xyxy pixels plus per-box ``labels``, ``area``, ``iscrowd``). Geometric transforms
 move the boxes exactly and return a new target dict (the input dict is not modified). The
-deterministic kernels (`hflip`, `zoom_out`, `crop`, `resize`, `place`, `paste_with_boxes`) are public; the ``Random*``
-classes only draw their parameters from torch's global generator (so ``torch.manual_seed`` and
-DataLoader worker seeding apply).
+deterministic kernels (`hflip`, `zoom_out`, `crop`, `resize`, `place`, `paste_with_boxes`) are
+public; the ``Random*`` classes only draw their parameters from torch's global generator (so
+``torch.manual_seed`` and DataLoader worker seeding apply).
 
 A training policy (``--augment``) is a comma list of elements and presets, applied in the
 canonical order of :data:`AUGMENT_ELEMENTS` whatever order it is typed in. Boxes a transform
