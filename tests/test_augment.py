@@ -11,8 +11,8 @@ from train_utils.data.mosaic import Mosaic, mosaic, policy_dataset
 from train_utils.data.samplers import SeededSamples
 from train_utils.data.transforms import (
     AUGMENT_ELEMENTS, AUGMENT_PRESETS, DROPPED_KEY, IMAGENET_MEAN, Compose, RandomHorizontalFlip, RandomIoUCrop,
-    RandomPhotometricDistort, RandomScaleJitter, RandomZoomOut, ToTensor, get_transforms, parse_policy, place,
-    resize, training_size,
+    RandomPhotometricDistort, RandomScaleJitter, RandomZoomOut, ToTensor, augment_policy, get_transforms, parse_policy,
+    place, resize, training_size,
 )
 from train_utils.engine.loop import EpochState, dropped_boxes
 
@@ -102,11 +102,15 @@ def test_parse_policy_canonical_order_presets_and_errors():
     assert training_size([480, 512, 800], 1333) == 800 and training_size([800], 600) == 600
 
 
-def test_augment_flag_is_one_argparse_line_and_stored_as_typed(capsys):
+def test_augment_flag_is_one_argparse_line_and_stored_in_canonical_form(capsys):
     from train_utils.engine.args import parse_training_args
 
     args = parse_training_args("t", {"backbone": "mobilenet_v2"}, argv=["--augment", "hflip,lsj"])
-    assert args.augment == "hflip,lsj"
+    assert args.augment == "lsj,hflip"
+    canonical = {"lsj,hflip": "lsj,hflip", " hflip, lsj": "lsj,hflip", "hflip,photometric": "photometric",
+                 "none,none": "none", "full": "full", "lsj,full": "photometric,zoomout,ioucrop,lsj,hflip",
+                 "hflip,mosaic,photometric,lsj": "photometric,lsj,mosaic,hflip"}
+    assert {text: augment_policy(text) for text in canonical} == canonical
     with pytest.raises(SystemExit):
         parse_training_args("t", {"backbone": "mobilenet_v2"}, argv=["--augment", "hflip,cutout"])
     last = capsys.readouterr().err.strip().splitlines()[-1]

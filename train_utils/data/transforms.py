@@ -412,12 +412,15 @@ def parse_policy(text: str) -> tuple[str, ...]:
 
 
 def augment_policy(text: str) -> str:
-    """``--augment``'s argparse type: the policy as typed (so checkpoints store it so), checked."""
+    """``--augment``'s argparse type: the policy checked, in its canonical form (what args and
+    checkpoints store, so one policy is one string): the name of the preset with exactly its
+    elements, else the elements comma-joined in the order they run (``hflip,lsj`` -> ``lsj,hflip``)."""
     try:
-        parse_policy(text)
+        elements = parse_policy(text)
     except ValueError as err:
         raise argparse.ArgumentTypeError(str(err)) from None
-    return text
+    preset = next((name for name, chosen in AUGMENT_PRESETS.items() if chosen == elements), None)
+    return preset or ",".join(elements)
 
 
 def training_size(min_size: Sequence[int], max_size: int) -> int:
