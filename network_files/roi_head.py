@@ -218,8 +218,9 @@ class RoIHeads(nn.Module):
                 keep = box_ops.batched_nms(boxes, scores, labels, self.nms_thresh)
             keep = keep[: self.detections_per_img]
             return keep, scores[keep]
-        return batched_soft_nms(boxes, scores, labels, self.nms_method.removeprefix("soft-"), self.nms_thresh,
-                                self.soft_nms_sigma, self.soft_nms_min_score, self.detections_per_img)
+        with allowed_sync("soft-NMS is sequential: each step reads the best remaining box"):
+            return batched_soft_nms(boxes, scores, labels, self.nms_method.removeprefix("soft-"), self.nms_thresh,
+                                    self.soft_nms_sigma, self.soft_nms_min_score, self.detections_per_img)
 
     def box_features(
         self, features: Dict[str, Tensor], proposals: List[Tensor], image_shapes: List[Tuple[int, int]]

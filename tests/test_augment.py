@@ -11,8 +11,8 @@ from train_utils.data.mosaic import Mosaic, mosaic, policy_dataset
 from train_utils.data.samplers import SeededSamples
 from train_utils.data.transforms import (
     AUGMENT_ELEMENTS, AUGMENT_PRESETS, DROPPED_KEY, IMAGENET_MEAN, Compose, RandomHorizontalFlip, RandomIoUCrop,
-    RandomPhotometricDistort, RandomScaleJitter, RandomZoomOut, ToTensor, get_transforms, parse_policy, place,
-    resize, training_size,
+    RandomPhotometricDistort, RandomScaleJitter, RandomZoomOut, ToTensor, augment_policy, get_transforms, parse_policy,
+    place, resize, training_size,
 )
 from train_utils.engine.loop import EpochState, dropped_boxes
 
@@ -102,11 +102,15 @@ def test_parse_policy_canonical_order_presets_and_errors():
     assert training_size([480, 512, 800], 1333) == 800 and training_size([800], 600) == 600
 
 
-def test_augment_flag_is_one_argparse_line_and_stored_as_typed(capsys):
+def test_augment_flag_is_one_argparse_line_and_stored_in_canonical_form(capsys):
     from train_utils.engine.args import parse_training_args
 
     args = parse_training_args("t", {"backbone": "mobilenet_v2"}, argv=["--augment", "hflip,lsj"])
-    assert args.augment == "hflip,lsj"
+    assert args.augment == "lsj,hflip"
+    canonical = {"lsj,hflip": "lsj,hflip", " hflip, lsj": "lsj,hflip", "hflip,photometric": "photometric",
+                 "none,none": "none", "full": "full", "lsj,full": "photometric,zoomout,ioucrop,lsj,hflip",
+                 "hflip,mosaic,photometric,lsj": "photometric,lsj,mosaic,hflip"}
+    assert {text: augment_policy(text) for text in canonical} == canonical
     with pytest.raises(SystemExit):
         parse_training_args("t", {"backbone": "mobilenet_v2"}, argv=["--augment", "hflip,cutout"])
     last = capsys.readouterr().err.strip().splitlines()[-1]
@@ -307,11 +311,52 @@ def test_browse_dataset_draws_any_policy(demo_voc, tmp_path, capsys):
 def test_dropped_counts_leave_the_targets_and_survive_an_iteration_checkpoint():
     targets = [{"boxes": torch.zeros(0, 4), DROPPED_KEY: torch.tensor(3)}, {"boxes": torch.zeros(0, 4)},
                {"boxes": torch.zeros(0, 4), DROPPED_KEY: torch.tensor(2)}]
-    assert dropped_boxes(targets, torch.device("cpu")) == 5
+    assert dropped_boxes(targets) == 5
     assert all(DROPPED_KEY not in target for target in targets)
-    state = EpochState(2, iteration=3, dropped_boxes=7)
-    assert EpochState.from_dict(2, state.to_dict()).dropped_boxes == 7
+    state = EpochState(2, iteration=3, dropped_boxes=7, dropped_here=5)
+    assert state.sync_dropped(torch.device("cpu")) == 12 and state.dropped_here == 0
+    restored = EpochState.from_dict(2, state.to_dict())
+    assert (restored.dropped_boxes, restored.dropped_here) == (12, 0)
     assert EpochState.from_dict(2, {"iteration": 1, "loss_sums": {}, "lr": None}).dropped_boxes == 0
+
+
+def _sync_two_ranks(rank: int, port: int, result_dir: str) -> None:
+    """One rank of a 2-process gloo group: a resumed epoch (total 10 so far) where rank 0 drops 3
+    boxes and rank 1 drops 4, synced twice (an iteration checkpoint, then the epoch's end)."""
+    import json
+    import os
+    from pathlib import Path
+
+    import torch.distributed as dist
+
+    from train_utils import distributed as dist_utils
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE="2",
+                      LOCAL_RANK=str(rank))
+    dist_utils.init_distributed_mode("cpu", timeout_minutes=1)
+    try:
+        state = EpochState.from_dict(0, {"iteration": 2, "loss_sums": {}, "lr": None, "dropped_boxes": 10})
+        state.dropped_here += 3 + rank
+        first = state.sync_dropped(torch.device("cpu"))
+        stored = state.to_dict()["dropped_boxes"]
+        second = state.sync_dropped(torch.device("cpu"))
+        Path(result_dir, f"{rank}.json").write_text(json.dumps([first, stored, second, state.dropped_here]))
+    finally:
+        dist.destroy_process_group()
+
+
+def test_the_ranks_dropped_counts_are_summed_once_when_synced(tmp_path):
+    """Under DDP each rank counts its own samples; sync_dropped (every rank, at an iteration
+    checkpoint and at the epoch's end) adds all ranks' counts since the last sync to the total."""
+    import json
+
+    import torch.multiprocessing as mp
+
+    from conftest import free_port
+
+    mp.start_processes(_sync_two_ranks, args=(free_port(), str(tmp_path)), nprocs=2, start_method="fork")
+    for rank in (0, 1):
+        assert json.loads((tmp_path / f"{rank}.json").read_text()) == [17, 17, 17, 0]  # 10 + 3 + 4, once
 
 
 @pytest.mark.slow

@@ -162,3 +162,53 @@ def test_training_with_compile_compiles_and_its_checkpoint_loads_eager(demo_voc,
     checkpoint = torch.load(out / "model-0.pth", weights_only=True)
     model = build_model(checkpoint["model_config"])
     model.load_state_dict(checkpoint["model"], strict=True)
+
+
+def test_the_ema_copy_of_a_compiled_model_runs_its_own_weights(tiny_detector, monkeypatch):
+    """torch.compile returns a plain function holding the bound method it compiled (a deep copy
+    keeps such a function as it is): the EMA copy must run its own parts, on its own weights, and
+    the trainer compiles those parts, not the live model's, again."""
+    import functools
+
+    from train_utils.engine.ema import ModelEMA
+    from train_utils.model.compile import compile_static_parts, static_parts
+
+    compiled_for = []
+
+    def fake_compile(method, **kwargs):
+        compiled_for.append(method.__self__)
+
+        @functools.wraps(method)
+        def run(*args, **kw):
+            return method(*args, **kw)
+        return run
+
+    monkeypatch.setattr(torch, "compile", fake_compile)
+    torch.manual_seed(0)
+    model = compile_static_parts(tiny_detector(box_score_thresh=0.0).eval())
+    ema = ModelEMA(model, decay=0.5, tau=0)
+    with torch.no_grad():
+        for param in model.parameters():
+            param.mul_(1.5).add_(0.1)  # the raw weights move away from the copy's
+    eager = tiny_detector(box_score_thresh=0.0).eval()
+    eager.load_state_dict(ema.module.state_dict())
+    batch, padded = images((64, 80)), torch.rand(1, 3, 64, 64)
+    with torch.no_grad():
+        ema_map, raw_map = ema.module.backbone(padded), model.backbone(padded)  # one map: a tensor
+        assert not torch.equal(ema_map, raw_map)
+        torch.testing.assert_close(ema_map, eager.backbone(padded), rtol=0, atol=0)
+        want = eager(batch)[0]
+        torch.testing.assert_close(ema.module(batch)[0], want, rtol=0, atol=0)
+
+    from train_utils.engine.trainer import Trainer
+
+    compiled_for.clear()
+    trainer = Trainer(argparse.Namespace(ema=0.5, ema_warmup=0.0, compile=True, compile_mode=None))
+    trainer.model_without_ddp = model
+    trainer.build_ema()
+    ema = trainer.ema
+    ema.module.load_state_dict(eager.state_dict())
+    parts = list(static_parts(ema.module).values())
+    assert compiled_for == [parts[0], parts[1], parts[2], parts[2], parts[3]]  # the box head: forward, after_fc6
+    with torch.no_grad():
+        torch.testing.assert_close(ema.module(batch)[0], want, rtol=0, atol=0)

@@ -122,6 +122,58 @@ def test_state_round_trip_continues_the_same_average():
         assert torch.equal(other.module.state_dict()[key], value), key
 
 
+class SqrtLoss(nn.Module):
+    """Loss ``w * x``, or (target ``inf_grad``) ``sqrt(w - w)``: finite (0) with an infinite gradient."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.w = nn.Parameter(torch.tensor([1.0]))
+
+    def forward(self, images, targets):
+        if bool(targets[0]["inf_grad"]):
+            return {"loss_w": torch.sqrt(self.w - self.w.detach()).sum()}
+        return {"loss_w": (self.w * images[0]).sum()}
+
+
+def test_a_step_the_grad_scaler_skips_for_inf_gradients_leaves_the_ema_alone():
+    """A finite loss whose gradients overflow: the GradScaler skips the step (the weights stay),
+    and the trainer does not update the EMA for it (its update count and weights stay too)."""
+    from train_utils.engine.control import CheckpointEvery, RunControl, StopSignals
+    from train_utils.engine.loop import EpochState, train_one_epoch
+    from train_utils.engine.trainer import Trainer
+
+    model = SqrtLoss()
+    trainer = Trainer(argparse.Namespace(ema=0.5, ema_warmup=0.0, compile=False))
+    trainer.model_without_ddp = model
+    trainer.build_ema()
+    trainer.control = RunControl(CheckpointEvery(), StopSignals())
+    seen = []
+
+    def after_step(state):
+        trainer.after_step(state)
+        seen.append((state.stepped, model.w.item(), trainer.ema.module.w.item(), trainer.ema.updates))
+
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.5)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
+    batches = [([torch.tensor([x])], [{"inf_grad": torch.tensor(inf), "image_id": torch.tensor(i)}])
+               for i, (x, inf) in enumerate([(1.0, False), (0.0, True), (2.0, False)])]
+    train_one_epoch(model, optimizer, batches, torch.device("cpu"), EpochState(0), scheduler,
+                    torch.amp.GradScaler("cpu"), print_freq=100, after_step=after_step)
+    # w: 1 - 0.5 * 1 = 0.5; skipped; 0.5 - 0.5 * 2 = -0.5. EMA (d = 0.5): 0.75; 0.75; 0.125
+    assert seen == [(True, 0.5, 0.75, 1), (False, 0.5, 0.75, 1), (True, -0.5, 0.125, 2)]
+
+
+def test_resuming_a_run_without_ema_with_ema_warns_about_the_best_comparison(capsys):
+    """The resumed best AP@0.5 is the raw weights'; from now on the EMA's is compared with it."""
+    from train_utils.engine.checkpointer import Checkpointer
+
+    trainer = argparse.Namespace(ema=ModelEMA(tiny_model(), 0.9, 0), best_ap50=0.4125)
+    Checkpointer(argparse.Namespace(output_dir="out"), 0, 1).restore_ema(trainer, Checkpoint(model={}), "old.pth")
+    assert capsys.readouterr().err == ("warning: old.pth holds no EMA weights: the average starts from its weights "
+                                       "now, and best.pth is chosen by comparing the EMA's AP@0.5 with the raw "
+                                       "weights' best so far (0.4125)\n")
+
+
 # ------------------------------------------------------------------------------------------ flags
 def parse_training(*argv: str) -> argparse.Namespace:
     from train_mobilenet import DEFAULTS

@@ -172,6 +172,37 @@ def test_detector_final_step_equals_reference(tiny_detector, method):
     torch.testing.assert_close(output["boxes"], boxes[ref_keep[:15]] * 80 / 64, rtol=0, atol=1e-4)
 
 
+def test_soft_nms_runs_inside_an_allowed_sync(tiny_detector, monkeypatch):
+    """Soft-NMS reads the best remaining box at every step: the detector marks the call as an
+    allowed sync (so CUDA's sync debug mode accepts it), with its reason."""
+    from contextlib import contextmanager
+
+    from network_files import roi_head
+
+    reasons, open_reasons, calls = [], [], []
+
+    @contextmanager
+    def recording(reason):
+        reasons.append(reason)
+        open_reasons.append(reason)
+        yield
+        open_reasons.pop()
+
+    def soft_nms_spy(*args, **kwargs):
+        calls.append(list(open_reasons))
+        return batched_soft_nms(*args, **kwargs)
+
+    monkeypatch.setattr(roi_head, "allowed_sync", recording)
+    monkeypatch.setattr(roi_head, "batched_soft_nms", soft_nms_spy)
+    torch.manual_seed(0)
+    model = tiny_detector(box_score_thresh=0.0, box_nms="soft-gaussian").eval()
+    with torch.no_grad():
+        model([torch.rand(3, 80, 80)])
+    soft_reason = "soft-NMS is sequential: each step reads the best remaining box"
+    assert calls == [[soft_reason]]
+    assert soft_reason in reasons
+
+
 # ---------------------------------------------------------------------------------- as a model setting
 def test_old_checkpoint_config_loads_with_hard_nms():
     stored = ModelConfig(num_classes=3).to_dict()

@@ -187,7 +187,7 @@ def read_checkpoint(path: str) -> Checkpoint:
 
 
 def _from_training_file(raw: Dict[str, Any], path: str) -> Checkpoint:
-    """Format 1 or 2 of our training scripts."""
+    """Format 1 to ``FORMAT_VERSION`` (4) of our training scripts (see the module docstring)."""
     version = raw.get("format_version", 1)
     if not isinstance(version, int) or version > FORMAT_VERSION:
         raise WeightFileError(f"{path}: checkpoint format {version} is newer than this code reads "

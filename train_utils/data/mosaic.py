@@ -14,8 +14,8 @@ import torch
 from torch.utils.data import Dataset
 
 from train_utils.data.transforms import (DROPPED_KEY, IMAGENET_MEAN, PER_BOX_KEYS, ImageLike, Target, Transform,
-                                         blank_canvas, clip_to_window, final_transforms, image_size, parse_policy,
-                                         paste, resize)
+                                         blank_canvas, final_transforms, image_size, parse_policy, paste_with_boxes,
+                                         resize)
 
 # Quadrant order: top-left, top-right, bottom-left, bottom-right; an image's corner touches the
 # centre point, so (left of the centre, above the centre) says where the image lies.
@@ -52,9 +52,8 @@ def mosaic(samples: Sequence[tuple[ImageLike, Target]], size: int, centre: tuple
         image, target = resize(image, target, max(1, round(height * scale)), max(1, round(width * scale)))
         height, width = image_size(image)
         left, top = (cx - width if left_of else cx), (cy - height if above else cy)
-        canvas = paste(canvas, image, left, top)
-        window = (max(left, 0), max(top, 0), min(left + width, size), min(top + height, size))
-        placed.append(clip_to_window(target, left, top, window, min_side))
+        canvas, target = paste_with_boxes(canvas, image, target, left, top, min_side)
+        placed.append(target)
     return canvas, concat_targets(placed)
 
 

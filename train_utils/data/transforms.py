@@ -3,9 +3,9 @@
 Images may be PIL images or [C, H, W] tensors; targets follow the dataset format (``boxes``
 float32 [N, 4] xyxy pixels plus per-box ``labels``, ``area``, ``iscrowd``). Geometric transforms
 move the boxes exactly and return a new target dict (the input dict is not modified). The
-deterministic kernels (`hflip`, `zoom_out`, `crop`, `resize`, `place`) are public; the ``Random*``
-classes only draw their parameters from torch's global generator (so ``torch.manual_seed`` and
-DataLoader worker seeding apply).
+deterministic kernels (`hflip`, `zoom_out`, `crop`, `resize`, `place`, `paste_with_boxes`) are
+public; the ``Random*`` classes only draw their parameters from torch's global generator (so
+``torch.manual_seed`` and DataLoader worker seeding apply).
 
 A training policy (``--augment``) is a comma list of elements and presets, applied in the
 canonical order of :data:`AUGMENT_ELEMENTS` whatever order it is typed in. Boxes a transform
@@ -27,7 +27,9 @@ ImageLike = Union[PILImage.Image, torch.Tensor]
 Target = dict[str, torch.Tensor]
 Transform = Callable[[ImageLike, Target], tuple[ImageLike, Target]]
 
-PER_BOX_KEYS = ("boxes", "labels", "area", "iscrowd", "difficult")  # entries indexed by box
+# Entries indexed by box. No dataset of this project emits "difficult" (VOC's flag becomes iscrowd);
+# a user's own Dataset using these transforms may (torchvision-style VOC targets), and it stays aligned.
+PER_BOX_KEYS = ("boxes", "labels", "area", "iscrowd", "difficult")
 IMAGENET_MEAN = (0.485, 0.456, 0.406)  # canvas colour of zoom-out, jitter and mosaic, in [0, 1]
 DROPPED_KEY = "augment_dropped_boxes"  # target key: boxes the training transforms removed
 # The elements of a policy in the order they are applied (mosaic combines 4 images at the dataset
@@ -170,10 +172,18 @@ def place(image: ImageLike, target: Target, canvas_width: int, canvas_height: in
     """The image at (left, top) of a ``fill`` canvas: padded where it is smaller, cut where it
     reaches past (offsets may be negative). Boxes move with it, are clipped to the visible part,
     and those under ``min_side`` pixels wide or high after clipping are dropped and counted."""
+    return paste_with_boxes(blank_canvas(image, canvas_width, canvas_height, fill), image, target, left, top, min_side)
+
+
+def paste_with_boxes(canvas: ImageLike, image: ImageLike, target: Target, left: int, top: int,
+                     min_side: float = 1.0) -> tuple[ImageLike, Target]:
+    """``image`` drawn on ``canvas`` at (left, top) as :func:`paste` draws it, and ``target``'s
+    boxes moved with it, clipped to the visible part, those under ``min_side`` pixels wide or high
+    after clipping dropped and counted (:func:`place` on a blank canvas, :func:`mosaic` on its own)."""
     height, width = image_size(image)
-    canvas = paste(blank_canvas(image, canvas_width, canvas_height, fill), image, left, top)
+    canvas_height, canvas_width = image_size(canvas)
     window = (max(left, 0), max(top, 0), min(left + width, canvas_width), min(top + height, canvas_height))
-    return canvas, clip_to_window(target, left, top, window, min_side)
+    return paste(canvas, image, left, top), clip_to_window(target, left, top, window, min_side)
 
 
 def _uniform(low: float, high: float) -> float:
@@ -402,12 +412,15 @@ def parse_policy(text: str) -> tuple[str, ...]:
 
 
 def augment_policy(text: str) -> str:
-    """``--augment``'s argparse type: the policy as typed (so checkpoints store it so), checked."""
+    """``--augment``'s argparse type: the policy checked, in its canonical form (what args and
+    checkpoints store, so one policy is one string): the name of the preset with exactly its
+    elements, else the elements comma-joined in the order they run (``hflip,lsj`` -> ``lsj,hflip``)."""
     try:
-        parse_policy(text)
+        elements = parse_policy(text)
     except ValueError as err:
         raise argparse.ArgumentTypeError(str(err)) from None
-    return text
+    preset = next((name for name, chosen in AUGMENT_PRESETS.items() if chosen == elements), None)
+    return preset or ",".join(elements)
 
 
 def training_size(min_size: Sequence[int], max_size: int) -> int:

@@ -143,7 +143,9 @@ class Checkpointer:
         if ema is None and stored is not None:
             print(f"warning: {path} holds EMA weights but --ema is not given: they are dropped", file=sys.stderr)
         elif ema is not None and stored is None:
-            print(f"warning: {path} holds no EMA weights: the average starts from its weights now", file=sys.stderr)
+            print(f"warning: {path} holds no EMA weights: the average starts from its weights now, and best.pth "
+                  f"is chosen by comparing the EMA's AP@0.5 with the raw weights' best so far "
+                  f"({trainer.best_ap50:.4f})", file=sys.stderr)
         elif ema is not None and (stored["decay"], stored["tau"]) != (ema.decay, ema.tau):
             print(f"warning: {path}'s EMA had decay {stored['decay']:g} and warm-up {stored['tau']:g}; it goes on "
                   f"with --ema {ema.decay:g} --ema-warmup {ema.tau:g}", file=sys.stderr)
@@ -210,6 +212,7 @@ class Checkpointer:
         """``last.pth`` with the position inside epoch ``state.epoch``; once all its batches are
         trained, marked as the epoch's end not yet evaluated. Every rank waits for the file."""
         started = time.time()
+        state.sync_dropped(trainer.device)
         progress = {**state.to_dict(), "world_size": self.world_size}
         if state.iteration >= trainer.train_batches.full_length:
             progress[END_PENDING] = True

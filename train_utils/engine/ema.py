@@ -6,7 +6,9 @@ parameter and buffer (BatchNorm statistics included); integer buffers (``num_bat
 are copied. The decay warms up as in ultralytics, ``d_t = decay * (1 - exp(-t / tau))`` after
 ``t`` updates, so the early average follows the fast-moving weights instead of the random start;
 ``tau`` = 0 keeps ``d_t = decay``. The average lives in a float32 copy of the unwrapped module
-(DDP: every rank holds the same weights and updates its own copy; rank 0 saves it).
+(DDP: every rank holds the same weights and updates its own copy; rank 0 saves it). The copy
+runs eager (``--compile``'s per-part overrides are dropped: they belong to the live model); the
+trainer compiles it on its own under ``--compile``.
 """
 import copy
 import math
@@ -14,6 +16,8 @@ from typing import Any, Dict
 
 import torch
 from torch import nn
+
+from train_utils.model.compile import drop_compiled
 
 DEFAULT_DECAY = 0.9998  # timm's --model-ema-decay; ultralytics uses 0.9999 with the same warm-up
 DEFAULT_TAU = 2000.0  # ultralytics' warm-up: d_t reaches 63% of the decay after 2000 updates
@@ -24,7 +28,7 @@ class ModelEMA:
     starting from its weights now."""
 
     def __init__(self, model: nn.Module, decay: float = DEFAULT_DECAY, tau: float = DEFAULT_TAU) -> None:
-        self.module = copy.deepcopy(model).float().eval()
+        self.module = drop_compiled(copy.deepcopy(model)).float().eval()
         for param in self.module.parameters():
             param.requires_grad_(False)
         self.decay, self.tau = float(decay), float(tau)

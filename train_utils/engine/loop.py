@@ -35,7 +35,11 @@ class EpochState:
     last_losses: Dict[str, float] = field(default_factory=dict)  # the latest step's losses
     skipped: int = 0  # float16 steps skipped for a non-finite loss (not in the sums)
     streak: int = 0  # of them, how many in a row up to the latest step
-    dropped_boxes: int = 0  # boxes the augmentation removed from this epoch's samples (all ranks)
+    # Boxes the augmentation removed from this epoch's samples: all ranks' up to the latest
+    # sync_dropped (the same on every rank; what a checkpoint stores), and this rank's since.
+    dropped_boxes: int = 0
+    dropped_here: int = 0
+    stepped: bool = True  # whether the latest step moved the weights (False: the GradScaler skipped it)
 
     def add(self, losses: Dict[str, float], lr: float) -> None:
         self.iteration += 1
@@ -50,12 +54,25 @@ class EpochState:
         self.streak += 1
         self.lr, self.last_losses = lr, losses
 
+    def sync_dropped(self, device: torch.device) -> int:
+        """Add every rank's ``dropped_here`` to ``dropped_boxes`` (one all-reduce: every rank calls
+        it at the same point, the epoch's end or an iteration checkpoint) and return the total."""
+        here, self.dropped_here = self.dropped_here, 0
+        if dist_utils.get_world_size() < 2:
+            self.dropped_boxes += here
+        else:
+            total = dist_utils.reduce_dict({"dropped": torch.tensor(float(here), device=device)}, average=False)
+            with allowed_sync("the epoch's dropped-box count, summed over the ranks"):
+                self.dropped_boxes += int(total["dropped"].item())
+        return self.dropped_boxes
+
     def means(self) -> Dict[str, float]:
         """The epoch's mean of each loss term (over the steps not skipped) and its last learning rate."""
         means = {key: value / max(self.iteration - self.skipped, 1) for key, value in self.loss_sums.items()}
         return {**means, "lr": self.lr} if self.lr is not None else means
 
     def to_dict(self) -> Dict[str, Any]:
+        """The stored position; call :meth:`sync_dropped` first (every rank)."""
         return {"iteration": self.iteration, "loss_sums": dict(self.loss_sums), "lr": self.lr,
                 "skipped": self.skipped, "streak": self.streak, "dropped_boxes": self.dropped_boxes}
 
@@ -98,7 +115,7 @@ def train_one_epoch(
     progress = Progress(data_loader, state.iteration + len(data_loader), f"Epoch {state.epoch}", print_freq,
                         dist_utils.is_main_process(), start=state.iteration)
     for images, targets in progress:
-        state.dropped_boxes += dropped_boxes(targets, device)
+        state.dropped_here += dropped_boxes(targets)
         images, targets = move_to_device(images, targets, device)
         with autocast_context(device, amp_dtype):
             loss_dict = model(images, targets)
@@ -114,7 +131,7 @@ def train_one_epoch(
             raise non_finite_loss(state, reduced_values, describe_images([int(t["image_id"]) for t in targets]))
 
         lr = optimizer.param_groups[0]["lr"]  # the rate this step uses
-        optimizer_step(model, optimizer, scaler, clip_grad_norm)
+        state.stepped = optimizer_step(model, optimizer, scaler, clip_grad_norm)
         scheduler.step()
 
         if finite:
@@ -125,16 +142,13 @@ def train_one_epoch(
         progress.update(loss=total, **reduced_values, lr=lr)
         after_step(state)
 
-    return {"lr": optimizer.param_groups[0]["lr"], **state.means(), DROPPED_KEY: state.dropped_boxes}
+    return {"lr": optimizer.param_groups[0]["lr"], **state.means(), DROPPED_KEY: state.sync_dropped(device)}
 
 
-def dropped_boxes(targets: List[Dict[str, torch.Tensor]], device: torch.device) -> int:
-    """Take the augmentation's dropped-box counts out of a batch's targets; their sum over the
-    batch and the ranks (every rank calls this once per step)."""
-    count = sum(int(target.pop(DROPPED_KEY, 0)) for target in targets)
-    if dist_utils.get_world_size() < 2:
-        return count
-    return int(dist_utils.reduce_dict({"dropped": torch.tensor(float(count), device=device)}, average=False)["dropped"])
+def dropped_boxes(targets: List[Dict[str, torch.Tensor]]) -> int:
+    """Take the augmentation's dropped-box counts (host tensors, from the loader) out of a
+    batch's targets; their sum over the batch."""
+    return sum(int(target.pop(DROPPED_KEY, 0)) for target in targets)
 
 
 def skippable(scaler: Optional[torch.amp.GradScaler], state: EpochState) -> bool:
@@ -178,16 +192,22 @@ def backward(optimizer: torch.optim.Optimizer, loss: torch.Tensor, scaler: Optio
 
 
 def optimizer_step(model: nn.Module, optimizer: torch.optim.Optimizer, scaler: Optional[torch.amp.GradScaler],
-                   clip_grad_norm: float) -> None:
+                   clip_grad_norm: float) -> bool:
     """One optimiser step on the gradients of :func:`backward`, through the GradScaler when there
-    is one, with the gradient norm clipped when ``clip_grad_norm`` > 0."""
+    is one, with the gradient norm clipped when ``clip_grad_norm`` > 0. Returns whether the
+    weights moved: False when the GradScaler skipped the step for non-finite gradients (it then
+    lowers its scale; a finite loss can still have them)."""
     if scaler is None:
         if clip_grad_norm > 0:
             nn.utils.clip_grad_norm_(model.parameters(), clip_grad_norm)
         optimizer.step()
-        return
+        return True
+    with allowed_sync("the GradScaler's scale before the step"):
+        scale = scaler.get_scale()
     if clip_grad_norm > 0:
         scaler.unscale_(optimizer)
         nn.utils.clip_grad_norm_(model.parameters(), clip_grad_norm)
     scaler.step(optimizer)
     scaler.update()
+    with allowed_sync("whether the GradScaler skipped the step (its scale went down)"):
+        return scaler.get_scale() >= scale

@@ -296,9 +296,13 @@ class Trainer:
 
     def build_ema(self) -> None:
         """``--ema``: the moving average of the weights just built or resumed, continuing the
-        resumed checkpoint's average (see :meth:`Checkpointer.restore_ema`)."""
+        resumed checkpoint's average (see :meth:`Checkpointer.restore_ema`); under --compile its
+        parts are compiled as the model's (the evaluation of each epoch runs them)."""
         if self.args.ema is not None:
             self.ema = ModelEMA(self.model_without_ddp, self.args.ema, self.args.ema_warmup)
+            mode = compile_mode(self.args)
+            if mode is not None:
+                compile_static_parts(self.ema.module, mode)
         if self.resume_from is not None:
             self.checkpointer.restore_ema(self, self.resume_from, self.resume_path)
 
@@ -380,8 +384,9 @@ class Trainer:
     def after_step(self, state: EpochState) -> None:
         """After each iteration: the hooks, then an iteration checkpoint when one is due or a stop
         signal came (every rank decides the same), and the stop itself. The EMA is updated first
-        (not after a float16 step the GradScaler skipped: the weights did not move)."""
-        if self.ema is not None and state.streak == 0:
+        (not after a float16 step the GradScaler skipped, for a non-finite loss or non-finite
+        gradients: the weights did not move)."""
+        if self.ema is not None and state.stepped:
             self.ema.update(self.model_without_ddp)
         for hook in self.hooks:
             hook.after_step(self, state)

@@ -9,9 +9,12 @@ sampling, RoI pooling, the losses and the post-processing stay eager: their shap
 Each part's ``forward`` (and the two-layer head's ``after_fc6``, which training calls after the
 fused pooling + fc6) is replaced on the instance by its compiled version, so the module tree and
 the state-dict keys stay as they are (an ``OptimizedModule`` wrapper would prefix them with
-``_orig_mod.``): a checkpoint of a compiled model loads into an eager one and back.
+``_orig_mod.``): a checkpoint of a compiled model loads into an eager one and back. What is
+compiled is always the class's method bound to the part itself, and :func:`drop_compiled` takes the
+overrides off again: a deep copy (``--ema``'s average) would otherwise keep calling the original
+model's compiled forwards, with the original's weights.
 """
-from typing import Dict
+from typing import Dict, Tuple
 
 import torch
 from torch import nn
@@ -25,6 +28,7 @@ COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-
 # of their own, so one run stays well under this many compiled entries per forward; past it a
 # part runs eager (torch warns once) rather than compiling without end.
 RECOMPILE_LIMIT = 16
+COMPILED_METHODS = ("forward", "after_fc6")  # after_fc6: the two-layer box head's only
 
 
 def static_parts(model: nn.Module) -> Dict[str, nn.Module]:
@@ -40,6 +44,21 @@ def compile_static_parts(model: nn.Module, mode: str = "default") -> nn.Module:
         raise ValueError(f"--compile: mode must be one of {', '.join(COMPILE_MODES)}, got {mode!r}")
     torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, RECOMPILE_LIMIT)
     for part in static_parts(model).values():
-        for method in ("forward", "after_fc6") if hasattr(part, "after_fc6") else ("forward",):
-            setattr(part, method, torch.compile(getattr(part, method), mode=mode, dynamic=None))
+        for method in compiled_methods(part):
+            eager = getattr(type(part), method).__get__(part)  # this part's own, never a copied override
+            setattr(part, method, torch.compile(eager, mode=mode, dynamic=None))
+    return model
+
+
+def compiled_methods(part: nn.Module) -> Tuple[str, ...]:
+    """The methods of ``part`` that :func:`compile_static_parts` replaces on the instance."""
+    return COMPILED_METHODS if hasattr(part, "after_fc6") else COMPILED_METHODS[:1]
+
+
+def drop_compiled(model: nn.Module) -> nn.Module:
+    """``model`` (any module) with the per-instance compiled methods of :func:`compile_static_parts`
+    removed: every submodule runs its class's eager method, on its own weights (for a deep copy)."""
+    for module in model.modules():
+        for method in COMPILED_METHODS:
+            module.__dict__.pop(method, None)
     return model
