@@ -117,7 +117,7 @@ def add_compile_flags(parser: argparse.ArgumentParser) -> None:
                         help="torch.compile the backbone + FPN, the RPN head and the box head (the rest stays eager); "
                              "the first batches of each image size take longer (see docs/benchmarks.md#gpu-levers)")
     parser.add_argument("--compile-mode", choices=COMPILE_MODES, default=None,
-                        help="the torch.compile mode of --compile (torch's own mode \"default\" unless given)")
+                        help="the torch.compile mode of --compile (unset: torch's own mode)")
 
 
 def compile_mode(args: argparse.Namespace) -> Optional[str]:
