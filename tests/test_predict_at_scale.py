@@ -3,10 +3,10 @@ Pascal VOC / YOLO annotations (train_utils/inference/{pipeline,video,annotations
 import functools
 import http.server
 import json
-import subprocess
 import shutil
-import sys
 import signal
+import subprocess
+import sys
 import threading
 import time
 from fractions import Fraction
