@@ -74,3 +74,14 @@ def test_two_deterministic_runs_end_with_equal_weights(demo_voc, tmp_path, resto
 
 def load_args(path: Path) -> dict:
     return torch.load(path, map_location="cpu", weights_only=True)["args"]
+
+
+def test_cudnn_benchmark_only_on_cuda_with_few_training_sizes_and_never_deterministic():
+    from train_utils.device import MAX_BENCHMARK_SIZES, cudnn_benchmark_wanted
+
+    cuda, cpu = torch.device("cuda"), torch.device("cpu")
+    assert cudnn_benchmark_wanted(cuda, [800], deterministic=False)
+    assert cudnn_benchmark_wanted(cuda, [480, 512, 544], deterministic=False) and MAX_BENCHMARK_SIZES == 3
+    assert not cudnn_benchmark_wanted(cuda, [480, 512, 544, 576], deterministic=False)  # multi-scale: many shapes
+    assert not cudnn_benchmark_wanted(cuda, [800], deterministic=True)  # benchmark picks kernels by timing
+    assert not cudnn_benchmark_wanted(cpu, [800], deterministic=False)

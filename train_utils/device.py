@@ -42,6 +42,18 @@ def move_to_device(images: Sequence[torch.Tensor], targets: Sequence[Dict], devi
     return images, targets
 
 
+# cuDNN's benchmark mode times every convolution algorithm once per input shape and keeps the
+# fastest. Padded batches come in few shapes (multiples of 32, one short side per training size),
+# so the timing pays for itself unless multi-scale training multiplies them.
+MAX_BENCHMARK_SIZES = 3
+
+
+def cudnn_benchmark_wanted(device: torch.device, min_sizes: Sequence[int], deterministic: bool) -> bool:
+    """Whether a training run turns ``torch.backends.cudnn.benchmark`` on: on CUDA, without
+    --deterministic, and with at most MAX_BENCHMARK_SIZES training sizes (--min-size values)."""
+    return device.type == "cuda" and not deterministic and len(set(min_sizes)) <= MAX_BENCHMARK_SIZES
+
+
 # TF32 (TensorFloat-32, Ampere and later GPUs): float32 convolutions and matmuls computed with
 # 10-bit mantissas. PyTorch's defaults: cuDNN convolutions in TF32, matmuls in full float32.
 # The project's policy: training keeps those defaults (--tf32 on/off changes them), evaluation

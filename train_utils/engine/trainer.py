@@ -26,7 +26,7 @@ from train_utils.data.samplers import (GroupedBatchSampler, ResumableBatches, Se
                                        create_aspect_ratio_groups)
 from train_utils.data.mosaic import policy_dataset
 from train_utils.data.transforms import get_transforms, training_size
-from train_utils.device import TF32_CHOICES, amp_dtype, resolve_device, tf32_mode
+from train_utils.device import TF32_CHOICES, amp_dtype, cudnn_benchmark_wanted, resolve_device, tf32_mode
 from train_utils import distributed as dist_utils
 from train_utils.jsonl import read_jsonl
 from train_utils.engine import determinism
@@ -129,6 +129,8 @@ class Trainer:
         if self.device.type == "cuda" and self.device.index is not None:
             torch.cuda.set_device(self.device)  # --device cuda:N: allocations and kernels default to GPU N
         self.is_main = self.rank == 0
+        if cudnn_benchmark_wanted(self.device, self.args.min_size or [], getattr(self.args, "deterministic", False)):
+            torch.backends.cudnn.benchmark = True
         seed_everything(self.args.seed + self.rank)
         self.signals.install()
         self.control = RunControl(CheckpointEvery.parse(self.args.checkpoint_every), self.signals)
