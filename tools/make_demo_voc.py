@@ -36,7 +36,7 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from tools.voc_writer import VocWriter  # noqa: E402
+from tools.voc_writer import VocWriter, check_pair  # noqa: E402
 
 CLASSES = ("circle", "square", "triangle")
 HUE_RANGES = {"circle": (-0.03, 0.05), "square": (0.25, 0.42), "triangle": (0.55, 0.68)}  # red, green, blue
@@ -66,12 +66,8 @@ class Recipe:
     one_colour: bool = False
 
     def __post_init__(self) -> None:
-        low, high = self.size_range
-        if not 0 < low <= high <= 1:
-            raise ValueError(f"--object-size LOW HIGH must satisfy 0 < LOW <= HIGH <= 1, got {low:g} {high:g}")
-        low, high = self.objects
-        if not 1 <= low <= high:
-            raise ValueError(f"--objects LOW HIGH must satisfy 1 <= LOW <= HIGH, got {low} {high}")
+        check_pair("--object-size", self.size_range, "0 < LOW <= HIGH <= 1", lambda low, high: 0 < low <= high <= 1)
+        check_pair("--objects", self.objects, "1 <= LOW <= HIGH", lambda low, high: 1 <= low <= high)
         if self.small_probability is not None and not 0 <= self.small_probability <= 1:
             raise ValueError(f"the small-object probability must lie in [0, 1], got {self.small_probability:g}")
 

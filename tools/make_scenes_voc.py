@@ -45,7 +45,7 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from tools.voc_writer import VocWriter  # noqa: E402
+from tools.voc_writer import VocWriter, check_pair  # noqa: E402
 
 CLASS_TEXTURES = {"disc": "spots", "ring": "stripes", "cross": "checker", "star": "radial",
                   "box": "grid", "triangle": "noise"}
@@ -76,17 +76,12 @@ class SceneRecipe:
     objects: tuple[int, int] = OBJECTS_RANGE
 
     def __post_init__(self) -> None:
-        low, high = self.size_range
-        if not 64 <= low <= high:
-            raise ValueError(f"--size LOW HIGH must satisfy 64 <= LOW <= HIGH, got {low} {high}")
+        check_pair("--size", self.size_range, "64 <= LOW <= HIGH", lambda low, high: 64 <= low <= high)
         if not self.classes or set(self.classes) - set(CLASSES) or len(set(self.classes)) < len(self.classes):
             raise ValueError(f"--classes takes distinct names from {', '.join(CLASSES)}, got {' '.join(self.classes)}")
-        low, high = self.scale_range
-        if not 0 < low <= high <= 0.9:
-            raise ValueError(f"--object-scale LOW HIGH must satisfy 0 < LOW <= HIGH <= 0.9, got {low:g} {high:g}")
-        low, high = self.objects
-        if not 1 <= low <= high:
-            raise ValueError(f"--objects LOW HIGH must satisfy 1 <= LOW <= HIGH, got {low} {high}")
+        check_pair("--object-scale", self.scale_range, "0 < LOW <= HIGH <= 0.9",
+                   lambda low, high: 0 < low <= high <= 0.9)
+        check_pair("--objects", self.objects, "1 <= LOW <= HIGH", lambda low, high: 1 <= low <= high)
 
 
 @dataclass

@@ -10,7 +10,7 @@ from __future__ import annotations
 import io
 import json
 from pathlib import Path
-from typing import Protocol, Sequence
+from typing import Callable, Protocol, Sequence
 
 import numpy as np
 from PIL import Image
@@ -23,6 +23,13 @@ class VocObject(Protocol):
     box: tuple[int, int, int, int]
     truncated: int
     difficult: int
+
+
+def check_pair(flag: str, pair: Sequence[float], rule: str, holds: Callable[[float, float], bool]) -> None:
+    """A generator option ``flag LOW HIGH``: a ValueError naming the flag and ``rule`` unless it holds."""
+    low, high = pair
+    if not holds(low, high):
+        raise ValueError(f"{flag} LOW HIGH must satisfy {rule}, got {low:g} {high:g}")
 
 
 def annotation_xml(image_id: str, width: int, height: int, objects: Sequence[VocObject],
